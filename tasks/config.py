@@ -1,0 +1,230 @@
+"""params.yaml, parsed and validated into typed, frozen objects: the one place settings are read.
+
+Each stage receives only its own section. A wrong key or value stops the run with a message that
+names the key, what was received and what would be right. Pydantic does the type and range checks;
+this module only declares the sections and turns pydantic's errors into one readable message.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+DATASETS = ("digits",)
+MODELS = ("mnist_cnn",)
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override of it) holds a key or value the pipeline cannot use."""
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BaseParams(_Section):
+    seed: int = pydantic.Field(ge=0)
+
+
+class PathsParams(_Section):
+    raw: str
+    shards: str
+    models: str
+    metrics: str
+    registry: str
+
+
+class ShardCounts(_Section):
+    train: int = pydantic.Field(ge=1)
+    validation: int = pydantic.Field(ge=1)
+    test: int = pydantic.Field(ge=1)
+
+
+class DatasetParams(_Section):
+    name: Literal[DATASETS]  # type: ignore[valid-type]
+    validation_fraction: float = pydantic.Field(gt=0, lt=1)
+    test_fraction: float = pydantic.Field(gt=0, lt=1)
+    shards: ShardCounts
+
+    @pydantic.field_validator("validation_fraction", "test_fraction", mode="before")
+    @classmethod
+    def _accept_integer_zero_or_one(cls, value: Any) -> Any:
+        # YAML reads "1" and "0" as int; let the range check give the real message.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @pydantic.model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DatasetParams:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "validation_fraction + test_fraction must be below 1 so that images remain for "
+                f"training, got {self.validation_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    model: Literal[MODELS]  # type: ignore[valid-type]
+    image_size: tuple[int, int]
+    epochs: int = pydantic.Field(ge=1)
+    batch_size: int = pydantic.Field(ge=1)
+    learning_rate: float = pydantic.Field(gt=0)
+    ema_momentum: float | None = pydantic.Field(ge=0, lt=1)
+    experiment_name: str = pydantic.Field(min_length=1)
+
+    @pydantic.field_validator("image_size", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @pydantic.field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 4:
+            raise ValueError(f"both sides must be at least 4 pixels (the network pools twice), got {list(value)}")
+        return value
+
+    @pydantic.field_validator("learning_rate", "ema_momentum", mode="before")
+    @classmethod
+    def _int_to_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class EvaluateParams(_Section):
+    batch_size: int = pydantic.Field(ge=1)
+
+
+class RegisterParams(_Section):
+    model_name: str | None = pydantic.Field(min_length=1)
+
+
+class Params(_Section):
+    base: BaseParams
+    paths: PathsParams
+    dataset: DatasetParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    # "register" would shadow pydantic's BaseModel.register, hence the alias.
+    registration: RegisterParams = pydantic.Field(alias="register")
+
+    @property
+    def raw_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.raw) / self.dataset.name
+
+    @property
+    def shards_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.shards) / self.dataset.name
+
+    @property
+    def model_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.models)
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.metrics)
+
+    @property
+    def registry_path(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.registry)
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registration.model_name or f"{self.dataset.name}-{self.train.model}"
+
+
+def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Reads, overrides ("train.epochs": 3) and validates a params file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read the params file {path}: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (base, dataset, train, ...), got {type(raw).__name__}")
+    for dotted_key, value in (overrides or {}).items():
+        _set_dotted(raw, dotted_key, value, path)
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_describe(error, raw, source)) from None
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """{"train.epochs": 12, ...}: the whole configuration as MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = list(value) if isinstance(value, tuple) else value
+
+    walk("", params.model_dump(by_alias=True))
+    return flat
+
+
+def _set_dotted(raw: dict[str, Any], dotted_key: str, value: Any, path: pathlib.Path) -> None:
+    *parents, leaf = dotted_key.split(".")
+    node = raw
+    for index, part in enumerate(parents):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            where = ".".join(parents[: index + 1])
+            raise ConfigError(f"override {dotted_key!r}: {where!r} is not a section of {path}")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section_model = _section_model(item["loc"][:-1])
+            allowed = ", ".join(_keys(section_model)) if section_model else "?"
+            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            received = _received(raw, item["loc"])
+            shown = "" if isinstance(received, dict) else f" = {received!r}"
+            lines.append(f"  {key}{shown}: {message}")
+    return "\n".join(lines)
+
+
+def _section_model(location: tuple[Any, ...]) -> type[pydantic.BaseModel] | None:
+    model: type[pydantic.BaseModel] = Params
+    for part in location:
+        field = {key: field for key, field in zip(_keys(model), model.model_fields.values())}.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _keys(model: type[pydantic.BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _received(raw: Any, location: tuple[Any, ...]) -> Any:
+    for part in location:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, (list, tuple)) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw

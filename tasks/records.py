@@ -1,0 +1,78 @@
+"""The TFRecord schema, in one place: the writer's encoder (convert) and the reader (train, evaluate).
+
+A record holds one image as PNG (lossless, RGB), its label (index into the manifest's classes) and
+the path it came from, relative to the raw folder, so that a result can be traced back to its file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import tensorflow as tf
+
+from tasks import files
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+REJECTED = "rejected.csv"
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/source": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def serialize(png: bytes, label: int, source: str) -> bytes:
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "image/source": tf.train.Feature(bytes_list=tf.train.BytesList(value=[source.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def read_manifest(shards_dir: pathlib.Path) -> dict[str, Any]:
+    return files.read_json(shards_dir / MANIFEST, "run the convert stage first")
+
+
+def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str) -> list[pathlib.Path]:
+    """The split's shard paths, each checked against the manifest's sha256 before anything reads it."""
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = shards_dir / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {shards_dir / MANIFEST} is missing; rerun the convert stage")
+        if files.sha256_of(path) != shard["sha256"]:
+            raise ValueError(f"shard {path} does not match its sha256 in {shards_dir / MANIFEST}: it is corrupted; rerun the convert stage")
+        paths.append(path)
+    return paths
+
+
+def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int]) -> tf.data.Dataset:
+    """(uint8 image of `image_size` x 3, label) pairs of one split, in the order they were written."""
+    manifest = read_manifest(shards_dir)
+    paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
+    height, width = image_size
+
+    def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        example = tf.io.parse_single_example(serialized, _FEATURES)
+        image = tf.io.decode_png(example["image/encoded"], channels=3)
+        # Identity when the stored size is already the fed size; otherwise resampled once (then cached).
+        image = tf.image.resize(image, (height, width), antialias=True)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        image = tf.ensure_shape(image, (height, width, 3))
+        return image, example["image/class/label"]
+
+    # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.
+    records_count = manifest["splits"][split]["count"]
+    return (
+        tf.data.TFRecordDataset(paths, num_parallel_reads=len(paths) if len(paths) > 1 else None)
+        .apply(tf.data.experimental.assert_cardinality(records_count))
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )

@@ -1,0 +1,55 @@
+"""Where MLflow keeps its records, and the small file that carries a run's identity between stages.
+
+With no MLFLOW_TRACKING_URI, runs go to mlflow.db (SQLite) and mlartifacts/ in the working folder:
+no server needed, and `mlflow ui --backend-store-uri sqlite:///mlflow.db` browses them.
+The train stage starts the run and writes its id to <paths.models>/run.json; evaluate and register,
+whether in other processes (dvc repro) or in the same one (the Prefect flow), read it from there.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+from typing import Any
+
+import mlflow
+
+from tasks import files
+
+RUN_FILE = "run.json"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pathlib.Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        # Beside the database file, so that the store is one folder to back up or delete; a tracking
+        # server chooses its own artifact store.
+        database = pathlib.Path(client.tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (database.parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
+    files.write_json(model_dir / RUN_FILE, run)
+
+
+def read_run(model_dir: pathlib.Path) -> dict[str, Any]:
+    return files.read_json(model_dir / RUN_FILE, "run the train stage first")
+
+
+def git_tags() -> dict[str, str]:
+    """The commit the code came from, and whether the working tree differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}

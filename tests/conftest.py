@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny image folders, an isolated MLflow store, one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import PIL.Image
+import pytest
+import yaml
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+# What a copy of the repository needs to run the pipeline; outputs and local stores stay behind.
+_NOT_COPIED = {".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", ".pytest_cache", "dvc.lock", "bench", "docs"}
+
+
+def make_image_folder(root: pathlib.Path, classes: int = 3, per_class: int = 12, size: int = 8, seed: int = 0) -> pathlib.Path:
+    """<root>/<class>/<n>.png: each class a distinct brightness pattern, in RGB, L and P modes."""
+    random = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            base = np.full((size, size), 40 + 80 * label, dtype=np.int16)
+            pixels = np.clip(base + random.integers(-20, 20, (size, size)), 0, 255).astype(np.uint8)
+            image = PIL.Image.fromarray(pixels)
+            image = [image, image.convert("RGB"), image.convert("P")][index % 3]
+            image.save(folder / f"{index:03d}.png")
+    return root
+
+
+def write_params(path: pathlib.Path, overrides: dict[str, object]) -> None:
+    """Copies the repository's params.yaml to `path` with dotted-key overrides applied."""
+    params = yaml.safe_load((REPOSITORY / "params.yaml").read_text())
+    for dotted_key, value in overrides.items():
+        *parents, leaf = dotted_key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# Small enough for seconds on 2 cores, real enough to exercise every stage.
+FAST = {"train.epochs": 1, "train.image_size": [8, 8], "train.batch_size": 64}
+
+
+@pytest.fixture
+def workdir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """An empty working folder with its own MLflow store (the default one: ./mlflow.db)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def repository_copy(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A fresh git + DVC checkout of the repository's code and config, as a user would clone it."""
+    copy = tmp_path / "repository"
+    shutil.copytree(REPOSITORY, copy, ignore=lambda folder, names: [n for n in names if n in _NOT_COPIED or n == "__pycache__"])
+    environment = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
+        subprocess.run(command, cwd=copy, env=environment, check=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect API for the whole session (it takes ~30 s to start on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch):
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI: undo it after each test.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,0 +1,74 @@
+import pathlib
+
+import pytest
+
+from tasks import config
+from tests.conftest import REPOSITORY
+
+
+def test_repository_params_are_valid():
+    params = config.load_params(REPOSITORY / "params.yaml")
+    assert params.dataset.name == "digits"
+    assert params.train.model == "mnist_cnn"
+    assert params.raw_dir == pathlib.Path("data/raw/digits")
+    assert params.shards_dir == pathlib.Path("data/shards/digits")
+    assert params.registered_model_name == "digits-mnist_cnn"
+
+
+def test_overrides_are_applied_and_validated():
+    params = config.load_params(REPOSITORY / "params.yaml", {"train.epochs": 3, "register.model_name": "mine"})
+    assert params.train.epochs == 3
+    assert params.registered_model_name == "mine"
+
+
+def test_flatten_gives_every_setting_by_dotted_key():
+    flat = config.flatten(config.load_params(REPOSITORY / "params.yaml"))
+    assert flat["train.epochs"] == config.load_params(REPOSITORY / "params.yaml").train.epochs
+    assert flat["register.model_name"] is None
+    assert flat["train.image_size"] == [28, 28]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.epochs": -1}, "train.epochs = -1: Input should be greater than or equal to 1"),
+        ({"train.epochs": 2.5}, "train.epochs = 2.5"),
+        ({"train.model": "alexnet"}, "train.model = 'alexnet': Input should be 'mnist_cnn'"),
+        ({"dataset.name": "imagenet"}, "dataset.name = 'imagenet': Input should be 'digits'"),
+        ({"train.epocs": 3}, "train.epocs: unknown key; allowed here: model, image_size, epochs"),
+        ({"register.owner": "me"}, "register.owner: unknown key; allowed here: model_name"),
+        ({"train.learning_rate": 0}, "train.learning_rate = 0: Input should be greater than 0"),
+        ({"train.image_size": [2, 28]}, "train.image_size = [2, 28]: both sides must be at least 4 pixels"),
+        ({"train.image_size": [28]}, "train.image_size"),
+        ({"dataset.test_fraction": 0.95}, "dataset: validation_fraction + test_fraction must be below 1"),
+        ({"dataset.shards.train": 0}, "dataset.shards.train = 0: Input should be greater than or equal to 1"),
+        ({"base.seed": "forty-two"}, "base.seed = 'forty-two': Input should be a valid integer"),
+    ],
+)
+def test_a_wrong_value_names_the_key_and_what_is_allowed(overrides, expected):
+    with pytest.raises(config.ConfigError) as error:
+        config.load_params(REPOSITORY / "params.yaml", overrides)
+    assert expected in str(error.value)
+
+
+def test_a_missing_key_is_named(tmp_path):
+    text = (REPOSITORY / "params.yaml").read_text().replace("  epochs:", "  # epochs:")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(config.ConfigError, match=r"train\.epochs: missing"):
+        config.load_params(tmp_path / "params.yaml")
+
+
+def test_an_override_of_an_unknown_section_is_refused():
+    with pytest.raises(config.ConfigError, match="'optimizer' is not a section"):
+        config.load_params(REPOSITORY / "params.yaml", {"optimizer.name": "sgd"})
+
+
+def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
+    (tmp_path / "broken.yaml").write_text("train: [epochs: 3\n")
+    with pytest.raises(config.ConfigError, match="broken.yaml is not valid YAML"):
+        config.load_params(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(config.ConfigError, match="must hold a mapping of sections"):
+        config.load_params(tmp_path / "list.yaml")
+    with pytest.raises(config.ConfigError, match="cannot read the params file .*absent.yaml"):
+        config.load_params(tmp_path / "absent.yaml")
