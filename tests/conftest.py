@@ -60,7 +60,11 @@ def workdir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.
 def repository_copy(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A fresh git + DVC checkout of the repository's code and config, as a user would clone it."""
     copy = tmp_path / "repository"
-    shutil.copytree(REPOSITORY, copy, ignore=lambda folder, names: [n for n in names if n in _NOT_COPIED or n == "__pycache__"])
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        local = {"cache", "tmp", "config.local"} if pathlib.Path(folder).name == ".dvc" else set()
+        return [name for name in names if name in _NOT_COPIED or name in local or name == "__pycache__"]
+
+    shutil.copytree(REPOSITORY, copy, ignore=ignore)
     environment = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
         subprocess.run(command, cwd=copy, env=environment, check=True)
@@ -82,3 +86,44 @@ def prefect_server():
 def _restore_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch):
     # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI: undo it after each test.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder: its URI."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(pathlib.Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+    ]
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        log.close()

@@ -106,3 +106,22 @@ def test_stages_name_the_missing_input(workdir):
         train.train(params.train, 7, workdir / "shards", workdir / "models")
     with pytest.raises(FileNotFoundError, match="run.json is missing: run the train stage first"):
         evaluate.evaluate(params.evaluate, workdir / "shards", workdir / "models", workdir / "metrics.json")
+
+
+def test_the_whole_run_works_against_a_tracking_server(workdir, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    params = config.load_params(REPOSITORY / "params.yaml", FAST)
+    make_image_folder(workdir / "raw", classes=3, per_class=10)
+    convert.convert(params.dataset, 7, workdir / "raw", workdir / "shards")
+    result = train.train(params.train, 7, workdir / "shards", workdir / "models", config.flatten(params))
+    evaluate.evaluate(params.evaluate, workdir / "shards", workdir / "models", workdir / "metrics.json")
+    registered = register.register("served", workdir / "models", workdir / "metrics.json", workdir / "registry.json")
+
+    assert tracking.read_run(workdir / "models")["tracking_uri"] == mlflow_server
+    assert not (workdir / "mlflow.db").exists(), "nothing goes to the local store when a server is set"
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).data.metrics["test_images"] == 6
+    assert str(client.get_model_version_by_alias("served", "champion").version) == registered.version == "1"
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/served@champion")
+    assert np.asarray(model.predict(np.zeros((1, 8, 8, 3), dtype=np.uint8))).shape == (1, 3)
