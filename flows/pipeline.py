@@ -29,9 +29,11 @@ def pipeline(params_file: str = "params.yaml") -> register.RegisterResult:
     params = config.load_params(pathlib.Path(params_file))
     download_task(params.dataset, params.raw_dir)
     convert_task(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
-    train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.flatten(params))
-    evaluate_task(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path)
-    return register_task(params.registered_model_name, params.model_dir, params.metrics_path, params.registry_path)
+    train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params))
+    evaluate_task(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir)
+    return register_task(
+        params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
+    )
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
     arguments = parser.parse_args()
     result = pipeline(arguments.params)
-    print(f"pipeline: {result.model_name} version {result.version} is now models:/{result.model_name}@{result.alias}")
+    print(f"pipeline: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class PathsParams(_Section):
     shards: str
     models: str
     metrics: str
+    evaluation: str
     registry: str
 
 
@@ -98,6 +99,14 @@ class EvaluateParams(_Section):
 
 class RegisterParams(_Section):
     model_name: str | None = pydantic.Field(min_length=1)
+    min_precision: float = pydantic.Field(ge=0, le=1)
+    min_improvement: float = pydantic.Field(ge=-1, le=1)
+    tflite_float16: bool
+
+    @pydantic.field_validator("min_precision", "min_improvement", mode="before")
+    @classmethod
+    def _int_to_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class Params(_Section):
@@ -124,6 +133,10 @@ class Params(_Section):
     @property
     def metrics_path(self) -> pathlib.Path:
         return pathlib.Path(self.paths.metrics)
+
+    @property
+    def evaluation_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.evaluation)
 
     @property
     def registry_path(self) -> pathlib.Path:
@@ -159,8 +172,13 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(_describe(error, raw, source)) from None
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    """{"train.epochs": 12, ...}: the whole configuration as MLflow params."""
+def as_dict(params: Params) -> dict[str, Any]:
+    """The validated settings as plain YAML/JSON data, keyed like params.yaml."""
+    return params.model_dump(mode="json", by_alias=True)
+
+
+def flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    """{"train": {"epochs": 12}} -> {"train.epochs": 12}: settings as MLflow params."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -168,9 +186,9 @@ def flatten(params: Params) -> dict[str, Any]:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, item)
         else:
-            flat[prefix] = list(value) if isinstance(value, tuple) else value
+            flat[prefix] = value
 
-    walk("", params.model_dump(by_alias=True))
+    walk("", settings)
     return flat
 
 

@@ -54,19 +54,21 @@ def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str
     return paths
 
 
-def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int]) -> tf.data.Dataset:
-    """(uint8 image of `image_size` x 3, label) pairs of one split, in the order they were written."""
+def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], with_source: bool = False) -> tf.data.Dataset:
+    """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written."""
     manifest = read_manifest(shards_dir)
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
     height, width = image_size
 
-    def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_single_example(serialized, _FEATURES)
         image = tf.io.decode_png(example["image/encoded"], channels=3)
         # Identity when the stored size is already the fed size; otherwise resampled once (then cached).
         image = tf.image.resize(image, (height, width), antialias=True)
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         image = tf.ensure_shape(image, (height, width, 3))
+        if with_source:
+            return image, example["image/class/label"], example["image/source"]
         return image, example["image/class/label"]
 
     # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.

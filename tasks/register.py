@@ -1,9 +1,14 @@
-"""Stage 5, register: the trained model becomes a version in the MLflow Model Registry.
+"""Stage 5, register: every good run becomes a Model Registry version; only a better one becomes champion.
 
     python -m tasks.register        # reads ./params.yaml, writes <paths.registry>
 
-The version carries the run's test metrics and lineage as tags, and the alias `champion` points at it,
-so `models:/<name>@champion` always loads the newest registered model.
+Each version carries the run's test metrics and lineage (run id, git commit, data set manifest hash)
+as tags. The alias `champion` moves to the new version only if its precision@1 reaches
+`register.min_precision` and beats the current champion's by at least `register.min_improvement`
+on the same test set; otherwise the version gets the alias `challenger`. When the test set changed
+since the champion was measured, the champion is first re-evaluated on the new one. A champion is
+also exported as a SavedModel and a TFLite file, attached to its run. The alias moves last: a
+version whose artifacts failed to upload never becomes champion.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import tempfile
 
 import mlflow
+import mlflow.entities
+import mlflow.exceptions
 
 from tasks import config, files, tracking
 
-ALIAS = "champion"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+REEVALUATION_BATCH_SIZE = 128  # images per step when the champion is re-scored on a new test set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +34,18 @@ class RegisterResult:
     model_name: str
     version: str
     alias: str
+    reason: str
 
 
-def register(model_name: str, model_dir: pathlib.Path, metrics_path: pathlib.Path, registry_path: pathlib.Path) -> RegisterResult:
-    """Registers the model of the run in `model_dir` under `model_name` and points `champion` at it."""
+def register(
+    params: config.RegisterParams,
+    model_name: str,
+    model_dir: pathlib.Path,
+    shards_dir: pathlib.Path,
+    metrics_path: pathlib.Path,
+    registry_path: pathlib.Path,
+) -> RegisterResult:
+    """Registers the run of `model_dir` as a version of `model_name` and decides its alias."""
     run = tracking.read_run(model_dir)
     metrics = files.read_json(metrics_path, "run the evaluate stage first")
     precision = metrics.get("precision_at_1")
@@ -36,26 +54,88 @@ def register(model_name: str, model_dir: pathlib.Path, metrics_path: pathlib.Pat
 
     mlflow.set_tracking_uri(run["tracking_uri"])
     client = mlflow.MlflowClient()
+    model_id = run["model_uri"].removeprefix("models:/")
+    if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
+        raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
+    champion = _current(client, model_name, CHAMPION)
+    champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
+    alias, reason = _decide(params, precision, champion, champion_precision)
+
     tags = {
         "run_id": run["run_id"],
         "dataset": run["dataset"],
         "manifest_sha256": run["manifest_sha256"],
-        **{f"test_{key}": str(value) for key, value in metrics.items()},
+        "decision": reason,
+        **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
         **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith("git_")},
     }
-    version = mlflow.register_model(run["model_uri"], model_name, tags=tags)
-    client.set_registered_model_alias(model_name, ALIAS, version.version)
+    version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    if alias == CHAMPION:
+        _attach_exports(run["run_id"], model_dir, params.tflite_float16)
+    client.set_registered_model_alias(model_name, alias, version)
     files.write_json(
         registry_path,
-        {"model_name": model_name, "version": str(version.version), "alias": ALIAS, "run_id": run["run_id"], "model_uri": run["model_uri"]},
+        {"model_name": model_name, "version": version, "alias": alias, "reason": reason, "run_id": run["run_id"], "model_uri": run["model_uri"]},
     )
-    return RegisterResult(model_name=model_name, version=str(version.version), alias=ALIAS)
+    return RegisterResult(model_name=model_name, version=version, alias=alias, reason=reason)
+
+
+def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:
+    """The champion's precision@1 on this run's test set: from its tags, or measured now."""
+    measured_tag = f"test_precision_at_1_on_{run['manifest_sha256'][:16]}"
+    if champion.tags.get("manifest_sha256") == run["manifest_sha256"]:
+        return float(champion.tags["test_precision_at_1"])
+    if measured_tag in champion.tags:
+        return float(champion.tags[measured_tag])
+    # The test set changed (new images, another split): comparing the old number would be meaningless.
+    import mlflow.tensorflow
+
+    from tasks import evaluate  # TensorFlow is only needed on this path
+
+    model = mlflow.tensorflow.load_model(f"models:/{champion.name}/{champion.version}")
+    predictions = evaluate.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE)
+    precision = evaluate.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1])["precision_at_1"]
+    client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
+    return precision
+
+
+def _decide(params: config.RegisterParams, precision: float, champion, champion_precision: float | None) -> tuple[str, str]:
+    if precision < params.min_precision:
+        return CHALLENGER, f"precision@1 {precision:.4f} is below register.min_precision {params.min_precision}"
+    if champion is None:
+        return CHAMPION, f"first version to reach register.min_precision {params.min_precision} (precision@1 {precision:.4f})"
+    gain = precision - champion_precision
+    comparison = f"precision@1 {precision:.4f} vs champion version {champion.version}'s {champion_precision:.4f} on the same test set"
+    if gain >= params.min_improvement:
+        return CHAMPION, f"{comparison}: +{gain:.4f} >= register.min_improvement {params.min_improvement}"
+    return CHALLENGER, f"{comparison}: {gain:+.4f} < register.min_improvement {params.min_improvement}"
+
+
+def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) -> None:
+    from tasks import export, train  # TensorFlow is only needed for a champion
+
+    with tempfile.TemporaryDirectory() as folder:
+        exported = export.export_model(model_dir / train.MODEL_FILE, pathlib.Path(folder), tflite_float16)
+        with mlflow.start_run(run_id=run_id):
+            for path in exported:
+                (mlflow.log_artifacts(str(path), f"export/{path.name}") if path.is_dir() else mlflow.log_artifact(str(path), "export"))
 
 
 def main() -> None:
     params = config.load_params()
-    result = register(params.registered_model_name, params.model_dir, params.metrics_path, params.registry_path)
-    print(f"register: {result.model_name} version {result.version} is now models:/{result.model_name}@{result.alias}")
+    result = register(
+        params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
+    )
+    print(f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def train(
     seed: int,
     shards_dir: pathlib.Path,
     model_dir: pathlib.Path,
-    run_params: dict[str, Any] | None = None,
+    run_settings: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Trains `params.model` on the shards of `shards_dir`; `run_params` are logged to MLflow as they are."""
+    """Trains `params.model` on the shards of `shards_dir`; `run_settings` (all of params.yaml) go to MLflow."""
     keras.utils.set_random_seed(seed)
     manifest = records.read_manifest(shards_dir)
     class_names = manifest["classes"]
@@ -77,7 +77,9 @@ def train(
     manifest_sha256 = files.sha256_of(shards_dir / records.MANIFEST)
     tags = {"dataset": manifest["dataset"], "manifest_sha256": manifest_sha256, **tracking.git_tags()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        mlflow.log_params(run_params or {f"train.{key}": value for key, value in params.model_dump().items()})
+        settings = run_settings or {"train": params.model_dump(mode="json")}
+        mlflow.log_params(config.flatten(settings))
+        mlflow.log_dict(settings, "params.yaml")
         history = model.fit(
             train_data,
             validation_data=validation_data,
@@ -126,7 +128,7 @@ def train(
 
 def main() -> None:
     params = config.load_params()
-    result = train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.flatten(params))
+    result = train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params))
     print(
         f"train: loss {result.final_loss:.4f}, validation accuracy {result.validation_accuracy:.4f}, "
         f"model {result.model_path}, MLflow run {result.run_id}"

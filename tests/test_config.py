@@ -22,7 +22,7 @@ def test_overrides_are_applied_and_validated():
 
 
 def test_flatten_gives_every_setting_by_dotted_key():
-    flat = config.flatten(config.load_params(REPOSITORY / "params.yaml"))
+    flat = config.flatten(config.as_dict(config.load_params(REPOSITORY / "params.yaml")))
     assert flat["train.epochs"] == config.load_params(REPOSITORY / "params.yaml").train.epochs
     assert flat["register.model_name"] is None
     assert flat["train.image_size"] == [28, 28]

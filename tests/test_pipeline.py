@@ -26,7 +26,7 @@ def _champion(folder: pathlib.Path, name: str):
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
-    write_params(repository_copy / "params.yaml", FAST)
+    write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 0.0})
     first = _dvc("repro", cwd=repository_copy)
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in STAGES:
@@ -37,6 +37,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
     assert (repository_copy / "data" / "shards" / "digits" / "manifest.json").is_file()
     metrics = json.loads((repository_copy / "reports" / "metrics.json").read_text())
     assert metrics["images"] == 359 and 0 <= metrics["precision_at_1"] <= 1 and "top_5" in metrics
+    assert (repository_copy / "reports" / "evaluation" / "confusion_matrix.png").is_file()
     registry = json.loads((repository_copy / "reports" / "registry.json").read_text())
     client, champion = _champion(repository_copy, "digits-mnist_cnn")
     assert str(champion.version) == registry["version"] == "1"
@@ -54,6 +55,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
     status = _dvc("status", cwd=repository_copy)
     assert "Data and pipelines are up to date." in status.stdout
 
+    plots = _dvc("plots", "show", "--json", cwd=repository_copy)
+    assert plots.returncode == 0 and "predictions.csv" in plots.stdout and "history.csv" in plots.stdout
     shown = _dvc("metrics", "show", "--json", cwd=repository_copy)
     assert json.loads(shown.stdout)[""]["data"]["reports/metrics.json"]["data"]["precision_at_1"] == metrics["precision_at_1"]
 
@@ -61,16 +64,18 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
 def test_prefect_flow_runs_the_same_stages(repository_copy, prefect_server):
     from flows import pipeline
 
-    write_params(repository_copy / "params.yaml", FAST)
+    # A gate that one epoch cannot pass: the version is registered as challenger.
+    write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0})
     state = pipeline.pipeline("params.yaml", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
 
-    assert (result.model_name, result.version, result.alias) == ("digits-mnist_cnn", "1", "champion")
+    assert (result.model_name, result.version, result.alias) == ("digits-mnist_cnn", "1", "challenger")
+    assert result.reason.endswith("is below register.min_precision 1.0")
     metrics = json.loads((repository_copy / "reports" / "metrics.json").read_text())
     assert metrics["images"] == 359
-    client, champion = _champion(repository_copy, "digits-mnist_cnn")
-    assert str(champion.version) == "1"
+    client = mlflow.MlflowClient(f"sqlite:///{repository_copy / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("digits-mnist_cnn", result.alias).version) == "1"
     run = client.get_run(json.loads((repository_copy / "models" / "run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1"

@@ -1,0 +1,28 @@
+"""Serving formats of a trained model: a TensorFlow SavedModel and a TFLite file.
+
+Both take the same uint8 images as the Keras model and return class probabilities.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import keras
+import tensorflow as tf
+
+SAVED_MODEL_DIR = "saved_model"
+TFLITE_FILE = "model.tflite"
+
+
+def export_model(model_path: pathlib.Path, export_dir: pathlib.Path, tflite_float16: bool) -> list[pathlib.Path]:
+    """Writes <export_dir>/saved_model/ and <export_dir>/model.tflite (weights in float16 if asked)."""
+    model = keras.saving.load_model(model_path)
+    saved_model = export_dir / SAVED_MODEL_DIR
+    model.export(str(saved_model), format="tf_saved_model", verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if tflite_float16:
+        # Halves the file; TFLite computes in float32 on CPUs that lack float16 arithmetic.
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    (export_dir / TFLITE_FILE).write_bytes(converter.convert())
+    return [saved_model, export_dir / TFLITE_FILE]

@@ -1,0 +1,69 @@
+import csv
+import io
+
+import pytest
+
+from tasks import predict
+from tests.conftest import make_image_folder
+from tests.test_register import LEARNS
+from tests.test_train_evaluate_register import register_in, run_stages
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        make_image_folder(folder / "raw", classes=3, per_class=20)
+        params, _ = run_stages(folder, LEARNS)
+        register_in(folder, params, name="reader", min_precision=0.0)
+        yield folder
+
+
+def _images(folder):
+    photos = folder / "photos"
+    photos.mkdir()
+    for class_name in ("class_0", "class_2"):
+        (photos / f"{class_name}.png").write_bytes((folder / "raw" / class_name / "001.png").read_bytes())
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    return photos
+
+
+def test_a_folder_with_broken_files_gets_a_row_for_each(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    photos = _images(trained)
+    exit_code = predict.main(["models", str(photos), "--top-k", "2", "--output", str(trained / "out.csv")])
+
+    assert exit_code == 1, "the exit code says that a file failed"
+    rows = {row["file"]: row for row in csv.DictReader((trained / "out.csv").open())}
+    assert set(rows) == {str(photos / name) for name in ("broken.jpg", "class_0.png", "class_2.png", "empty.png")}
+    assert rows[str(photos / "class_0.png")]["label_1"] == "class_0"
+    assert rows[str(photos / "class_2.png")]["label_1"] == "class_2"
+    assert float(rows[str(photos / "class_2.png")]["probability_1"]) >= float(rows[str(photos / "class_2.png")]["probability_2"])
+    assert rows[str(photos / "broken.jpg")]["error"].startswith("OSError") and not rows[str(photos / "broken.jpg")]["label_1"]
+    assert rows[str(photos / "empty.png")]["error"] and not rows[str(photos / "empty.png")]["label_1"]
+    assert "2 classified, 2 failed" in capsys.readouterr().err
+
+
+def test_a_registered_model_and_a_glob_to_stdout(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    exit_code = predict.main(["models:/reader@champion", str(trained / "raw" / "class_1" / "00*.png")])
+
+    assert exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 10
+    assert {row["label_1"] for row in rows} == {"class_1"}
+    assert list(rows[0]) == ["file", "label_1", "probability_1", "error"]
+
+
+def test_bad_arguments_are_named(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    with pytest.raises(FileNotFoundError, match="nowhere is not a model file: give models/, a .keras file or a models:/ URI"):
+        predict.main(["nowhere", str(trained / "raw")])
+    with pytest.raises(FileNotFoundError, match="no-such-folder is neither a file, a folder nor a glob pattern"):
+        predict.main(["models", str(trained / "no-such-folder")])
+    with pytest.raises(SystemExit):
+        predict.main(["models", str(trained / "raw"), "--top-k", "4"])
+    assert "--top-k must be between 1 and 3" in capsys.readouterr().err

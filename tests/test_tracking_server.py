@@ -1,0 +1,36 @@
+"""Team mode: the pipeline against a real `mlflow server`, read back through its REST API."""
+
+import json
+import urllib.parse
+import urllib.request
+
+from tasks import tracking
+from tests.conftest import make_image_folder
+from tests.test_register import LEARNS
+from tests.test_train_evaluate_register import register_in, run_stages
+
+
+def _get(server: str, endpoint: str, **query) -> dict:
+    with urllib.request.urlopen(f"{server}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+        return json.load(response)
+
+
+def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    make_image_folder(workdir / "raw", classes=3, per_class=20)
+    params, result = run_stages(workdir, LEARNS)
+    registered = register_in(workdir, params, name="served", min_precision=0.0)
+
+    assert tracking.read_run(workdir / "models")["tracking_uri"] == mlflow_server
+    assert not (workdir / "mlflow.db").exists(), "nothing goes to a local store when a server is set"
+    run = _get(mlflow_server, "runs/get", run_id=result.run_id)["run"]
+    metrics = {metric["key"]: metric["value"] for metric in run["data"]["metrics"]}
+    assert metrics["test_images"] == 12 and "test_precision_at_1" in metrics
+    assert {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["dataset"] == "digits"
+    artifacts = _get(mlflow_server, "artifacts/list", run_id=result.run_id, path="evaluation")["files"]
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/metrics.json"} <= {item["path"] for item in artifacts}
+    exported = _get(mlflow_server, "artifacts/list", run_id=result.run_id, path="export")["files"]
+    assert {item["path"] for item in exported} == {"export/model.tflite", "export/saved_model"}
+    version = _get(mlflow_server, "registered-models/alias", name="served", alias="champion")["model_version"]
+    assert version["version"] == registered.version == "1"
+    assert {tag["key"]: tag["value"] for tag in version["tags"]}["run_id"] == result.run_id
