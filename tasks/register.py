@@ -67,7 +67,7 @@ def register(
         "manifest_sha256": run["manifest_sha256"],
         "decision": reason,
         **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
-        **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith("git_")},
+        **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
     }
     version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
     if alias == CHAMPION:

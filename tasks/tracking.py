@@ -14,6 +14,7 @@ import subprocess
 from typing import Any
 
 import mlflow
+import yaml
 
 from tasks import files
 
@@ -54,6 +55,24 @@ def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
 
 def read_run(model_dir: pathlib.Path) -> dict[str, Any]:
     return files.read_json(model_dir / RUN_FILE, "run the train stage first")
+
+
+def dvc_tags(shards_dir: pathlib.Path) -> dict[str, str]:
+    """The DVC hash of the shards folder from ./dvc.lock, so `dvc` can bring back the exact data.
+
+    Only when dvc.lock describes the folder as it is now (same file count): a lock left from an earlier
+    `dvc repro` would name other data.
+    """
+    try:
+        lock = yaml.safe_load(pathlib.Path("dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            same_folder = pathlib.Path(out.get("path", "")) == shards_dir
+            if same_folder and out.get("nfiles") == sum(1 for item in shards_dir.iterdir() if item.is_file()):
+                return {"shards_dvc_md5": str(out.get("md5", ""))}
+    return {}
 
 
 def git_tags() -> dict[str, str]:

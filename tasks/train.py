@@ -75,7 +75,7 @@ def train(
     experiment_id = tracking.experiment_id(client, params.experiment_name)
     run_name = f"{manifest['dataset']}-{params.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     manifest_sha256 = files.sha256_of(shards_dir / records.MANIFEST)
-    tags = {"dataset": manifest["dataset"], "manifest_sha256": manifest_sha256, **tracking.git_tags()}
+    tags = {"dataset": manifest["dataset"], "manifest_sha256": manifest_sha256, **tracking.git_tags(), **tracking.dvc_tags(shards_dir)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         settings = run_settings or {"train": params.model_dump(mode="json")}
         mlflow.log_params(config.flatten(settings))

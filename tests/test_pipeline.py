@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlflow
+import yaml
 
 from tests.conftest import FAST, write_params
 
@@ -43,6 +44,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
     assert str(champion.version) == registry["version"] == "1"
     run = client.get_run(registry["run_id"])
     assert run.data.metrics["test_precision_at_1"] == metrics["precision_at_1"]
+    convert_lock = yaml.safe_load((repository_copy / "dvc.lock").read_text())["stages"]["convert"]
+    assert run.data.tags["shards_dvc_md5"] == convert_lock["outs"][0]["md5"]
     assert run.data.tags["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=repository_copy, capture_output=True, text=True).stdout.strip()
 
     lock = (repository_copy / "dvc.lock").read_text()
