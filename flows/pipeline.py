@@ -1,47 +1,107 @@
 """The pipeline as one Prefect flow: the five stages of dvc.yaml, in its order, as tasks.
 
-    python -m flows.pipeline                 # reads ./params.yaml; the ephemeral Prefect API is enough
+    python -m flows.pipeline                                 # ./params.yaml, Prefect's ephemeral API
+    python -m flows.pipeline --set train.epochs=30 --set train.batch_size=64
     python -m flows.pipeline --params other.yaml
 
-Each task wraps a stage function of tasks/ unchanged; tasks hand each other paths, not data.
+Each task wraps a stage function of tasks/ unchanged; tasks hand each other paths, not data. With
+./params.yaml and no overrides, DVC keeps the books: a stage whose code, params, inputs and outputs
+are unchanged since its last run (by this flow or by `dvc repro`) is skipped and shown as "Skipped",
+and every stage that runs is recorded in dvc.lock. Overrides run every stage and leave dvc.lock alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import prefect
+import prefect.cache_policies
+import prefect.states
+import yaml
 
+from flows import dvc_stages, reports
 from tasks import config, convert, download, evaluate, register, train
 
-# Downloads fail for transient reasons (network, a busy mirror): retry them with growing waits.
-download_task = prefect.task(download.download, name="download", retries=3, retry_delay_seconds=[2, 10, 30])
-convert_task = prefect.task(convert.convert, name="convert")
-train_task = prefect.task(train.train, name="train", tags=["training"])
-evaluate_task = prefect.task(evaluate.evaluate, name="evaluate")
-register_task = prefect.task(register.register, name="register")
+STAGES = ("download", "convert", "train", "evaluate", "register")
+
+
+def _stage_task(name: str, function: Callable, after: Callable[[Any], None] | None = None, **options) -> prefect.Task:
+    """A Prefect task that runs `function` unless DVC says the stage is up to date."""
+
+    def run(tracked: bool, *arguments, **keyword_arguments):
+        if tracked and dvc_stages.up_to_date(name):
+            return prefect.states.Completed(name="Skipped", message=f"{name}: code, params, inputs and outputs unchanged since its last run")
+        result = function(*arguments, **keyword_arguments)
+        if tracked:
+            dvc_stages.commit(name)
+        if after is not None:
+            after(result)
+        return result
+
+    run.__doc__ = function.__doc__
+    # Tasks pass paths and settings; caching by input hash would be wrong (the files behind them change).
+    return prefect.task(run, name=name, cache_policy=prefect.cache_policies.NO_CACHE, **options)
+
+
+# Downloads and registry calls fail for transient reasons (network, a busy server): retry them.
+download_task = _stage_task("download", download.download, retries=3, retry_delay_seconds=[5, 30, 120])
+convert_task = _stage_task("convert", convert.convert, after=lambda result: reports.rejections(result.shards_dir))
+# A Prefect concurrency limit on the "training" tag keeps GPU jobs to one at a time.
+train_task = _stage_task("train", train.train, tags=["training"])
+evaluate_task = _stage_task("evaluate", evaluate.evaluate)
+register_task = _stage_task("register", register.register, retries=2, retry_delay_seconds=[10, 60])
+
+
+@prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
+def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list) -> str:
+    """The test metrics, MLflow run and registry decision, as a markdown artifact."""
+    ran = [stage for stage, result in zip(STAGES, results) if result is not None]
+    return reports.run_summary(metrics_path, registry_path, model_dir, ran)
 
 
 @prefect.flow(name="image-classification", log_prints=True)
-def pipeline(params_file: str = "params.yaml") -> register.RegisterResult:
-    """download -> convert -> train -> evaluate -> register, on the settings of `params_file`."""
-    params = config.load_params(pathlib.Path(params_file))
-    download_task(params.dataset, params.raw_dir)
-    convert_task(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
-    train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params))
-    evaluate_task(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir)
-    return register_task(
-        params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
+def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`."""
+    params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
+    tracked = dvc_stages.tracked(params_file, overrides)
+    minutes = params.flow.timeout_minutes
+    downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir)
+    converted = convert_task.with_options(timeout_seconds=60 * minutes.convert)(
+        tracked, params.dataset, params.base.seed, params.raw_dir, params.shards_dir
     )
+    trained = train_task.with_options(timeout_seconds=60 * minutes.train)(
+        tracked, params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params),
+        callbacks=[reports.TrainingProgress(params.train.epochs)],
+    )
+    evaluated = evaluate_task.with_options(timeout_seconds=60 * minutes.evaluate)(
+        tracked, params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir
+    )
+    registered = register_task.with_options(timeout_seconds=60 * minutes.register)(
+        tracked, params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
+    )
+    return summary_task(params.metrics_path, params.registry_path, params.model_dir, [downloaded, converted, trained, evaluated, registered])
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """["train.epochs=30"] -> {"train.epochs": 30}: values are read as YAML, like params.yaml."""
+    overrides = {}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise config.ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=30")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the image-classification pipeline as a Prefect flow.")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     arguments = parser.parse_args()
-    result = pipeline(arguments.params)
-    print(f"pipeline: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}")
+    print(pipeline(arguments.params, parse_overrides(arguments.assignments) or None))
 
 
 if __name__ == "__main__":

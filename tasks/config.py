@@ -71,7 +71,7 @@ class TrainParams(_Section):
     image_size: tuple[int, int]
     epochs: int = pydantic.Field(ge=1)
     batch_size: int = pydantic.Field(ge=1)
-    learning_rate: float = pydantic.Field(gt=0)
+    learning_rate: float = pydantic.Field(gt=0, allow_inf_nan=False)
     ema_momentum: float | None = pydantic.Field(ge=0, lt=1)
     experiment_name: str = pydantic.Field(min_length=1)
 
@@ -109,12 +109,38 @@ class RegisterParams(_Section):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class StageMinutes(_Section):
+    download: float = pydantic.Field(gt=0)
+    convert: float = pydantic.Field(gt=0)
+    train: float = pydantic.Field(gt=0)
+    evaluate: float = pydantic.Field(gt=0)
+    register: float = pydantic.Field(gt=0)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _int_to_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class FlowParams(_Section):
+    cron: str
+    timeout_minutes: StageMinutes
+
+    @pydantic.field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError('a cron schedule has 5 fields (minute hour day month weekday), e.g. "0 2 * * *"')
+        return value
+
+
 class Params(_Section):
     base: BaseParams
     paths: PathsParams
     dataset: DatasetParams
     train: TrainParams
     evaluate: EvaluateParams
+    flow: FlowParams
     # "register" would shadow pydantic's BaseModel.register, hence the alias.
     registration: RegisterParams = pydantic.Field(alias="register")
 

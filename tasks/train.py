@@ -46,8 +46,12 @@ def train(
     shards_dir: pathlib.Path,
     model_dir: pathlib.Path,
     run_settings: dict[str, Any] | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainResult:
-    """Trains `params.model` on the shards of `shards_dir`; `run_settings` (all of params.yaml) go to MLflow."""
+    """Trains `params.model` on the shards of `shards_dir`; `run_settings` (all of params.yaml) go to MLflow.
+
+    `callbacks` are extra Keras callbacks, e.g. the flow's progress report.
+    """
     keras.utils.set_random_seed(seed)
     manifest = records.read_manifest(shards_dir)
     class_names = manifest["classes"]
@@ -90,6 +94,7 @@ def train(
                 keras.callbacks.TerminateOnNaN(),
                 keras.callbacks.CSVLogger(str(model_dir / HISTORY_FILE)),
                 mlflow.keras.MlflowCallback(),
+                *(callbacks or []),
             ],
         )
         final_loss = history.history["loss"][-1]

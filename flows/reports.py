@@ -1,0 +1,72 @@
+"""What a flow run shows in the Prefect UI besides its logs: artifacts built from the stages' files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from collections import Counter
+
+import keras
+import prefect.artifacts
+
+from tasks import records, tracking
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """A Prefect progress artifact that moves with each finished epoch ("epoch 3 of 20")."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.artifact_id = None
+
+    def on_train_begin(self, logs=None):
+        self.artifact_id = prefect.artifacts.create_progress_artifact(0.0, key="training-progress", description=f"epoch 0 of {self.epochs}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        # BackupAndRestore may resume past epoch 0: progress is the epoch number, not a count of calls.
+        done = epoch + 1
+        prefect.artifacts.update_progress_artifact(self.artifact_id, 100.0 * done / self.epochs, description=f"epoch {done} of {self.epochs}")
+
+
+def rejections(shards_dir: pathlib.Path) -> None:
+    """convert's rejected files: how many, why, and the first few paths."""
+    manifest = records.read_manifest(shards_dir)
+    with (shards_dir / records.REJECTED).open(newline="") as stream:
+        rejected = list(csv.DictReader(stream))
+    accepted = sum(split["count"] for split in manifest["splits"].values())
+    lines = [f"### Convert: {accepted} images accepted, {len(rejected)} rejected", ""]
+    if rejected:
+        reasons = Counter(row["reason"].split(":")[0] for row in rejected)
+        lines += ["| reason | files |", "|---|---|", *(f"| {reason} | {count} |" for reason, count in reasons.most_common())]
+        lines += ["", "First rejected files:", "", *(f"- `{row['path']}`: {row['reason']}" for row in rejected[:20])]
+    prefect.artifacts.create_markdown_artifact("\n".join(lines), key="convert-rejections", description="files convert did not write")
+
+
+def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, ran: list[str]) -> str:
+    """The run's test metrics, its MLflow run and the registry decision, as a markdown artifact."""
+    metrics = json.loads(metrics_path.read_text())
+    registry = json.loads(registry_path.read_text())
+    run = tracking.read_run(model_dir)
+    if run["tracking_uri"].startswith("http"):
+        run_link = f"[{run['run_id']}]({run['tracking_uri']}/#/experiments/{run['experiment_id']}/runs/{run['run_id']})"
+    else:
+        run_link = f"`{run['run_id']}` (`mlflow ui --backend-store-uri {run['tracking_uri']}`)"
+    what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
+    lines = [
+        f"### {registry['model_name']} version {registry['version']}: `{registry['alias']}`",
+        "",
+        f"Decision: {registry['reason']}",
+        "",
+        f"Stages run: {what_ran}",
+        "",
+        f"MLflow run: {run_link}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {key} | {value:.4g} |" for key, value in tracking.flat_metrics(metrics).items()),
+    ]
+    markdown = "\n".join(lines)
+    prefect.artifacts.create_markdown_artifact(markdown, key="run-summary", description="test metrics and registry decision")
+    return markdown
