@@ -27,7 +27,7 @@ register_task = prefect.task(register.register, name="register")
 def pipeline(params_file: str = "params.yaml") -> register.RegisterResult:
     """download -> convert -> train -> evaluate -> register, on the settings of `params_file`."""
     params = config.load_params(pathlib.Path(params_file))
-    download_task(params.dataset, params.raw_dir)
+    download_task(params.dataset, params.raw_dir, params.downloads_dir)
     convert_task(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
     train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.flatten(params))
     evaluate_task(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path)

@@ -30,7 +30,8 @@ def raw(workdir):
 
 def test_shards_manifest_and_rejections(raw, workdir):
     before = _tree_digest(raw)
-    result = convert.convert(_dataset(), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
+    # ~10 kB of encoded training images, ~1.5 kB and ~3 kB for validation and test: 6 kB shards split train in two.
+    result = convert.convert(_dataset(shard_size_mb=0.006), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
     shards = workdir / "shards"
 
     assert _tree_digest(raw) == before, "the source folder must not change"

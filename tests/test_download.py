@@ -6,12 +6,13 @@ from tests.conftest import REPOSITORY
 
 def test_digits_are_written_as_an_image_folder(workdir):
     dataset = config.load_params(REPOSITORY / "params.yaml").dataset
-    result = download.download(dataset, workdir / "raw" / "digits")
+    result = download.download(dataset, workdir / "raw" / "digits", workdir / "downloads")
 
-    assert result.image_count == 1797
+    assert result.file_count == 1797
     assert result.class_names == tuple(str(digit) for digit in range(10))
-    folders = sorted(path.name for path in (workdir / "raw" / "digits").iterdir())
+    folders = sorted(path.name for path in (workdir / "raw" / "digits").iterdir() if path.is_dir())
     assert folders == list(result.class_names)
+    assert result.splits == ()
     images = sorted((workdir / "raw" / "digits").rglob("*.png"))
     assert len(images) == 1797
     with PIL.Image.open(images[0]) as image:
@@ -23,9 +24,9 @@ def test_digits_are_written_as_an_image_folder(workdir):
 def test_a_second_download_replaces_the_first_and_leaves_nothing_partial(workdir):
     dataset = config.load_params(REPOSITORY / "params.yaml").dataset
     target = workdir / "raw" / "digits"
-    download.download(dataset, target)
+    download.download(dataset, target, workdir / "downloads")
     (target / "0" / "stray.png").write_bytes(b"left over")
-    download.download(dataset, target)
+    download.download(dataset, target, workdir / "downloads")
 
     assert not (target / "0" / "stray.png").exists()
     assert sorted(path.name for path in (workdir / "raw").iterdir()) == ["digits"]
