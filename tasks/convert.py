@@ -272,7 +272,7 @@ def summary(manifest: dict, shards_dir: pathlib.Path) -> str:
         lines.append(f"  {name:<{width}}  " + "  ".join(f"{count:>10}" for count in counts) + f"  {sum(counts):>8}")
     imbalance = manifest["imbalance"]
     per_class = manifest["per_class"]
-    ratio = f"{imbalance['ratio']:g}x" if imbalance["ratio"] else "a class has no images"
+    ratio = "balanced" if imbalance["ratio"] == 1 else f"{imbalance['ratio']:g}x" if imbalance["ratio"] else "a class has no images"
     lines.append(f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})")
     lines.append(f"  files seen {manifest['files_seen']} = accepted {manifest['accepted']} + rejected {manifest['rejected']}")
     if manifest["rejected"]:
@@ -282,7 +282,7 @@ def summary(manifest: dict, shards_dir: pathlib.Path) -> str:
     duplicates = manifest["duplicates"]
     if duplicates["identical_groups"]:
         lines.append(
-            f"  identical files: {duplicates['identical_groups']} groups; {len(duplicates['label_conflicts'])} under different classes (label conflict), "
+            f"  identical files: {duplicates['identical_groups']} group(s); {len(duplicates['label_conflicts'])} under different classes (label conflict), "
             f"{len(duplicates['leakage'])} across splits (leakage); listed in {shards_dir / records.MANIFEST}"
         )
     return "\n".join(lines)
