@@ -111,22 +111,21 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
 
 
 def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[list[_File], list[tuple[str, str]]]:
-    """Every file under a class folder, in a stable order, and the files that sit outside any class folder."""
+    """Every file under a class folder, in a stable order, and the files that belong to no class."""
     found, outside = [], []
-    split_folders = [(split, raw_dir / split) for split in given_splits] or [(None, raw_dir)]
-    for path in sorted(raw_dir.iterdir()):
-        if path.name == download.LAYOUT or path.name in given_splits or (path.is_dir() and not given_splits and not path.name.startswith(".")):
-            continue
-        for stray in [path] if path.is_file() else sorted(item for item in path.rglob("*") if item.is_file()):
-            outside.append((stray.relative_to(raw_dir).as_posix(), _outside_reason(path, given_splits)))
-    for split, folder in split_folders:
+    if given_splits:
+        for entry in sorted(raw_dir.iterdir()):
+            if entry.name not in given_splits and entry.name != download.LAYOUT:
+                outside += [(path, "not inside a split folder (train/, validation/, test/): belongs to no class") for path in _files_under(entry, raw_dir)]
+    for split, folder in [(split, raw_dir / split) for split in given_splits] or [(None, raw_dir)]:
         by_name: dict[str, pathlib.Path] = {}
         for entry in sorted(folder.iterdir()):
-            if split is None and (entry.is_file() or entry.name.startswith(".")):
-                continue  # reported above
-            if entry.is_file() or entry.name.startswith("."):
-                for stray in [entry] if entry.is_file() else sorted(item for item in entry.rglob("*") if item.is_file()):
-                    outside.append((stray.relative_to(raw_dir).as_posix(), _outside_reason(entry, given_splits)))
+            if entry.is_file():
+                if entry != raw_dir / download.LAYOUT:
+                    outside += [(path, "not inside a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
+                continue
+            if entry.name.startswith("."):  # .git, .ipynb_checkpoints, ...: tool folders, not classes
+                outside += [(path, f"in hidden folder {entry.name!r}, not a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
                 continue
             class_name = unicodedata.normalize("NFC", entry.name)
             if class_name in by_name:
@@ -142,10 +141,9 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
     return found, outside
 
 
-def _outside_reason(entry: pathlib.Path, given_splits: tuple[str, ...]) -> str:
-    if entry.is_dir():  # hidden (.git, .ipynb_checkpoints, ...) or, beside split folders, not a split
-        return f"in folder {entry.name!r}, which is not a {'split' if given_splits and entry.parent.name not in given_splits else 'class'} folder: belongs to no class"
-    return "not inside a class folder: belongs to no class"
+def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
+    paths = [entry] if entry.is_file() else sorted(path for path in entry.rglob("*") if path.is_file())
+    return [path.relative_to(raw_dir).as_posix() for path in paths]
 
 
 def _prepare_all(found: list[_File], class_names: tuple[str, ...], image_size: tuple[int, int] | None, spool_path: pathlib.Path):

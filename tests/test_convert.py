@@ -242,6 +242,10 @@ def test_split_folders_from_the_source_are_kept(workdir):
         make_image_folder(raw / split, classes=2, per_class=count, seed=len(split))
     (raw / "layout.json").write_text(json.dumps({"source": "test", "archive_sha256": None, "splits": ["test", "train", "validation"]}))
     (raw / "train" / "README.txt").write_text("which photographer took what")
+    (raw / "extra" / "class_0").mkdir(parents=True)
+    (raw / "extra" / "class_0" / "x.png").write_bytes((raw / "test" / "class_1" / "000.png").read_bytes())
+    (raw / "test" / ".ipynb_checkpoints").mkdir()
+    (raw / "test" / ".ipynb_checkpoints" / "y.png").write_bytes(b"checkpoint")
     shared = (raw / "train" / "class_0" / "000.png").read_bytes()
     (raw / "test" / "class_0" / "leaked.png").write_bytes(shared)
 
@@ -251,7 +255,11 @@ def test_split_folders_from_the_source_are_kept(workdir):
     manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
     assert manifest["source_splits"] == ["test", "train", "validation"]
     assert [group["files"][0]["path"] for group in manifest["duplicates"]["leakage"]] == ["test/class_0/leaked.png"]
-    assert "train/README.txt,not inside a class folder" in (workdir / "shards" / "rejected.csv").read_text()
+    assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == [
+        "extra/class_0/x.png,\"not inside a split folder (train/, validation/, test/): belongs to no class\"",
+        "test/.ipynb_checkpoints/y.png,\"in hidden folder '.ipynb_checkpoints', not a class folder: belongs to no class\"",
+        "train/README.txt,not inside a class folder: belongs to no class",
+    ]
 
 
 def test_jpeg_records_are_read_by_the_train_stage_reader(workdir):
