@@ -102,7 +102,7 @@ def _still_current(url: str, record_path: pathlib.Path) -> bool:
             return False  # 200: the server has something newer
     except urllib.error.HTTPError as error:
         return error.code == 304
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return True  # offline: the copy we have is the best there is; it was complete when kept
 
 
