@@ -68,7 +68,7 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
     tracked = dvc_stages.tracked(params_file, overrides)
     minutes = params.flow.timeout_minutes
-    downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir)
+    downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir, params.downloads_dir)
     converted = convert_task.with_options(timeout_seconds=60 * minutes.convert)(
         tracked, params.dataset, params.base.seed, params.raw_dir, params.shards_dir
     )

@@ -8,12 +8,13 @@ this module only declares the sections and turns pydantic's errors into one read
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any, Literal
 
 import pydantic
 import yaml
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
 MODELS = ("mnist_cnn",)
 
 
@@ -31,6 +32,7 @@ class BaseParams(_Section):
 
 class PathsParams(_Section):
     raw: str
+    downloads: str
     shards: str
     models: str
     metrics: str
@@ -38,23 +40,50 @@ class PathsParams(_Section):
     registry: str
 
 
-class ShardCounts(_Section):
-    train: int = pydantic.Field(ge=1)
-    validation: int = pydantic.Field(ge=1)
-    test: int = pydantic.Field(ge=1)
-
-
 class DatasetParams(_Section):
     name: Literal[DATASETS]  # type: ignore[valid-type]
+    source: str | None = pydantic.Field(min_length=1)
+    sha256: str | None
+    image_size: tuple[int, int] | None
     validation_fraction: float = pydantic.Field(gt=0, lt=1)
     test_fraction: float = pydantic.Field(gt=0, lt=1)
-    shards: ShardCounts
+    shard_size_mb: float = pydantic.Field(gt=0)
 
-    @pydantic.field_validator("validation_fraction", "test_fraction", mode="before")
+    @pydantic.field_validator("validation_fraction", "test_fraction", "shard_size_mb", mode="before")
     @classmethod
-    def _accept_integer_zero_or_one(cls, value: Any) -> Any:
+    def _accept_integers(cls, value: Any) -> Any:
         # YAML reads "1" and "0" as int; let the range check give the real message.
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @pydantic.field_validator("image_size", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @pydantic.field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"[height, width] in pixels, both at least 1, or null to keep each image's size; got {list(value)}")
+        return value
+
+    @pydantic.field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"a sha256 digest is 64 hexadecimal characters (`sha256sum FILE` prints it), got {len(value)} characters")
+        return value.lower() if value else value
+
+    @pydantic.model_validator(mode="after")
+    def _source_fits_the_name(self) -> DatasetParams:
+        if self.name == "imagefolder" and self.source is None:
+            raise ValueError(
+                "name 'imagefolder' needs dataset.source: a folder with one sub-folder per class, "
+                "a .zip/.tar/.tar.gz/.tgz archive of one, or an http(s):// URL of such an archive"
+            )
+        if self.name == "digits" and (self.source is not None or self.sha256 is not None):
+            raise ValueError("name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null")
+        return self
 
     @pydantic.model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DatasetParams:
@@ -147,6 +176,10 @@ class Params(_Section):
     @property
     def raw_dir(self) -> pathlib.Path:
         return pathlib.Path(self.paths.raw) / self.dataset.name
+
+    @property
+    def downloads_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.downloads)
 
     @property
     def shards_dir(self) -> pathlib.Path:

@@ -3,105 +3,201 @@
     python -m tasks.convert         # reads ./params.yaml, writes <paths.shards>/<dataset.name>/
 
 Writes {train,validation,test}-NNNNN-of-NNNNN.tfrecord, manifest.json (classes in label order,
-counts per split and class, shard names with record counts and sha256) and rejected.csv (files
-that are not readable images, with the reason). The source folder is only read, never changed.
+counts per split and class, class imbalance, identical files found under two classes or in two
+splits, shard names with record counts and sha256) and rejected.csv (every file that is not a
+usable image, with the reason). Files seen = accepted + rejected. The source folder is only read.
+
+Split folders recorded by the download stage (layout.json) are kept; a split the source lacks is
+carved from its train images, per class and seeded. Without split folders every class is split
+into train, validation and test. Decoding runs on all cores; writing stays in this process, in a
+fixed order, so the same input always gives byte-identical shards.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
+import json
+import math
+import multiprocessing
+import os
 import pathlib
+import sys
+import unicodedata
 
 import numpy as np
-import PIL.Image
 import tensorflow as tf
+import tqdm
 
-from tasks import config, files, records
+from tasks import config, download, files, images, records
+
+# fork: workers start in milliseconds and do not re-import the parent's main module (which may be
+# the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
+_POOL_CONTEXT = "fork" if sys.platform == "linux" else "spawn"
+_MIN_FILES_FOR_POOL = 32  # below this, starting processes costs more than it saves
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertResult:
     shards_dir: pathlib.Path
     counts: dict[str, int]
+    files_seen: int
     rejected_count: int
 
 
 @dataclasses.dataclass(frozen=True)
+class _File:
+    path: pathlib.Path
+    source: str  # relative to the raw folder, with "/" separators, as named on disk
+    split: str | None  # the split folder it sits in, if the source brings splits
+    class_name: str  # its class folder's name, Unicode NFC
+
+
+@dataclasses.dataclass(frozen=True)
 class _Image:
-    source: str  # relative to the raw folder, with "/" separators
+    source: str
+    split: str | None
     label: int
-    png: bytes
+    offset: int  # of its encoded bytes in the spool file
+    size: int
+    sha256: str  # of the source file
 
 
 def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, shards_dir: pathlib.Path) -> ConvertResult:
-    """Splits the images of `raw_dir` per class (stratified, seeded) and writes them as shards."""
-    class_names = _class_names(raw_dir)
-    images, rejected = _read_images(raw_dir, class_names)
-    splits = _stratified_split(images, len(class_names), dataset, seed)
-    shard_counts = dataset.shards.model_dump()
-    manifest = {"dataset": dataset.name, "classes": list(class_names), "seed": seed, "splits": {}}
-    with files.staged_directory(shards_dir) as staging:
-        for split, split_images in splits.items():
-            manifest["splits"][split] = _write_split(staging, split, split_images, shard_counts[split], class_names)
-        _write_rejected(staging / records.REJECTED, rejected)
-        manifest["rejected"] = len(rejected)
-        files.write_json(staging / records.MANIFEST, manifest)
-    counts = {split: len(split_images) for split, split_images in splits.items()}
-    return ConvertResult(shards_dir=shards_dir, counts=counts, rejected_count=len(rejected))
-
-
-def _class_names(raw_dir: pathlib.Path) -> tuple[str, ...]:
-    if not raw_dir.is_dir():
-        raise FileNotFoundError(f"{raw_dir} is not a folder: run the download stage first")
-    class_names = tuple(sorted(path.name for path in raw_dir.iterdir() if path.is_dir() and not path.name.startswith(".")))
+    """Validates every file of `raw_dir`, splits the images (stratified, seeded) and writes them as shards."""
+    given_splits = _given_splits(raw_dir)
+    found, outside = _find_files(raw_dir, given_splits)
+    class_names = tuple(sorted({item.class_name for item in found}))
     if len(class_names) < 2:
         raise ValueError(f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}")
-    return class_names
+    with files.staged_directory(shards_dir) as staging:
+        spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
+        accepted, rejected, encodings = _prepare_all(found, class_names, dataset.image_size, spool_path)
+        rejected = sorted(outside + rejected)
+        splits = _assign_splits(accepted, len(class_names), given_splits, dataset, seed)
+        manifest = {
+            "dataset": dataset.name, "classes": list(class_names), "seed": seed,
+            "image_size": list(dataset.image_size) if dataset.image_size else None,
+            "source_splits": list(given_splits), "files_seen": len(found) + len(outside),
+            "accepted": len(accepted), "rejected": len(rejected), "encodings": encodings,
+            "per_class": _per_class(accepted, class_names), "imbalance": _imbalance(accepted, class_names),
+            "duplicates": _duplicates(splits, class_names), "splits": {},
+        }
+        with spool_path.open("rb") as spool:
+            for split, split_images in splits.items():
+                manifest["splits"][split] = _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
+        spool_path.unlink()
+        _write_rejected(staging / records.REJECTED, rejected)
+        files.write_json(staging / records.MANIFEST, manifest)
+    counts = {split: len(split_images) for split, split_images in splits.items()}
+    return ConvertResult(shards_dir=shards_dir, counts=counts, files_seen=manifest["files_seen"], rejected_count=len(rejected))
 
 
-def _read_images(raw_dir: pathlib.Path, class_names: tuple[str, ...]) -> tuple[list[_Image], list[tuple[str, str]]]:
-    images, rejected = [], []
-    for label, class_name in enumerate(class_names):
-        paths = sorted(path for path in (raw_dir / class_name).rglob("*") if path.is_file() and not path.name.startswith("."))
-        if not paths:
-            raise ValueError(f"class folder {raw_dir / class_name} holds no files; add images or remove the folder")
-        for path in paths:
-            source = path.relative_to(raw_dir).as_posix()
-            try:
-                images.append(_Image(source=source, label=label, png=_as_rgb_png(path)))
-            except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-                rejected.append((source, f"{type(error).__name__}: {error}"))
-    return images, rejected
+def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"{raw_dir} is not a folder: run the download stage first")
+    layout_path = raw_dir / download.LAYOUT
+    if not layout_path.is_file():
+        return ()  # a plain class folder
+    splits = tuple(files.read_json(layout_path, "rerun the download stage").get("splits") or ())
+    unknown = [split for split in splits if split not in records.SPLITS]
+    if unknown or "train" not in splits and splits:
+        raise ValueError(f"{layout_path}: splits {list(splits)} must include 'train' and be among {list(records.SPLITS)}; rerun the download stage")
+    return splits
 
 
-def _as_rgb_png(path: pathlib.Path) -> bytes:
-    with PIL.Image.open(path) as image:
-        image.load()  # decodes the whole file: truncated data fails here, not in training
-        rgb = image.convert("RGB")
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[list[_File], list[tuple[str, str]]]:
+    """Every file under a class folder, in a stable order, and the files that belong to no class."""
+    found, outside = [], []
+    if given_splits:
+        for entry in sorted(raw_dir.iterdir()):
+            if entry.name not in given_splits and entry.name != download.LAYOUT:
+                outside += [(path, "not inside a split folder (train/, validation/, test/): belongs to no class") for path in _files_under(entry, raw_dir)]
+    for split, folder in [(split, raw_dir / split) for split in given_splits] or [(None, raw_dir)]:
+        by_name: dict[str, pathlib.Path] = {}
+        for entry in sorted(folder.iterdir()):
+            if entry.is_file():
+                if entry != raw_dir / download.LAYOUT:
+                    outside += [(path, "not inside a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
+                continue
+            if entry.name.startswith("."):  # .git, .ipynb_checkpoints, ...: tool folders, not classes
+                outside += [(path, f"in hidden folder {entry.name!r}, not a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
+                continue
+            class_name = unicodedata.normalize("NFC", entry.name)
+            if class_name in by_name:
+                raise ValueError(f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one")
+            by_name[class_name] = entry
+            paths = [path for path in entry.rglob("*") if path.is_file()]
+            if not paths:
+                raise ValueError(f"class folder {entry} holds no files; add images or remove the folder")
+            for path in paths:
+                found.append(_File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name))
+    # NFC in the sort key: the same names give the same order whichever form the file system returns.
+    found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
+    return found, outside
 
 
-def _stratified_split(images: list[_Image], class_count: int, dataset: config.DatasetParams, seed: int) -> dict[str, list[_Image]]:
+def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
+    paths = [entry] if entry.is_file() else sorted(path for path in entry.rglob("*") if path.is_file())
+    return [path.relative_to(raw_dir).as_posix() for path in paths]
+
+
+def _prepare_all(found: list[_File], class_names: tuple[str, ...], image_size: tuple[int, int] | None, spool_path: pathlib.Path):
+    """Decodes every file on all cores; appends accepted images to the spool, in `found` order."""
+    worker = functools.partial(images.prepare, image_size=image_size)
+    paths = [str(item.path) for item in found]
+    labels = {name: label for label, name in enumerate(class_names)}
+    accepted, rejected, encodings = [], [], collections.Counter()
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pool = None
+    if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
+    try:
+        # map keeps the input order whatever order the workers finish in: the shards stay deterministic.
+        results = pool.map(worker, paths, chunksize=max(1, min(64, len(paths) // (workers * 8)))) if pool else map(worker, paths)
+        progress = tqdm.tqdm(results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False)
+        with spool_path.open("wb") as spool:
+            for item, result in zip(found, progress):
+                if isinstance(result, images.Rejected):
+                    rejected.append((item.source, result.reason))
+                    continue
+                offset = spool.tell()
+                spool.write(result.encoded)
+                encodings[result.encoding] += 1
+                accepted.append(_Image(item.source, item.split, labels[item.class_name], offset, len(result.encoded), result.source_sha256))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return accepted, rejected, dict(sorted(encodings.items()))
+
+
+def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple[str, ...], dataset: config.DatasetParams, seed: int) -> dict[str, list[_Image]]:
     # Per class rather than sklearn's train_test_split: every class gets its exact share in each split
     # even when it has only a handful of images, and one class's images never move another's.
     random = np.random.default_rng(seed)
-    splits: dict[str, list[_Image]] = {split: [] for split in records.SPLITS}
-    for label in range(class_count):
-        members = [image for image in images if image.label == label]
-        order = random.permutation(len(members))
-        test_count = round(len(members) * dataset.test_fraction)
-        validation_count = round(len(members) * dataset.validation_fraction)
-        for position, index in enumerate(order):
-            split = "test" if position < test_count else "validation" if position < test_count + validation_count else "train"
-            splits[split].append(members[index])
+    splits: dict[str, list[_Image]] = {split: [image for image in accepted if image.split == split] for split in records.SPLITS}
+    if not given_splits:
+        splits["train"] = list(accepted)
+    carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
+    carved = {split: fraction for split, fraction in carved.items() if split not in given_splits}
+    if carved:
+        pool, splits["train"] = splits["train"], []
+        for label in range(class_count):
+            members = [image for image in pool if image.label == label]
+            order = random.permutation(len(members))
+            test_count = round(len(members) * carved.get("test", 0.0))
+            validation_count = round(len(members) * carved.get("validation", 0.0))
+            for position, index in enumerate(order):
+                split = "test" if position < test_count else "validation" if position < test_count + validation_count else "train"
+                splits[split].append(members[index])
     for split, split_images in splits.items():
         if not split_images:
             raise ValueError(
-                f"the {split} split is empty: {len(images)} images are too few for "
+                f"the {split} split is empty: {len(accepted)} images are too few for "
                 f"validation_fraction={dataset.validation_fraction}, test_fraction={dataset.test_fraction}"
             )
         # Shards mix classes, so that reading one shard alone still sees every class.
@@ -109,20 +205,50 @@ def _stratified_split(images: list[_Image], class_count: int, dataset: config.Da
     return splits
 
 
-def _write_split(folder: pathlib.Path, split: str, images: list[_Image], shard_count: int, class_names: tuple[str, ...]) -> dict:
-    shard_count = min(shard_count, len(images))
+def _write_split(folder: pathlib.Path, spool, split: str, split_images: list[_Image], shard_size_mb: float, class_names: tuple[str, ...]) -> dict:
+    total_bytes = sum(image.size for image in split_images)
+    shard_count = min(len(split_images), max(1, math.ceil(total_bytes / (shard_size_mb * 1e6))))
     shards = []
-    for index, shard_images in enumerate(np.array_split(np.arange(len(images)), shard_count)):
+    for index, positions in enumerate(np.array_split(np.arange(len(split_images)), shard_count)):
         name = records.shard_name(split, index, shard_count)
         with tf.io.TFRecordWriter(str(folder / name)) as writer:
-            for position in shard_images:
-                image = images[position]
-                writer.write(records.serialize(image.png, image.label, image.source))
-        shards.append({"file": name, "records": len(shard_images), "sha256": files.sha256_of(folder / name)})
-    per_class = {name: 0 for name in class_names}
-    for image in images:
-        per_class[class_names[image.label]] += 1
-    return {"count": len(images), "per_class": per_class, "shards": shards}
+            for position in positions:
+                image = split_images[position]
+                spool.seek(image.offset)
+                writer.write(records.serialize(spool.read(image.size), image.label, image.source))
+        shards.append({"file": name, "records": len(positions), "sha256": files.sha256_of(folder / name)})
+    return {"count": len(split_images), "per_class": _per_class(split_images, class_names), "shards": shards}
+
+
+def _per_class(split_images: list[_Image], class_names: tuple[str, ...]) -> dict[str, int]:
+    counts = collections.Counter(image.label for image in split_images)
+    return {name: counts[label] for label, name in enumerate(class_names)}
+
+
+def _imbalance(accepted: list[_Image], class_names: tuple[str, ...]) -> dict:
+    counts = _per_class(accepted, class_names)
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    ratio = counts[largest] / counts[smallest] if counts[smallest] else None
+    return {"largest": largest, "smallest": smallest, "ratio": round(ratio, 3) if ratio else None}
+
+
+def _duplicates(splits: dict[str, list[_Image]], class_names: tuple[str, ...]) -> dict:
+    """Identical source files under two classes (label conflicts) or in two splits (leakage)."""
+    groups = collections.defaultdict(list)
+    for split, split_images in splits.items():
+        for image in split_images:
+            groups[image.sha256].append({"path": image.source, "class": class_names[image.label], "split": split})
+    conflicts, leakage, repeated = [], [], 0
+    for digest, members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda member: member["path"])
+        if len({member["class"] for member in members}) > 1:
+            conflicts.append({"sha256": digest, "files": members})
+        if len({member["split"] for member in members}) > 1:
+            leakage.append({"sha256": digest, "files": members})
+        repeated += 1
+    return {"identical_groups": repeated, "label_conflicts": conflicts, "leakage": leakage}
 
 
 def _write_rejected(path: pathlib.Path, rejected: list[tuple[str, str]]) -> None:
@@ -130,7 +256,34 @@ def _write_rejected(path: pathlib.Path, rejected: list[tuple[str, str]]) -> None
     writer = csv.writer(buffer)
     writer.writerow(["path", "reason"])
     writer.writerows(rejected)
-    files.write_bytes(path, buffer.getvalue().encode())
+    # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk.
+    files.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
+
+
+def summary(manifest: dict, shards_dir: pathlib.Path) -> str:
+    """A few lines for people: counts per split and class, imbalance, rejections, duplicates."""
+    splits = manifest["splits"]
+    width = max(len(name) for name in manifest["classes"] + ["class"])
+    lines = [f"  {'class':<{width}}  " + "  ".join(f"{split:>10}" for split in splits) + f"  {'total':>8}"]
+    for name in manifest["classes"]:
+        counts = [splits[split]["per_class"][name] for split in splits]
+        lines.append(f"  {name:<{width}}  " + "  ".join(f"{count:>10}" for count in counts) + f"  {sum(counts):>8}")
+    imbalance = manifest["imbalance"]
+    per_class = manifest["per_class"]
+    ratio = "balanced" if imbalance["ratio"] == 1 else f"{imbalance['ratio']:g}x" if imbalance["ratio"] else "a class has no images"
+    lines.append(f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})")
+    lines.append(f"  files seen {manifest['files_seen']} = accepted {manifest['accepted']} + rejected {manifest['rejected']}")
+    if manifest["rejected"]:
+        with (shards_dir / records.REJECTED).open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
+            reasons = collections.Counter(row["reason"].split(":")[0] for row in csv.DictReader(stream))
+        lines += [f"    {count} x {reason}" for reason, count in reasons.most_common()] + [f"    listed in {shards_dir / records.REJECTED}"]
+    duplicates = manifest["duplicates"]
+    if duplicates["identical_groups"]:
+        lines.append(
+            f"  identical files: {duplicates['identical_groups']} group(s); {len(duplicates['label_conflicts'])} under different classes (label conflict), "
+            f"{len(duplicates['leakage'])} across splits (leakage); listed in {shards_dir / records.MANIFEST}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -138,6 +291,7 @@ def main() -> None:
     result = convert(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     print(f"convert: {counts} images, {result.rejected_count} rejected, in {result.shards_dir}")
+    print(summary(json.loads((result.shards_dir / records.MANIFEST).read_text()), result.shards_dir))
 
 
 if __name__ == "__main__":

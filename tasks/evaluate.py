@@ -12,6 +12,7 @@ misclassified.png (the most confidently wrong test images). All of it is logged 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import keras
@@ -58,7 +59,7 @@ def predict_test_split(model: keras.Model, shards_dir: pathlib.Path, batch_size:
         worst = sorted(worst, key=lambda item: -item[0])[:MISCLASSIFIED_SHOWN]
         labels.append(batch_labels.numpy())
         probabilities.append(batch_probabilities)
-        sources.extend(source.decode() for source in batch_sources.numpy())
+        sources.extend(os.fsdecode(source) for source in batch_sources.numpy())
     return Predictions(np.concatenate(labels), np.concatenate(probabilities), sources, worst)
 
 

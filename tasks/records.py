@@ -1,11 +1,13 @@
 """The TFRecord schema, in one place: the writer's encoder (convert) and the reader (train, evaluate).
 
-A record holds one image as PNG (lossless, RGB), its label (index into the manifest's classes) and
-the path it came from, relative to the raw folder, so that a result can be traced back to its file.
+A record holds one RGB image as JPEG or PNG (tasks/images.py says which), its label (index into the
+manifest's classes) and the path it came from, relative to the raw folder, so that a result can be
+traced back to its file.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
@@ -28,11 +30,11 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def serialize(png: bytes, label: int, source: str) -> bytes:
+def serialize(encoded: bytes, label: int, source: str) -> bytes:
     feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
         "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/source": tf.train.Feature(bytes_list=tf.train.BytesList(value=[source.encode()])),
+        "image/source": tf.train.Feature(bytes_list=tf.train.BytesList(value=[os.fsencode(source)])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -62,7 +64,7 @@ def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int]
 
     def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_single_example(serialized, _FEATURES)
-        image = tf.io.decode_png(example["image/encoded"], channels=3)
+        image = tf.io.decode_image(example["image/encoded"], channels=3, expand_animations=False)
         # Identity when the stored size is already the fed size; otherwise resampled once (then cached).
         image = tf.image.resize(image, (height, width), antialias=True)
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)

@@ -127,3 +127,93 @@ def mlflow_server(tmp_path_factory):
             os.killpg(server.pid, 9)
             server.wait()
         log.close()
+
+
+class _Served:
+    """What the test server serves at one path, and how it misbehaves."""
+
+    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None):
+        self.data = data
+        self.fail_first = fail_first  # answer 503 to this many requests first
+        self.cut_first_after = cut_first_after  # first full response: close after this many bytes
+
+
+class LocalServer:
+    """An HTTP server on 127.0.0.1 with Range, ETag and scripted failures; records every request."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.routes: dict[str, _Served] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers) in arrival order
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *arguments):  # quiet: pytest shows failures, not access logs
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, dict(self.headers)))
+                served = server.routes.get(self.path)
+                if served is None:
+                    self.send_error(404)
+                    return
+                if served.fail_first > 0:
+                    served.fail_first -= 1
+                    self.send_error(503, "busy")
+                    return
+                etag = f'"{len(served.data)}-{hash(served.data) & 0xFFFFFFFF:x}"'
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                start = 0
+                requested = self.headers.get("Range", "")
+                if requested.startswith("bytes=") and self.headers.get("If-Range") in (None, etag):
+                    start = int(requested.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(served.data) - 1}/{len(served.data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(served.data) - start))
+                self.send_header("ETag", etag)
+                self.end_headers()
+                body = served.data[start:]
+                if served.cut_first_after is not None:
+                    body, served.cut_first_after = body[: served.cut_first_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def serve(self, path: str, data: bytes, **behaviour) -> str:
+        self.routes[path] = _Served(data, **behaviour)
+        return self.url + path
+
+    def gets(self, path: str) -> list[dict[str, str]]:
+        return [headers for requested, headers in self.requests if requested == path]
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def http_server(monkeypatch: pytest.MonkeyPatch):
+    """A LocalServer for one test; retries wait milliseconds instead of seconds."""
+    from tasks import fetch
+
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.01)
+    server = LocalServer()
+    try:
+        yield server
+    finally:
+        server.stop()

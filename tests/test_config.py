@@ -15,6 +15,18 @@ def test_repository_params_are_valid():
     assert params.registered_model_name == "digits-mnist_cnn"
 
 
+def test_dataset_sources_and_their_settings():
+    params = config.load_params(REPOSITORY / "params.yaml", {
+        "dataset.name": "imagefolder", "dataset.source": "https://example.org/pets.zip",
+        "dataset.sha256": "AB" * 32, "dataset.image_size": [64, 48],
+    })
+    assert params.dataset.sha256 == "ab" * 32, "digests are compared in lower case"
+    assert params.dataset.image_size == (64, 48)
+    assert params.raw_dir == pathlib.Path("data/raw/imagefolder")
+    assert params.downloads_dir == pathlib.Path("data/downloads")
+    assert config.load_params(REPOSITORY / "params.yaml", {"dataset.name": "cifar10"}).dataset.source is None
+
+
 def test_overrides_are_applied_and_validated():
     params = config.load_params(REPOSITORY / "params.yaml", {"train.epochs": 3, "register.model_name": "mine"})
     assert params.train.epochs == 3
@@ -41,7 +53,12 @@ def test_flatten_gives_every_setting_by_dotted_key():
         ({"train.image_size": [2, 28]}, "train.image_size = [2, 28]: both sides must be at least 4 pixels"),
         ({"train.image_size": [28]}, "train.image_size"),
         ({"dataset.test_fraction": 0.95}, "dataset: validation_fraction + test_fraction must be below 1"),
-        ({"dataset.shards.train": 0}, "dataset.shards.train = 0: Input should be greater than or equal to 1"),
+        ({"dataset.shard_size_mb": 0}, "dataset.shard_size_mb = 0: Input should be greater than 0"),
+        ({"dataset.name": "imagefolder"}, "dataset: name 'imagefolder' needs dataset.source: a folder with one sub-folder per class"),
+        ({"dataset.source": "/data/pictures"}, "dataset: name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null"),
+        ({"dataset.name": "cifar10", "dataset.sha256": "abc123"}, "dataset.sha256 = 'abc123': a sha256 digest is 64 hexadecimal characters"),
+        ({"dataset.image_size": [0, 32]}, "dataset.image_size = [0, 32]: [height, width] in pixels, both at least 1"),
+        ({"dataset.source": ""}, "dataset.source = '': String should have at least 1 character"),
         ({"base.seed": "forty-two"}, "base.seed = 'forty-two': Input should be a valid integer"),
     ],
 )

@@ -30,7 +30,8 @@ def raw(workdir):
 
 def test_shards_manifest_and_rejections(raw, workdir):
     before = _tree_digest(raw)
-    result = convert.convert(_dataset(), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
+    # ~10 kB of encoded training images, ~1.5 kB and ~3 kB for validation and test: 6 kB shards split train in two.
+    result = convert.convert(_dataset(shard_size_mb=0.006), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
     shards = workdir / "shards"
 
     assert _tree_digest(raw) == before, "the source folder must not change"
@@ -103,3 +104,172 @@ def test_bad_source_folders_give_clear_errors(workdir):
     with pytest.raises(ValueError, match="the validation split is empty: 4 images are too few"):
         convert.convert(_dataset(), seed=7, raw_dir=tiny, shards_dir=workdir / "shards")
     assert not (workdir / "shards").exists(), "a failed conversion leaves no output that looks complete"
+
+
+# --- the images people really have ---------------------------------------------------------------
+
+import io
+import struct
+import unicodedata
+import zlib
+
+import tensorflow as tf
+
+from tasks import images
+
+
+def _encode(image, format, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb's calling card."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _rotated_jpeg() -> bytes:
+    """16 wide, 8 high, left half black; EXIF orientation 6: shown turned 90 degrees clockwise."""
+    pixels = np.full((8, 16, 3), 255, dtype=np.uint8)
+    pixels[:, :8] = 0
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    return _encode(PIL.Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _decoded(prepared: images.Prepared) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(prepared.encoded)))
+
+
+def test_every_kind_of_image_becomes_upright_rgb(tmp_path):
+    cases = {
+        "cmyk.jpg": _encode(PIL.Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"),
+        "alpha.png": _encode(PIL.Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "PNG"),
+        "gray.png": _encode(PIL.Image.new("L", (8, 8), 77), "PNG"),
+        "gray.jpg": _encode(PIL.Image.new("L", (8, 8), 77), "JPEG"),
+        "palette.gif": _encode(PIL.Image.new("P", (8, 8), 3), "GIF"),
+        "deep.png": _encode(PIL.Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)), "PNG"),
+        "rotated.jpg": _rotated_jpeg(),
+    }
+    prepared = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        prepared[name] = images.prepare(str(tmp_path / name), image_size=None)
+        assert isinstance(prepared[name], images.Prepared), (name, prepared[name])
+        assert _decoded(prepared[name]).shape[2:] == (3,) or name == "gray.jpg", name
+
+    assert prepared["gray.jpg"].encoding == "original" and prepared["gray.jpg"].encoded == cases["gray.jpg"]
+    assert prepared["cmyk.jpg"].encoding == "jpeg" and tuple(_decoded(prepared["cmyk.jpg"])[0, 0]) > (200, 0, 0)
+    assert tuple(_decoded(prepared["alpha.png"])[0, 0]) == (255, 255, 255), "transparent pixels are composited on white"
+    assert tuple(_decoded(prepared["deep.png"])[0, 0]) == (255, 255, 255), "16-bit white stays white"
+    upright = _decoded(prepared["rotated.jpg"])
+    assert upright.shape == (16, 8, 3), "EXIF orientation applied: now 8 wide, 16 high"
+    assert upright[:4].mean() < 60 and upright[-4:].mean() > 200, "the black left half is now on top"
+
+    resized = images.prepare(str(tmp_path / "rotated.jpg"), image_size=(4, 6))
+    assert _decoded(resized).shape == (4, 6, 3) and resized.encoding == "jpeg"
+
+
+@pytest.fixture
+def messy(workdir):
+    """What a business folder looks like: odd modes, odd names, broken files, one image under two classes."""
+    folder = make_image_folder(workdir / "messy", classes=3, per_class=12)
+    nfd_class = unicodedata.normalize("NFD", "Éclair")
+    (folder / "class_2").rename(folder / nfd_class)
+    photo = _encode(PIL.Image.new("RGB", (32, 24), (10, 200, 30)), "JPEG", quality=90)
+    good = {
+        "class_0/cmyk.jpg": _encode(PIL.Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"),
+        "class_0/transparent.png": _encode(PIL.Image.new("RGBA", (16, 16), (0, 0, 255, 0)), "PNG"),
+        "class_1/gray.jpg": _encode(PIL.Image.new("L", (16, 16), 90), "JPEG"),
+        "class_1/rotated.jpg": _rotated_jpeg(),
+        "class_1/café.png": _encode(PIL.Image.new("RGB", (8, 8), (1, 2, 3)), "PNG"),
+        f"{nfd_class}/日本語の写真.jpg": photo,
+        "class_0/same-photo.jpg": photo,
+    }
+    bad = {
+        "class_0/empty.png": (b"", "empty file (0 bytes)"),
+        "class_1/notes.jpg": (b"not an image, whatever the extension says", "not an image"),
+        f"{nfd_class}/truncated.jpg": (photo[: len(photo) // 2], "truncated or corrupt image data"),
+        "class_1/bomb.png": (_png_declaring(100_000, 100_000), "decompression bomb"),
+    }
+    for name, data in good.items():
+        (folder / name).write_bytes(data)
+    for name, (data, _) in bad.items():
+        (folder / name).write_bytes(data)
+    return folder, {name: reason for name, (_, reason) in bad.items()}
+
+
+def test_a_messy_folder_converts_with_exactly_the_broken_files_rejected(messy, workdir):
+    folder, broken = messy
+    before = _tree_digest(folder)
+    result = convert.convert(_dataset(image_size=(16, 16)), seed=3, raw_dir=folder, shards_dir=workdir / "shards")
+
+    assert _tree_digest(folder) == before, "nothing in the source is moved, changed or deleted"
+    manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
+    assert manifest["classes"] == ["class_0", "class_1", "Éclair"], "class names in NFC, sorted"
+    rows = (workdir / "shards" / "rejected.csv").read_text(encoding="utf-8").splitlines()[1:]
+    rejected = dict(row.split(",", 1) for row in rows)
+    assert sorted(rejected) == sorted(broken)
+    for name, reason in broken.items():
+        assert rejected[name].strip('"').startswith(reason), (name, rejected[name])
+    assert manifest["files_seen"] == 36 + 7 + 4 == manifest["accepted"] + manifest["rejected"]
+    assert result.rejected_count == 4 and sum(result.counts.values()) == 43
+    conflict = manifest["duplicates"]["label_conflicts"]
+    assert [sorted(member["path"] for member in group["files"]) for group in conflict] == [
+        sorted(["class_0/same-photo.jpg", f"{unicodedata.normalize('NFD', 'Éclair')}/日本語の写真.jpg"])
+    ]
+    for split in records.SPLITS:
+        for image, label in records.read_split(workdir / "shards", split, (16, 16)).as_numpy_iterator():
+            assert image.shape == (16, 16, 3) and 0 <= label < 3
+
+
+def test_the_summary_shows_classes_imbalance_rejections_and_duplicates(messy, workdir):
+    folder, _ = messy
+    convert.convert(_dataset(), seed=3, raw_dir=folder, shards_dir=workdir / "shards")
+    text = convert.summary(json.loads((workdir / "shards" / "manifest.json").read_text()), workdir / "shards")
+    assert "Éclair" in text and "imbalance: largest 'class_0' 15, smallest 'Éclair' 13" in text
+    assert "1 x empty file (0 bytes)" in text and "1 x decompression bomb" in text
+    assert "1 under different classes (label conflict)" in text
+
+
+def test_split_folders_from_the_source_are_kept(workdir):
+    raw = workdir / "raw"
+    for split, count in (("train", 10), ("validation", 3), ("test", 4)):
+        make_image_folder(raw / split, classes=2, per_class=count, seed=len(split))
+    (raw / "layout.json").write_text(json.dumps({"source": "test", "archive_sha256": None, "splits": ["test", "train", "validation"]}))
+    (raw / "train" / "README.txt").write_text("which photographer took what")
+    (raw / "extra" / "class_0").mkdir(parents=True)
+    (raw / "extra" / "class_0" / "x.png").write_bytes((raw / "test" / "class_1" / "000.png").read_bytes())
+    (raw / "test" / ".ipynb_checkpoints").mkdir()
+    (raw / "test" / ".ipynb_checkpoints" / "y.png").write_bytes(b"checkpoint")
+    shared = (raw / "train" / "class_0" / "000.png").read_bytes()
+    (raw / "test" / "class_0" / "leaked.png").write_bytes(shared)
+
+    result = convert.convert(_dataset(), seed=3, raw_dir=raw, shards_dir=workdir / "shards")
+
+    assert result.counts == {"train": 20, "validation": 6, "test": 9}
+    manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
+    assert manifest["source_splits"] == ["test", "train", "validation"]
+    assert [group["files"][0]["path"] for group in manifest["duplicates"]["leakage"]] == ["test/class_0/leaked.png"]
+    assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == [
+        "extra/class_0/x.png,\"not inside a split folder (train/, validation/, test/): belongs to no class\"",
+        "test/.ipynb_checkpoints/y.png,\"in hidden folder '.ipynb_checkpoints', not a class folder: belongs to no class\"",
+        "train/README.txt,not inside a class folder: belongs to no class",
+    ]
+
+
+def test_jpeg_records_are_read_by_the_train_stage_reader(workdir):
+    raw = workdir / "raw"
+    for label in range(2):
+        (raw / f"c{label}").mkdir(parents=True)
+        for index in range(10):
+            PIL.Image.new("RGB", (20, 10), (200 * label, 50, 25 * index)).save(raw / f"c{label}" / f"{index}.jpg", quality=95)
+    convert.convert(_dataset(), seed=1, raw_dir=raw, shards_dir=workdir / "shards")
+    dataset = records.read_split(workdir / "shards", "train", (10, 20))
+    assert dataset.element_spec[0].shape == (10, 20, 3) and dataset.element_spec[0].dtype == tf.uint8
+    for image, label in dataset.as_numpy_iterator():
+        assert abs(int(image[5, 10, 0]) - 200 * int(label)) <= 3, "JPEG records decode to their colour, per label"

@@ -1,0 +1,220 @@
+"""Getting archives: resumable, checksummed, retried HTTP downloads and safe extraction.
+
+A download streams to `<name>.partial` beside its destination, is checked against the expected
+sha256 and only then renamed into place, so a file under the final name is always complete and
+verified. An interrupted download resumes with an HTTP Range request; transient failures (a dropped
+connection, a 5xx, a timeout) are retried with growing waits. Extraction refuses any member that
+could write outside the target folder and names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import stat
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+
+import tqdm
+
+from tasks import files
+
+ATTEMPTS = 5  # one try and four retries: rides out a restarting server, fails within a minute when down
+BACKOFF_SECONDS = 2.0  # waits 2, 4, 8, 16 s between tries
+TIMEOUT_SECONDS = 60  # per socket operation; a stalled transfer counts as a transient failure
+_BLOCK = 1 << 20
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class DownloadError(OSError):
+    """A download that failed for a reason retrying would not fix, or that kept failing."""
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def cached_name(url: str) -> str:
+    """A file name for `url` in the downloads folder: its own name, prefixed so two URLs never collide."""
+    basename = pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{basename}"
+
+
+def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib.Path:
+    """`destination`, downloaded from `url` unless already there and matching `sha256`.
+
+    With no expected digest the server decides: a cached copy is revalidated with If-None-Match /
+    If-Modified-Since, so an unchanged file is not fetched twice and a changed one is.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    record_path = destination.with_name(destination.name + ".json")
+    if destination.is_file():
+        if sha256 is not None:
+            if files.sha256_of(destination) == sha256:
+                return destination
+            destination.unlink()  # our own cache, not a user's file: a stale or damaged copy
+        elif _still_current(url, record_path):
+            return destination
+    partial = destination.with_name(destination.name + ".partial")
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            validators = _transfer(url, partial)
+            break
+        except DownloadError:
+            raise
+        except (OSError, http.client.HTTPException) as error:
+            if attempt == ATTEMPTS:
+                raise DownloadError(f"{url}: gave up after {ATTEMPTS} attempts: {_describe(error)}") from None
+            wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
+            print(f"download: {url}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})", file=sys.stderr)
+            time.sleep(wait)
+    actual = files.sha256_of(partial)
+    if sha256 is not None and actual != sha256:
+        partial.unlink()  # resuming a wrong file would only repeat the mismatch
+        raise ValueError(
+            f"{url}: sha256 mismatch: expected {sha256}, got {actual}; the download was discarded. "
+            "Check dataset.source and dataset.sha256 (a mirror may serve another version)."
+        )
+    os.replace(partial, destination)
+    files.write_json(record_path, {"url": url, "sha256": actual, **validators})
+    return destination
+
+
+def _still_current(url: str, record_path: pathlib.Path) -> bool:
+    record = _validators(record_path)
+    headers = {}
+    if record.get("etag"):
+        headers["If-None-Match"] = record["etag"]
+    if record.get("last_modified"):
+        headers["If-Modified-Since"] = record["last_modified"]
+    if record.get("url") != url or not headers:
+        return False
+    try:
+        with _open(url, headers):
+            return False  # 200: the server has something newer
+    except urllib.error.HTTPError as error:
+        return error.code == 304
+    except (OSError, http.client.HTTPException):
+        return True  # offline: the copy we have is the best there is; it was complete when kept
+
+
+def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
+    """Appends the rest of `url` to `partial` (all of it when empty); the response's validators."""
+    offset = partial.stat().st_size if partial.is_file() else 0
+    validators_path = partial.with_name(partial.name + ".json")
+    headers = {}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        # If-Range: the server sends the rest only if the file is still the one we started on.
+        validator = _validators(validators_path)
+        if validator.get("etag") or validator.get("last_modified"):
+            headers["If-Range"] = validator.get("etag") or validator["last_modified"]
+    try:
+        response = _open(url, headers)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # the partial file is not a prefix of this resource
+            partial.unlink()
+            return _transfer(url, partial)
+        if error.code in _TRANSIENT_STATUS:
+            raise
+        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
+    with response:
+        resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+        validators = {key: value for key, value in (("etag", response.headers.get("ETag")), ("last_modified", response.headers.get("Last-Modified"))) if value}
+        if not resumed:
+            offset = 0  # the server sent the whole file
+            files.write_json(validators_path, validators)
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        progress = tqdm.tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name, file=sys.stderr, leave=False)
+        with progress, partial.open("ab" if resumed else "wb") as stream:
+            for block in iter(lambda: response.read(_BLOCK), b""):
+                stream.write(block)
+                progress.update(len(block))
+            stream.flush()
+            os.fsync(stream.fileno())
+        if total is not None and partial.stat().st_size < total:
+            raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
+    validators_path.unlink(missing_ok=True)
+    return validators
+
+
+def _validators(path: pathlib.Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _open(url: str, headers: dict[str, str]):
+    request = urllib.request.Request(url, headers={"User-Agent": "image-pipeline", "Accept-Encoding": "identity", **headers})
+    return urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"connection closed with {error.expected} bytes still to come"
+    return f"{type(error).__name__}: {error}"
+
+
+def extract(archive: pathlib.Path, target: pathlib.Path) -> None:
+    """Unpacks a .zip, .tar, .tar.gz or .tgz into `target`, refusing members that could escape it."""
+    if zipfile.is_zipfile(archive):
+        _extract_zip(archive, target)
+    elif tarfile.is_tarfile(archive):
+        _extract_tar(archive, target)
+    else:
+        raise ValueError(f"{archive} is neither a zip nor a tar archive (.zip, .tar, .tar.gz, .tgz)")
+
+
+def _refuse(archive: pathlib.Path, member: str, why: str) -> ValueError:
+    return ValueError(f"{archive}: refused to extract member {member!r}: {why}; nothing was extracted")
+
+
+def _check_name(archive: pathlib.Path, name: str) -> None:
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise _refuse(archive, name, "absolute path")
+    if ".." in parts:
+        raise _refuse(archive, name, "'..' component leads outside the target folder")
+
+
+def _extract_tar(archive: pathlib.Path, target: pathlib.Path) -> None:
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError("safe tar extraction needs Python 3.10.12+, 3.11.4+ or 3.12 (tarfile.data_filter)")
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:  # all checked before anything is written
+            _check_name(archive, member.name)
+            try:
+                tarfile.data_filter(member, str(target))
+            except tarfile.FilterError as error:
+                raise _refuse(archive, member.name, f"{type(error).__name__}: {error}") from None
+        tar.extractall(target, members=members, filter="data")
+
+
+def _extract_zip(archive: pathlib.Path, target: pathlib.Path) -> None:
+    with zipfile.ZipFile(archive) as zip_file:
+        members = zip_file.infolist()
+        for member in members:
+            _check_name(archive, member.filename)
+            mode = member.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                link = zip_file.read(member).decode("utf-8", "replace")
+                inside = os.path.normpath(os.path.join(os.path.dirname(member.filename), link))
+                if os.path.isabs(link) or inside == ".." or inside.startswith("../"):
+                    raise _refuse(archive, member.filename, f"link to {link!r} points outside the target folder")
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                raise _refuse(archive, member.filename, "device, pipe or socket, not a regular file")
+        zip_file.extractall(target, members=members)

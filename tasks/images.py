@@ -1,0 +1,105 @@
+"""One source file -> a decoded, validated, RGB image ready for a record, or the reason it is not one.
+
+Runs in the convert stage's worker processes, so it imports nothing heavier than Pillow.
+
+- Every file is decoded in full before it is accepted: empty, truncated, non-image (whatever the
+  extension says) and decompression-bomb files are rejected with a reason.
+- Grayscale, palette, CMYK and 16-bit images become RGB; transparency is composited on white (a
+  transparent background reads as the white page it usually stands for, not as black).
+- EXIF orientation is applied, so a photo taken upright is stored upright.
+- Stored encoding: a JPEG that needs no change keeps its original bytes (no second lossy pass, no
+  growth); a JPEG that was rotated, converted or resized is re-encoded as JPEG at quality 95;
+  everything else (PNG, GIF, BMP, TIFF, WebP, ...) is stored as PNG, losslessly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+JPEG_QUALITY = 95  # visually lossless for photos, about a third of the PNG size of the same photo
+_ORIENTATION_TAG = 0x0112
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    encoded: bytes  # JPEG or PNG of the RGB image
+    encoding: str  # "original" (the source JPEG's bytes), "jpeg" or "png" (encoded here)
+    source_sha256: str  # of the source file's bytes: finds the same image under two classes or splits
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejected:
+    """Decodes `path` and returns it as an RGB image of `image_size` ([height, width]; None keeps it)."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        return Rejected(f"cannot read the file: {error.strerror}")
+    if not data:
+        return Rejected("empty file (0 bytes)")
+    source_sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit (~89 and ~179 megapixels): refuse both.
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            encoded, encoding = _decode_and_encode(data, image_size)
+    except PIL.UnidentifiedImageError:
+        return Rejected("not an image: no image format recognised in its content")
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        return Rejected(f"decompression bomb: {error}")
+    except OSError as error:
+        return Rejected(f"truncated or corrupt image data: {error}")
+    except Exception as error:  # noqa: BLE001 - a decoder fed untrusted bytes may raise anything; one file must not stop the rest
+        return Rejected(f"unreadable image: {type(error).__name__}: {error}")
+    return Prepared(encoded=encoded, encoding=encoding, source_sha256=source_sha256)
+
+
+def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple[bytes, str]:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        is_jpeg = image.format == "JPEG"
+        target = None if image_size is None else (image_size[1], image_size[0])  # Pillow sizes are (width, height)
+        upright = image.getexif().get(_ORIENTATION_TAG, 1) in (0, 1)
+        if is_jpeg and upright and image.mode in ("RGB", "L") and target in (None, image.size):
+            image.load()  # decodes every byte: a truncated file fails here, not in training
+            return data, "original"
+        if is_jpeg and target is not None:
+            # Lets the JPEG decoder scale down by 2, 4 or 8 while decoding, never below the target
+            # in either orientation: much faster for large photos, same result after resizing.
+            side = max(target)
+            image.draft(image.mode, (side, side))
+        image.load()
+        image = PIL.ImageOps.exif_transpose(image)
+        rgb = _as_rgb(image)
+    if target is not None and rgb.size != target:
+        rgb = rgb.resize(target, PIL.Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    if is_jpeg:
+        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        return buffer.getvalue(), "jpeg"
+    rgb.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def _as_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float grayscale: scale to 8 bits; Pillow's own conversion would clip at 255.
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" and pixels.max(initial=0) > 255 else 255.0
+        image = PIL.Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        background = PIL.Image.new("RGBA", image.size, _WHITE)
+        return PIL.Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
