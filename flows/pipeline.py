@@ -28,11 +28,22 @@ from tasks import config, convert, download, evaluate, register, train
 STAGES = ("download", "convert", "train", "evaluate", "register")
 
 
-def _stage_task(name: str, function: Callable, after: Callable[[Any], None] | None = None, **options) -> prefect.Task:
-    """A Prefect task that runs `function` unless DVC says the stage is up to date."""
+def _stage_task(
+    name: str,
+    function: Callable,
+    after: Callable[[Any], None] | None = None,
+    changed_outside: Callable[..., bool] | None = None,
+    **options,
+) -> prefect.Task:
+    """A Prefect task that runs `function` unless DVC says the stage is up to date.
+
+    `after(result)` runs once the stage has run; `changed_outside(*arguments)` tells of input changes
+    DVC cannot see (a user's image folder).
+    """
 
     def run(tracked: bool, *arguments, **keyword_arguments):
-        if tracked and dvc_stages.up_to_date(name):
+        outside = changed_outside is not None and changed_outside(*arguments, **keyword_arguments)
+        if tracked and not outside and dvc_stages.up_to_date(name):
             return prefect.states.Completed(name="Skipped", message=f"{name}: code, params, inputs and outputs unchanged since its last run")
         result = function(*arguments, **keyword_arguments)
         if tracked:
@@ -46,13 +57,20 @@ def _stage_task(name: str, function: Callable, after: Callable[[Any], None] | No
     return prefect.task(run, name=name, cache_policy=prefect.cache_policies.NO_CACHE, **options)
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry what a busy network or server causes, not what a retry cannot change."""
+    error = state.result(raise_on_failure=False)
+    # ValueError: a checksum mismatch, bad data or settings; FileNotFoundError: a missing input.
+    return not isinstance(error, (ValueError, FileNotFoundError))
+
+
 # Downloads and registry calls fail for transient reasons (network, a busy server): retry them.
-download_task = _stage_task("download", download.download, retries=3, retry_delay_seconds=[5, 30, 120])
+download_task = _stage_task("download", download.download, changed_outside=download.source_changed, retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_worth_retrying)
 convert_task = _stage_task("convert", convert.convert, after=lambda result: reports.rejections(result.shards_dir))
 # A Prefect concurrency limit on the "training" tag keeps GPU jobs to one at a time.
 train_task = _stage_task("train", train.train, tags=["training"])
 evaluate_task = _stage_task("evaluate", evaluate.evaluate)
-register_task = _stage_task("register", register.register, retries=2, retry_delay_seconds=[10, 60])
+register_task = _stage_task("register", register.register, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_worth_retrying)
 
 
 @prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
@@ -79,7 +97,7 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     evaluated = evaluate_task.with_options(timeout_seconds=60 * minutes.evaluate)(
         tracked, params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir
     )
-    registered = register_task.with_options(timeout_seconds=60 * minutes.register)(
+    registered = register_task.with_options(timeout_seconds=60 * minutes.registration)(
         tracked, params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
     )
     return summary_task(params.metrics_path, params.registry_path, params.model_dir, [downloaded, converted, trained, evaluated, registered])

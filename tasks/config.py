@@ -143,7 +143,7 @@ class StageMinutes(_Section):
     convert: float = pydantic.Field(gt=0)
     train: float = pydantic.Field(gt=0)
     evaluate: float = pydantic.Field(gt=0)
-    register: float = pydantic.Field(gt=0)
+    registration: float = pydantic.Field(gt=0, alias="register")  # alias: see Params.registration
 
     @pydantic.field_validator("*", mode="before")
     @classmethod

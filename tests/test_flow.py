@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import FAST, write_params
+from tests.conftest import FAST, make_image_folder, write_params
 from tests.test_pipeline import _dvc
 
 
@@ -54,6 +55,24 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
     assert "Stages run: train, evaluate, register" in third.result()
     assert _versions(repository_copy) == 2
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
+
+
+def test_one_new_image_in_the_source_folder_retrains(repository_copy, prefect_server, tmp_path):
+    from flows import pipeline
+
+    source = make_image_folder(tmp_path / "labelled", classes=3, per_class=20)
+    settings = {**FAST, "register.min_precision": 0.0, "dataset.name": "imagefolder", "dataset.source": str(source)}
+    write_params(repository_copy / "params.yaml", settings)
+    untouched = {path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes()) for path in source.rglob("*") if path.is_file()}
+    assert "Stages run: download, convert, train, evaluate, register" in pipeline.pipeline("params.yaml")
+    assert "Stages run: nothing" in pipeline.pipeline("params.yaml")
+    now = {path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes()) for path in source.rglob("*") if path.is_file()}
+    assert now == untouched, "DVC caching the raw folder never touches the user's files"
+
+    shutil.copy(source / "class_1" / "001.png", source / "class_1" / "new.png")
+    after = pipeline.pipeline("params.yaml")
+    assert "Stages run: download, convert, train, evaluate, register" in after
+    assert _versions(repository_copy) == 2
 
 
 def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(repository_copy, prefect_server):

@@ -71,14 +71,16 @@ def test_prefect_flow_runs_the_same_stages(repository_copy, prefect_server):
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0})
     state = pipeline.pipeline("params.yaml", return_state=True)
     assert state.is_completed(), state.message
-    result = state.result()
+    summary = state.result()
+    registry = json.loads((repository_copy / "reports" / "registry.json").read_text())
 
-    assert (result.model_name, result.version, result.alias) == ("digits-mnist_cnn", "1", "challenger")
-    assert result.reason.endswith("is below register.min_precision 1.0")
+    assert (registry["model_name"], registry["version"], registry["alias"]) == ("digits-mnist_cnn", "1", "challenger")
+    assert registry["reason"].endswith("is below register.min_precision 1.0")
+    assert f"digits-mnist_cnn version 1: `challenger`" in summary and registry["reason"] in summary
     metrics = json.loads((repository_copy / "reports" / "metrics.json").read_text())
     assert metrics["images"] == 359
     client = mlflow.MlflowClient(f"sqlite:///{repository_copy / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias("digits-mnist_cnn", result.alias).version) == "1"
+    assert str(client.get_model_version_by_alias("digits-mnist_cnn", "challenger").version) == "1"
     run = client.get_run(json.loads((repository_copy / "models" / "run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1"
