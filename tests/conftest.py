@@ -120,13 +120,20 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
+        stop(server)
         log.close()
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Stops a server started in its own session, with everything it started."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
 
 
 class _Served:

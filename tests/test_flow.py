@@ -12,7 +12,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import FAST, make_image_folder, write_params
+from tests.conftest import FAST, make_image_folder, stop, write_params
 from tests.test_pipeline import _dvc
 
 
@@ -177,13 +177,7 @@ def test_the_served_deployment_runs_on_a_prefect_server(repository_copy, tmp_pat
         assert final["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert json.loads((repository_copy / "reports" / "registry.json").read_text())["version"] == "1"
     finally:
-        for process in (served, server):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, 15)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, 9)
-                    process.wait()
+        stop(served)
+        stop(server)
         for log in logs.values():
             log.close()
