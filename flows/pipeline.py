@@ -29,7 +29,7 @@ def pipeline(params_file: str = "params.yaml") -> register.RegisterResult:
     params = config.load_params(pathlib.Path(params_file))
     download_task(params.dataset, params.raw_dir)
     convert_task(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
-    train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.flatten(params))
+    train_task(params.train, params.base.seed, params.shards_dir, params.model_dir, config.flatten(params), params.checkpoints_dir)
     evaluate_task(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path)
     return register_task(params.registered_model_name, params.model_dir, params.metrics_path, params.registry_path)
 

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import sklearn.metrics
 
-from tasks import config, files, records, tracking, train
+from tasks import config, files, inputs, tracking, train
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateResult:
@@ -30,8 +30,9 @@ def evaluate(params: config.EvaluateParams, shards_dir: pathlib.Path, model_dir:
     run = tracking.read_run(model_dir)
     model = keras.saving.load_model(model_dir / train.MODEL_FILE)  # safe_mode: no arbitrary code
     class_names = files.read_json(model_dir / train.LABELS_FILE, "run the train stage first")
-    image_size = tuple(model.input_shape[1:3])
-    test_data = records.read_split(shards_dir, "test", image_size).batch(params.batch_size)
+    # The validation preprocessing of training: decoded at its image_size, centre-cropped to the model's input.
+    image_size, input_size = inputs.read_preprocessing(model_dir)
+    test_data = inputs.evaluation_data(shards_dir, "test", image_size, input_size, params.batch_size)
     labels = np.concatenate([batch_labels.numpy() for _, batch_labels in test_data])
     probabilities = model.predict(test_data, verbose=0)
     all_labels = list(range(len(class_names)))
