@@ -47,6 +47,11 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def describe(strategy: tf.distribute.Strategy) -> str:
+    # tf.distribute.MultiWorkerMirroredStrategy is an alias: its class is CollectiveAllReduceStrategy.
+    return "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__.lstrip("_")
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the outputs: always, except on the non-chief workers of a cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -73,7 +73,7 @@ def train(
     keras.utils.set_random_seed(seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()  # for the whole process: TensorFlow has no way back
-    print(f"train: {strategy.num_replicas_in_sync} replica(s) of {params.model} ({type(strategy).__name__}), "
+    print(f"train: {strategy.num_replicas_in_sync} replica(s) of {params.model} ({distributed.describe(strategy)}), "
           f"mixed precision {mixed_precision}, XLA {jit_compile}")
 
     # Data: global batches; the validation split is centre-cropped exactly as evaluate does it.

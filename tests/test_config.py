@@ -72,3 +72,40 @@ def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
         config.load_params(tmp_path / "list.yaml")
     with pytest.raises(config.ConfigError, match="cannot read the params file .*absent.yaml"):
         config.load_params(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.crop_size": [32, 32]}, "crop_size [32, 32] must fit in image_size [28, 28]"),
+        ({"train.model": "inception_v3"}, "inception_v3 needs an input of at least 75x75 pixels, got [28, 28]"),
+        ({"train.model": "vgg16", "train.image_size": [64, 64], "train.crop_size": [24, 24]}, "vgg16 needs an input of at least 32x32"),
+        ({"train.schedule": "piecewise"}, "the piecewise schedule needs boundaries: increasing positive steps, got []"),
+        ({"train.schedule": "piecewise", "train.boundaries": [500, 100]}, "got [500, 100]"),
+        ({"train.pretrained_weights": "imagenet"}, "apply to inception_v3 only; mnist_cnn needs pretrained_weights: none"),
+        ({"train.augment": ["crop"]}, "augment lists crop, but there is nothing to crop"),
+        ({"train.augment": ["flip", "flip"]}, "augment lists an augmentation twice"),
+        ({"train.augment": ["rotate"]}, "train.augment.0 = 'rotate': Input should be 'flip', 'crop', 'shift', 'brightness' or 'contrast'"),
+        ({"train.optimizer": "lbfgs"}, "train.optimizer = 'lbfgs': Input should be 'sgd', 'momentum', 'nesterov'"),
+        ({"train.strategy": "tpu"}, "train.strategy = 'tpu': Input should be 'auto', 'mirrored', 'multi_worker' or 'one_device'"),
+        ({"train.mixed_precision": "yes"}, "train.mixed_precision"),
+        ({"train.cpu_devices": 0}, "train.cpu_devices = 0: Input should be greater than or equal to 1"),
+        ({"train.label_smoothing": 1}, "train.label_smoothing = 1: Input should be less than 1"),
+    ],
+)
+def test_a_wrong_training_setting_names_what_is_allowed(overrides, expected):
+    with pytest.raises(config.ConfigError) as error:
+        config.load_params(REPOSITORY / "params.yaml", overrides)
+    assert expected in str(error.value)
+
+
+def test_every_model_accepts_the_settings_its_readme_row_gives():
+    readme = (REPOSITORY / "README.md").read_text()
+    for model in config.MODELS:
+        assert f"`{model}`" in readme, f"README's Models table lacks {model}"
+    params = config.load_params(REPOSITORY / "params.yaml", {
+        "train.model": "inception_v3", "train.image_size": [80, 80], "train.crop_size": [75, 75], "train.augment": ["crop", "flip"],
+        "train.pretrained_weights": "imagenet", "train.fine_tune_epochs": 2, "train.mixed_precision": True, "train.jit_compile": False,
+    })
+    assert params.train.input_size == (75, 75)
+    assert params.train.augment == ("crop", "flip")
