@@ -55,8 +55,8 @@ class ProgressLogger(keras.callbacks.Callback):
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def _describe(self, logs) -> str:
-        shown = {key: float(value) for key, value in (logs or {}).items() if key in ("loss", "accuracy", "val_loss", "val_accuracy")}
-        text = ", ".join(f"{key} = {value:.4f}" for key, value in shown.items())
+        logs = logs or {}
+        text = ", ".join(f"{key} = {float(logs[key]):.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs)
         return f"{text}, learning rate = {self.learning_rate():.3g}"
 
     def _speed(self, elapsed: float, steps: int) -> str:

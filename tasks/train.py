@@ -151,6 +151,7 @@ def train(
             raise FloatingPointError(f"training diverged: loss is {final_loss}; lower train.learning_rate")
         best = work / "best.weights.h5"
         if params.restore_best and best.is_file():
+            # After fine-tuning, the best epoch may be from phase 1: Keras then skips its optimizer state, with a warning.
             model.load_weights(best)
         # The weights now in the model are the moving averages (fit finalizes them): the saved ones.
         _, validation_accuracy = distributed.score(model, validation_data, params.label_smoothing)
@@ -184,6 +185,8 @@ def train(
             "model_uri": model_info.model_uri, "dataset": manifest["dataset"], "manifest_sha256": manifest_sha256,
         })
     shutil.rmtree(work)  # finished: nothing left to resume
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()  # only if no other backup is there
     return TrainResult(run_id, model_dir / MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
 
 
@@ -199,7 +202,8 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
     if not chief:
         return progress
     averages = params.ema_momentum is not None and not multi_worker  # the custom loop validates the raw weights
-    preview = next(iter(inputs.training_data(**pipeline).take(1)))[0].numpy()  # its own pipeline: no extra shuffle here
+    # From a pipeline of its own, so the training one's shuffle order stays the same on every worker.
+    preview = next(iter(inputs.training_data(**{**pipeline, "shuffle_buffer": 1}).take(1)))[0].numpy()
     return [
         *progress,
         keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=True),
