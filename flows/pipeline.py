@@ -91,8 +91,8 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         tracked, params.dataset, params.base.seed, params.raw_dir, params.shards_dir
     )
     trained = train_task.with_options(timeout_seconds=60 * minutes.train)(
-        tracked, params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params),
-        callbacks=[reports.TrainingProgress(params.train.epochs)],
+        tracked, params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir,
+        extra_callbacks=[reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)],
     )
     evaluated = evaluate_task.with_options(timeout_seconds=60 * minutes.evaluate)(
         tracked, params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir

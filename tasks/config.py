@@ -15,7 +15,15 @@ import pydantic
 import yaml
 
 DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
-MODELS = ("mnist_cnn",)
+MODELS = ("mnist_cnn", "cifar10_tutorial", "keras_cnn", "vgg16", "vgg19", "vgg16_bn", "resnet", "inception_v3")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adagrad", "adadelta")
+SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
+AUGMENTATIONS = ("flip", "crop", "shift", "brightness", "contrast")
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+# The smallest network input (side, pixels) each model's pooling can take; InceptionV3's own limit is 75.
+MIN_INPUT_SIDE = {"mnist_cnn": 4, "cifar10_tutorial": 4, "keras_cnn": 10, "vgg16": 32, "vgg19": 32, "vgg16_bn": 32, "resnet": 4, "inception_v3": 75}
+# The models that start from a pretrained base and can fine-tune it (train.pretrained_weights, train.fine_tune_*).
+PRETRAINED_MODELS = ("inception_v3",)
 
 
 class ConfigError(ValueError):
@@ -38,6 +46,7 @@ class PathsParams(_Section):
     metrics: str
     evaluation: str
     registry: str
+    checkpoints: str
 
 
 class DatasetParams(_Section):
@@ -100,26 +109,83 @@ class TrainParams(_Section):
     image_size: tuple[int, int]
     epochs: int = pydantic.Field(ge=1)
     batch_size: int = pydantic.Field(ge=1)
+    optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
     learning_rate: float = pydantic.Field(gt=0, allow_inf_nan=False)
+    momentum: float = pydantic.Field(ge=0, lt=1)
+    schedule: Literal[SCHEDULES]  # type: ignore[valid-type]
+    decay_steps: int = pydantic.Field(ge=1)
+    decay_rate: float = pydantic.Field(gt=0, le=1)
+    staircase: bool
+    boundaries: tuple[int, ...]
+    warmup_steps: int = pydantic.Field(ge=0)
+    weight_decay: float = pydantic.Field(ge=0)
+    label_smoothing: float = pydantic.Field(ge=0, lt=1)
     ema_momentum: float | None = pydantic.Field(ge=0, lt=1)
+    crop_size: tuple[int, int] | None
+    crop_padding: int = pydantic.Field(ge=0)
+    augment: tuple[Literal[AUGMENTATIONS], ...]  # type: ignore[valid-type]
+    shuffle_buffer: int = pydantic.Field(ge=1)
+    cache_mb: int = pydantic.Field(ge=0)
+    resnet_n: int = pydantic.Field(ge=1)
+    pretrained_weights: str = pydantic.Field(min_length=1)
+    fine_tune_epochs: int = pydantic.Field(ge=0)
+    fine_tune_learning_rate: float = pydantic.Field(gt=0)
+    monitor: Literal["val_loss", "val_accuracy"]
+    restore_best: bool
+    strategy: Literal[STRATEGIES]  # type: ignore[valid-type]
+    cpu_devices: int = pydantic.Field(ge=1)
+    mixed_precision: Literal["auto"] | bool
+    jit_compile: Literal["auto"] | bool
+    deterministic: bool
+    log_every_steps: int = pydantic.Field(ge=1)
+    histogram_freq: int = pydantic.Field(ge=0)
     experiment_name: str = pydantic.Field(min_length=1)
 
-    @pydantic.field_validator("image_size", mode="before")
+    @pydantic.field_validator("image_size", "crop_size", "boundaries", "augment", mode="before")
     @classmethod
     def _list_to_tuple(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
 
-    @pydantic.field_validator("image_size")
+    @pydantic.field_validator("image_size", "crop_size")
     @classmethod
-    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 4:
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 4:
             raise ValueError(f"both sides must be at least 4 pixels (the network pools twice), got {list(value)}")
         return value
 
-    @pydantic.field_validator("learning_rate", "ema_momentum", mode="before")
+    @pydantic.field_validator(
+        "learning_rate", "momentum", "decay_rate", "weight_decay", "label_smoothing", "ema_momentum",
+        "fine_tune_learning_rate", mode="before",
+    )
     @classmethod
     def _int_to_float(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        input_size = self.input_size
+        if input_size[0] > self.image_size[0] or input_size[1] > self.image_size[1]:
+            raise ValueError(f"crop_size {list(input_size)} must fit in image_size {list(self.image_size)}")
+        smallest = MIN_INPUT_SIDE[self.model]
+        if min(input_size) < smallest:
+            raise ValueError(f"{self.model} needs an input of at least {smallest}x{smallest} pixels, got {list(input_size)} (crop_size, else image_size)")
+        if self.schedule == "piecewise" and (not self.boundaries or list(self.boundaries) != sorted(set(self.boundaries)) or self.boundaries[0] < 1):
+            raise ValueError(f"the piecewise schedule needs boundaries: increasing positive steps, got {list(self.boundaries)}")
+        if self.model not in PRETRAINED_MODELS and (self.pretrained_weights != "none" or self.fine_tune_epochs):
+            raise ValueError(
+                f"pretrained_weights and fine_tune_epochs apply to {', '.join(PRETRAINED_MODELS)} only; "
+                f"{self.model} needs pretrained_weights: none and fine_tune_epochs: 0"
+            )
+        if "crop" in self.augment and input_size == self.image_size and not self.crop_padding:
+            raise ValueError("augment lists crop, but there is nothing to crop: set crop_size below image_size or crop_padding above 0")
+        if len(set(self.augment)) != len(self.augment):
+            raise ValueError(f"augment lists an augmentation twice: {list(self.augment)}")
+        return self
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """[height, width] the network sees: the crop, or the whole image."""
+        return self.crop_size or self.image_size
 
 
 class EvaluateParams(_Section):
@@ -196,6 +262,10 @@ class Params(_Section):
     @property
     def evaluation_dir(self) -> pathlib.Path:
         return pathlib.Path(self.paths.evaluation)
+
+    @property
+    def checkpoints_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.checkpoints)
 
     @property
     def registry_path(self) -> pathlib.Path:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics
 
-from tasks import config, figures, files, records, tracking, train
+from tasks import config, figures, files, inputs, records, tracking, train
 
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.csv"
@@ -45,10 +45,14 @@ class Predictions:
     worst: list[tuple[float, int, np.ndarray]]  # (confidence, index, image) of the most confidently wrong
 
 
-def predict_test_split(model: keras.Model, shards_dir: pathlib.Path, batch_size: int) -> Predictions:
-    """Runs `model` over the test shards, keeping only the few misclassified images a report shows."""
-    image_size = tuple(model.input_shape[1:3])
-    test_data = records.read_split(shards_dir, "test", image_size, with_source=True).batch(batch_size)
+def predict_test_split(
+    model: keras.Model, shards_dir: pathlib.Path, batch_size: int, image_size: tuple[int, int], input_size: tuple[int, int]
+) -> Predictions:
+    """Runs `model` over the test shards, keeping only the few misclassified images a report shows.
+
+    The images are prepared as in training's validation: decoded at `image_size`, centre-cropped to `input_size`.
+    """
+    test_data = inputs.evaluation_data(shards_dir, "test", image_size, input_size, batch_size, with_source=True)
     labels, probabilities, sources, worst = [], [], [], []
     for images, batch_labels, batch_sources in test_data:
         batch_probabilities = np.asarray(model.predict_on_batch(images))
@@ -93,7 +97,8 @@ def evaluate(
     run = tracking.read_run(model_dir)
     model = keras.saving.load_model(model_dir / train.MODEL_FILE)  # safe_mode: no arbitrary code
     class_names = files.read_json(model_dir / train.LABELS_FILE, "run the train stage first")
-    predictions = predict_test_split(model, shards_dir, params.batch_size)
+    image_size, input_size = inputs.read_preprocessing(model_dir)
+    predictions = predict_test_split(model, shards_dir, params.batch_size, image_size, input_size)
     metrics = score(predictions.labels, predictions.probabilities, len(class_names))
     predicted = predictions.probabilities.argmax(axis=1)
 

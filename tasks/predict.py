@@ -22,13 +22,14 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from tasks import files, train
+from tasks import files, inputs, train
 
 BATCH_SIZE = 64  # images per model call
 
 
-def load(model: str) -> tuple[keras.Model, list[str]]:
-    """The Keras model and its class names, from a local path or an MLflow model URI."""
+def load(model: str) -> tuple[keras.Model, list[str], tuple[int, int] | None]:
+    """The Keras model, its class names and the size images were decoded at before the centre crop
+    (None: straight to the model's input size), from a local path or an MLflow model URI."""
     if ":/" in model:
         import mlflow
         import mlflow.models
@@ -37,16 +38,18 @@ def load(model: str) -> tuple[keras.Model, list[str]]:
         from tasks import tracking
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
-        class_names = (mlflow.models.get_model_info(model).metadata or {}).get("class_names")
-        if not class_names:
+        metadata = mlflow.models.get_model_info(model).metadata or {}
+        if not metadata.get("class_names"):
             raise ValueError(f"{model} carries no class_names metadata; was it logged by the train stage?")
-        return mlflow.tensorflow.load_model(model), list(class_names)
+        image_size = metadata.get("preprocessing", {}).get("image_size")
+        return mlflow.tensorflow.load_model(model), list(metadata["class_names"]), tuple(image_size) if image_size else None
     path = pathlib.Path(model)
     model_file = path / train.MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} is not a model file: give models/, a .keras file or a models:/ URI")
     class_names = files.read_json(model_file.parent / train.LABELS_FILE, "the class names written beside the model")
-    return keras.saving.load_model(model_file), class_names
+    image_size = inputs.read_preprocessing(model_file.parent)[0] if (model_file.parent / inputs.PREPROCESSING_FILE).is_file() else None
+    return keras.saving.load_model(model_file), class_names, image_size
 
 
 def find_images(pattern: str) -> list[pathlib.Path]:
@@ -61,23 +64,29 @@ def find_images(pattern: str) -> list[pathlib.Path]:
     return matches
 
 
-def read_image(path: pathlib.Path, size: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB pixels of `size` (height, width), upright as the camera meant them."""
+def read_image(path: pathlib.Path, image_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB pixels as training's validation saw them: upright, resized to `image_size` (height, width),
+    centre-cropped to `input_size`."""
     with PIL.Image.open(path) as image:
         upright = PIL.ImageOps.exif_transpose(image).convert("RGB")
-    return np.asarray(upright.resize((size[1], size[0]), PIL.Image.Resampling.BILINEAR), dtype=np.uint8)
+    pixels = np.asarray(upright.resize((image_size[1], image_size[0]), PIL.Image.Resampling.BILINEAR), dtype=np.uint8)
+    top, left = (image_size[0] - input_size[0]) // 2, (image_size[1] - input_size[1]) // 2
+    return pixels[top : top + input_size[0], left : left + input_size[1]]
 
 
-def predict(model: keras.Model, class_names: list[str], paths: list[pathlib.Path], top_k: int) -> list[dict]:
+def predict(
+    model: keras.Model, class_names: list[str], paths: list[pathlib.Path], top_k: int, image_size: tuple[int, int] | None = None
+) -> list[dict]:
     """One row per path: the top-k labels and probabilities, or the reason it could not be read."""
-    size = tuple(model.input_shape[1:3])
+    input_size = tuple(model.input_shape[1:3])
+    image_size = image_size or input_size
     rows: list[dict] = []
     for start in range(0, len(paths), BATCH_SIZE):
         batch_rows, images = [], []
         for path in paths[start : start + BATCH_SIZE]:
             row = {"file": str(path), "error": ""}
             try:
-                images.append(read_image(path, size))
+                images.append(read_image(path, image_size, input_size))
                 batch_rows.append(row)
             except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
                 row["error"] = f"{type(error).__name__}: {error}"
@@ -99,10 +108,10 @@ def main(arguments: list[str] | None = None) -> int:
     parser.add_argument("--output", type=pathlib.Path, help="CSV file to write (default: stdout)")
     parser.add_argument("--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)")
     options = parser.parse_args(arguments)
-    model, class_names = load(options.model)
+    model, class_names, image_size = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
-    rows = predict(model, class_names, find_images(options.input), options.top_k)
+    rows = predict(model, class_names, find_images(options.input), options.top_k, image_size)
 
     columns = ["file"] + [f"{kind}_{rank}" for rank in range(1, options.top_k + 1) for kind in ("label", "probability")] + ["error"]
     stream = options.output.open("w", newline="") if options.output else sys.stdout

@@ -97,12 +97,17 @@ def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards
     if measured_tag in champion.tags:
         return float(champion.tags[measured_tag])
     # The test set changed (new images, another split): comparing the old number would be meaningless.
+    import mlflow.models
     import mlflow.tensorflow
 
     from tasks import evaluate  # TensorFlow is only needed on this path
 
-    model = mlflow.tensorflow.load_model(f"models:/{champion.name}/{champion.version}")
-    predictions = evaluate.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE)
+    champion_uri = f"models:/{champion.name}/{champion.version}"
+    model = mlflow.tensorflow.load_model(champion_uri)
+    input_size = tuple(model.input_shape[1:3])
+    preprocessing = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing", {})
+    image_size = tuple(preprocessing.get("image_size", input_size))
+    predictions = evaluate.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE, image_size, input_size)
     precision = evaluate.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1])["precision_at_1"]
     client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
     return precision

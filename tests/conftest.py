@@ -14,7 +14,7 @@ import yaml
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 # What a copy of the repository needs to run the pipeline; outputs and local stores stay behind.
-_NOT_COPIED = {".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", ".pytest_cache", "dvc.lock", "bench", "docs"}
+_NOT_COPIED = {".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", "checkpoints", ".pytest_cache", "dvc.lock", "bench", "docs"}
 
 
 def make_image_folder(root: pathlib.Path, classes: int = 3, per_class: int = 12, size: int = 8, seed: int = 0) -> pathlib.Path:

@@ -45,7 +45,7 @@ def test_flatten_gives_every_setting_by_dotted_key():
     [
         ({"train.epochs": -1}, "train.epochs = -1: Input should be greater than or equal to 1"),
         ({"train.epochs": 2.5}, "train.epochs = 2.5"),
-        ({"train.model": "alexnet"}, "train.model = 'alexnet': Input should be 'mnist_cnn'"),
+        ({"train.model": "alexnet"}, "train.model = 'alexnet': Input should be 'mnist_cnn', 'cifar10_tutorial'"),
         ({"dataset.name": "imagenet"}, "dataset.name = 'imagenet': Input should be 'digits'"),
         ({"train.epocs": 3}, "train.epocs: unknown key; allowed here: model, image_size, epochs"),
         ({"register.owner": "me"}, "register.owner: unknown key; allowed here: model_name"),
@@ -89,3 +89,48 @@ def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
         config.load_params(tmp_path / "list.yaml")
     with pytest.raises(config.ConfigError, match="cannot read the params file .*absent.yaml"):
         config.load_params(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.crop_size": [32, 32]}, "crop_size [32, 32] must fit in image_size [28, 28]"),
+        ({"train.model": "inception_v3"}, "inception_v3 needs an input of at least 75x75 pixels, got [28, 28]"),
+        ({"train.model": "vgg16", "train.image_size": [64, 64], "train.crop_size": [24, 24]}, "vgg16 needs an input of at least 32x32"),
+        ({"train.schedule": "piecewise"}, "the piecewise schedule needs boundaries: increasing positive steps, got []"),
+        ({"train.schedule": "piecewise", "train.boundaries": [500, 100]}, "got [500, 100]"),
+        ({"train.pretrained_weights": "imagenet"}, "apply to inception_v3 only; mnist_cnn needs pretrained_weights: none"),
+        ({"train.augment": ["crop"]}, "augment lists crop, but there is nothing to crop"),
+        ({"train.augment": ["flip", "flip"]}, "augment lists an augmentation twice"),
+        ({"train.augment": ["rotate"]}, "train.augment.0 = 'rotate': Input should be 'flip', 'crop', 'shift', 'brightness' or 'contrast'"),
+        ({"train.optimizer": "lbfgs"}, "train.optimizer = 'lbfgs': Input should be 'sgd', 'momentum', 'nesterov'"),
+        ({"train.strategy": "tpu"}, "train.strategy = 'tpu': Input should be 'auto', 'mirrored', 'multi_worker' or 'one_device'"),
+        ({"train.mixed_precision": "yes"}, "train.mixed_precision"),
+        ({"train.cpu_devices": 0}, "train.cpu_devices = 0: Input should be greater than or equal to 1"),
+        ({"train.label_smoothing": 1}, "train.label_smoothing = 1: Input should be less than 1"),
+    ],
+)
+def test_a_wrong_training_setting_names_what_is_allowed(overrides, expected):
+    with pytest.raises(config.ConfigError) as error:
+        config.load_params(REPOSITORY / "params.yaml", overrides)
+    assert expected in str(error.value)
+
+
+def test_every_model_has_a_readme_row_whose_settings_are_valid():
+    import re
+    import shlex
+
+    import yaml
+
+    section = (REPOSITORY / "README.md").read_text().split("## Models", 1)[1].split("\n## ", 1)[0]
+    rows = {match.group(1): line for line in section.splitlines() if (match := re.match(r"\| `(\w+)`", line))}
+    assert set(config.MODELS) <= set(rows) | {"vgg19"}, "each model has a row (vgg19 shares vgg16's)"
+    for model, row in rows.items():
+        words = shlex.split(row.split("|")[3].replace("`", " "))
+        overrides = {}
+        for flag, setting in zip(words, words[1:]):
+            if flag == "-S":
+                key, value = setting.split("=", 1)
+                overrides[key] = yaml.safe_load(value)
+        params = config.load_params(REPOSITORY / "params.yaml", overrides)
+        assert params.train.model == model

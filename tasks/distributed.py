@@ -1,0 +1,160 @@
+"""Devices and tf.distribute strategies for train, and the one training loop Keras cannot run for us.
+
+`train.strategy` picks MirroredStrategy (the tutorial's synchronous towers, one replica per GPU or
+per logical CPU device), MultiWorkerMirroredStrategy (machines named by TF_CONFIG), one device, or
+TensorFlow's default. Keras 3's model.fit does not work under MultiWorkerMirroredStrategy
+(keras-team/keras#20585), so `fit_multi_worker` is a minimal replacement for that case only: the
+same callbacks, the same per-epoch logs and the same backup files as fit with BackupAndRestore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def make_strategy(name: str, cpu_devices: int) -> tf.distribute.Strategy:
+    """The strategy `name` (auto, mirrored, multi_worker, one_device); call before any other TensorFlow op."""
+    if cpu_devices > 1:
+        _split_cpu(cpu_devices)
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        if os.environ.get("TF_CONFIG"):
+            name = "multi_worker"
+        elif len(gpus) > 1 or cpu_devices > 1:
+            name = "mirrored"
+        else:
+            return tf.distribute.get_strategy()
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("train.strategy = 'multi_worker' needs the TF_CONFIG environment variable (cluster and task); it is not set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        # Without GPUs, mirror over the logical CPU devices (train.cpu_devices) instead of CPU:0 alone.
+        devices = None if gpus else [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    raise ValueError(f"train.strategy = {name!r}; expected auto, mirrored, multi_worker or one_device")
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    # tf.distribute.MultiWorkerMirroredStrategy is an alias: its class is CollectiveAllReduceStrategy.
+    return "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__.lstrip("_")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the outputs: always, except on the non-chief workers of a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def _split_cpu(count: int) -> None:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError:
+        existing = len(tf.config.list_logical_devices("CPU"))
+        if existing != count:
+            raise ValueError(
+                f"train.cpu_devices = {count}, but TensorFlow has already started with {existing} CPU device(s) in this "
+                "process; logical devices can only be set before: run the stage in a fresh process (python -m tasks.train)"
+            ) from None
+
+
+def fit_multi_worker(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    train_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset,
+    epochs: int,
+    label_smoothing: float,
+    callbacks: list[keras.callbacks.Callback],
+    backup_dir: pathlib.Path | None,
+) -> keras.callbacks.History:
+    """model.fit's loop for MultiWorkerMirroredStrategy: `train_data` is batched at the global batch size."""
+    optimizer = model.optimizer
+    # Every worker reads all shards and keeps its share of each global batch: works with any shard count.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    distributed_data = strategy.experimental_distribute_dataset(train_data.with_options(options))
+
+    @tf.function
+    def train_step(images, labels):
+        def replica_step(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = model(images, training=True)
+                per_example = keras.losses.categorical_crossentropy(labels, probabilities, label_smoothing=label_smoothing)
+                loss = tf.nn.compute_average_loss(per_example)  # divided by the global batch, as fit does
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                scaled_loss = optimizer.scale_loss(loss)  # loss scaling under mixed precision, else the loss
+            gradients = tape.gradient(scaled_loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(labels, -1), tf.argmax(probabilities, -1)), tf.float32))
+            return loss, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+        loss, correct, count = strategy.run(replica_step, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in (loss, correct, count)]
+
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+    initial_epoch = _restore(model, backup_dir)
+    history = keras.callbacks.History()
+    callback_list = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=epochs)
+    model.stop_training = False
+    callback_list.on_train_begin()
+    logs: dict[str, float] = {}
+    for epoch in range(initial_epoch, epochs):
+        callback_list.on_epoch_begin(epoch)
+        loss_sum = correct_sum = count_sum = 0.0
+        for step, (images, labels) in enumerate(distributed_data):
+            callback_list.on_train_batch_begin(step)
+            loss, correct, count = (float(value) for value in train_step(images, labels))
+            loss_sum, correct_sum, count_sum = loss_sum + loss * count, correct_sum + correct, count_sum + count
+            callback_list.on_train_batch_end(step, {"loss": loss_sum / count_sum, "accuracy": correct_sum / count_sum})
+            if model.stop_training:
+                break
+        logs = {"loss": loss_sum / max(count_sum, 1), "accuracy": correct_sum / max(count_sum, 1)}
+        # Each worker scores the whole validation split locally: no collectives, exact counts.
+        logs["val_loss"], logs["val_accuracy"] = score(model, validation_data, label_smoothing)
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    optimizer.finalize_variable_values(model.trainable_variables)  # moving averages into the weights, as fit does
+    callback_list.on_train_end(logs)
+    return history
+
+
+def score(model: keras.Model, data: tf.data.Dataset, label_smoothing: float = 0.0) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on batches of (images, one-hot labels), computed in this process alone.
+
+    model.evaluate would do, except under MultiWorkerMirroredStrategy: this works under every strategy.
+    """
+    predict = tf.function(lambda images: model(images, training=False))
+    batches = [(keras.ops.convert_to_numpy(predict(images)), labels.numpy()) for images, labels in data]
+    probabilities = np.concatenate([batch for batch, _ in batches])
+    labels = np.concatenate([batch for _, batch in batches])
+    losses = keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(labels, probabilities, label_smoothing=label_smoothing))
+    return float(losses.mean()), float((probabilities.argmax(-1) == labels.argmax(-1)).mean())
+
+
+def _restore(model: keras.Model, backup_dir: pathlib.Path | None) -> int:
+    """Loads the chief's BackupAndRestore files on every worker: the epoch to continue from."""
+    metadata = backup_dir / "training_metadata.json" if backup_dir else None
+    if metadata is None or not metadata.is_file():
+        return 0
+    model.load_weights(backup_dir / "latest.weights.h5")
+    return int(json.loads(metadata.read_text())["epoch"])

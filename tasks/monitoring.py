@@ -1,0 +1,106 @@
+"""What training reports while it runs: Keras callbacks for the console, MLflow and TensorBoard.
+
+Keras ships TensorBoard, CSVLogger, ModelCheckpoint and BackupAndRestore; these are the few things it
+does not: the tutorial's progress line with throughput, per-epoch metrics to MLflow by epoch number
+(so a resumed run continues its curves), a grid of input images, and the score of the raw weights
+beside the moving averages.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """`step 10, loss = 4.66 (533.8 examples/sec; 0.240 sec/batch)` every `every_steps` steps, and per epoch.
+
+    It also adds learning_rate, examples_per_second and seconds_per_batch to the epoch's logs, for the
+    callbacks after it (CSV, MLflow, TensorBoard).
+    """
+
+    def __init__(self, every_steps: int, batch_size: int, print_fn=print):
+        super().__init__()
+        self.every_steps, self.batch_size, self.print_fn = every_steps, batch_size, print_fn
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = self.window_start = time.perf_counter()
+        self.epoch_steps = self.window_steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epoch_steps += 1
+        self.window_steps += 1
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every_steps == 0:
+            now = time.perf_counter()
+            self.print_fn(f"step {step}, {self._describe(logs)} {self._speed(now - self.window_start, self.window_steps)}")
+            self.window_start, self.window_steps = now, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self.epoch_start
+        if logs is not None:
+            logs["learning_rate"] = self.learning_rate()
+            logs["examples_per_second"] = self.epoch_steps * self.batch_size / elapsed
+            logs["seconds_per_batch"] = elapsed / max(self.epoch_steps, 1)
+        epochs = self.params.get("epochs") if self.params else None
+        self.print_fn(f"epoch {epoch + 1}/{epochs}, {self._describe(logs)} {self._speed(elapsed, self.epoch_steps)}")
+
+    def learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def _describe(self, logs) -> str:
+        logs = logs or {}
+        text = ", ".join(f"{key} = {float(logs[key]):.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs)
+        return f"{text}, learning rate = {self.learning_rate():.3g}"
+
+    def _speed(self, elapsed: float, steps: int) -> str:
+        steps = max(steps, 1)
+        return f"({steps * self.batch_size / elapsed:.1f} examples/sec; {elapsed / steps:.3f} sec/batch)"
+
+
+class MlflowMetrics(keras.callbacks.Callback):
+    """Every epoch's logs as MLflow metrics at step = epoch, so that a resumed run continues its curves."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics({key: float(value) for key, value in (logs or {}).items() if math.isfinite(float(value))}, step=epoch)
+
+
+class InputImages(keras.callbacks.Callback):
+    """The first training batch, as the network sees it (distorted), as one grid image in TensorBoard."""
+
+    def __init__(self, log_dir: pathlib.Path, images: np.ndarray, max_images: int = 16):
+        super().__init__()
+        self.log_dir, self.images = log_dir, images[:max_images]
+
+    def on_train_begin(self, logs=None):
+        count, height, width, channels = self.images.shape
+        columns = math.ceil(math.sqrt(count))
+        rows = math.ceil(count / columns)
+        grid = np.zeros((rows * (height + 1), columns * (width + 1), channels), dtype=np.uint8)
+        for index, image in enumerate(self.images):
+            row, column = divmod(index, columns)
+            grid[row * (height + 1) : row * (height + 1) + height, column * (width + 1) : column * (width + 1) + width] = image
+        with tf.summary.create_file_writer(str(self.log_dir / "images")).as_default():
+            tf.summary.image("training inputs", grid[np.newaxis], step=0)
+
+
+class RawWeightsScore(keras.callbacks.Callback):
+    """Validation metrics of the raw (not averaged) weights after the last epoch, to show what the averages gain.
+
+    Must come before SwapEMAWeights in the callback list: at that point of on_epoch_end the model still
+    holds the raw weights (fit then finalizes the averages into them).
+    """
+
+    def __init__(self, validation_data):
+        super().__init__()
+        self.validation_data, self.scores = validation_data, {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.params["epochs"] - 1:
+            self.scores = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)

@@ -1,0 +1,183 @@
+"""The train stage end to end: replicas, workers, an interrupted run resumed, divergence, reproducibility, fine-tuning.
+
+Device layouts are fixed when TensorFlow starts, so each layout runs `python -m tasks.train` in a
+process of its own, as DVC runs it.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tasks import config, convert, evaluate, train
+from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
+
+# Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
+TINY = {**FAST, "train.model": "cifar10_tutorial", "train.log_every_steps": 1, "train.histogram_freq": 0}
+TIMEOUT = 300  # seconds; every process is killed past it
+
+
+def _prepare(folder: pathlib.Path, overrides: dict) -> config.Params:
+    """A working folder as `dvc repro` sees it: params.yaml and the converted shards of a tiny image folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_params(folder / "params.yaml", overrides)
+    params = config.load_params(folder / "params.yaml")
+    make_image_folder(folder / "raw", classes=3, per_class=20)
+    convert.convert(params.dataset, params.base.seed, folder / "raw", folder / params.shards_dir)
+    return params
+
+
+def _start(folder: pathlib.Path, code: str | None = None, environment: dict | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "tasks.train"]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), **(environment or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"training did not finish within {TIMEOUT} s:\n{output[-3000:]}")
+    return output
+
+
+def _losses(output: str) -> list[float]:
+    return [float(value) for value in re.findall(r"^step \d+, .*?loss = ([0-9.]+)", output, flags=re.MULTILINE)]
+
+
+def _history(folder: pathlib.Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((folder / "models" / "history.csv").open()))
+
+
+def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
+    one = tmp_path / "one"
+    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"})
+    count = json.loads((one / params.shards_dir / "manifest.json").read_text())["splits"]["train"]["count"]
+    batch = next(size for size in (14, 12, 10, 8, 6) if count % size == 0)  # whole batches split evenly in two
+    write_params(one / "params.yaml", {**TINY, "train.epochs": 2, "train.strategy": "one_device", "train.batch_size": batch})
+    two = tmp_path / "two"
+    _prepare(two, {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch})
+
+    processes = [_start(one), _start(two)]
+    outputs = [_finish(process) for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert "1 replica(s) of cifar10_tutorial (OneDeviceStrategy)" in outputs[0]
+    assert "2 replica(s) of cifar10_tutorial (MirroredStrategy)" in outputs[1]
+    steps = _losses(outputs[0])
+    assert len(steps) == 2 * count // batch
+    assert _losses(outputs[1]) == pytest.approx(steps, abs=2e-4)
+    for column in ("loss", "val_loss", "accuracy"):
+        assert [float(row[column]) for row in _history(two)] == pytest.approx([float(row[column]) for row in _history(one)], rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_workers_on_loopback_train_together(tmp_path):
+    params = _prepare(tmp_path, {**TINY, "train.epochs": 2, "train.batch_size": 8, "train.strategy": "multi_worker"})
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    processes = [
+        _start(tmp_path, environment={"TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+        for index in range(2)
+    ]
+    outputs = [_finish(process) for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert "2 replica(s) of cifar10_tutorial (MultiWorkerMirroredStrategy)" in output
+        assert "epoch 2/2" in output
+    assert "MLflow run" in outputs[0] and "this worker writes nothing" in outputs[1]
+    assert len(_history(tmp_path)) == 2
+    evaluated = evaluate.evaluate(params.evaluate, tmp_path / params.shards_dir, tmp_path / "models", tmp_path / "metrics.json")
+    assert evaluated.test_images == 12
+
+
+# Runs the stage and kills its own process, as a power cut would, right after epoch 2's backup is written.
+_KILLED_AFTER_EPOCH_2 = """
+import os, signal, keras
+from tasks import train
+save = keras.callbacks.BackupAndRestore.on_epoch_end
+def on_epoch_end(self, epoch, logs=None):
+    save(self, epoch, logs)
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+keras.callbacks.BackupAndRestore.on_epoch_end = on_epoch_end
+train.main()
+"""
+
+
+def test_a_killed_training_resumes_at_the_next_epoch_in_the_same_mlflow_run(tmp_path):
+    _prepare(tmp_path, {**TINY, "train.epochs": 4, "train.log_every_steps": 100})
+    killed = _start(tmp_path, code=_KILLED_AFTER_EPOCH_2)
+    output = _finish(killed)
+    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    assert "epoch 2/4" in output and "epoch 3/4" not in output
+    (backup,) = (tmp_path / "checkpoints").iterdir()
+    assert json.loads((backup / "backup-train" / "training_metadata.json").read_text())["epoch"] == 2
+
+    rerun = _start(tmp_path)
+    output = _finish(rerun)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resuming after epoch 2" in output
+    assert "epoch 3/4" in output and "epoch 4/4" in output and "epoch 1/4" not in output
+    assert [row["epoch"] for row in _history(tmp_path)] == ["0", "1", "2", "3"]
+    assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no backup behind"
+
+    run_id = json.loads((tmp_path / "models" / "run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])) == 1
+    assert [metric.step for metric in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert {"validation_accuracy_final", "validation_accuracy_raw", "examples_per_second", "learning_rate"} <= set(run.data.metrics)
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+    assert {"model_summary.txt", "tensorboard", "labels.json"} <= artifacts
+    assert "cifar10_tutorial" in (pathlib.Path(client.download_artifacts(run_id, "model_summary.txt"))).read_text()
+
+
+def test_a_diverging_run_fails_and_leaves_nothing_to_register_or_resume(workdir):
+    params = _prepare(workdir, {**FAST, "train.optimizer": "sgd", "train.learning_rate": 1e12, "train.epochs": 3})
+    with pytest.raises(FloatingPointError, match="training diverged: loss is (nan|inf)"):
+        train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints")
+    assert not (workdir / "models" / "model.keras").exists() and not (workdir / "models" / "run.json").exists()
+    assert not list((workdir / "checkpoints").glob("*/*")), "nothing to resume"
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_the_same_params_and_seed_train_the_same_model(workdir):
+    overrides = {**FAST, "train.epochs": 2, "train.batch_size": 16, "train.augment": ["crop", "brightness"], "train.crop_padding": 2}
+    params = _prepare(workdir, overrides)
+    histories = []
+    for attempt in ("first", "second"):
+        train.train(params.train, 7, workdir / params.shards_dir, workdir / attempt)
+        histories.append([row["loss"] for row in csv.DictReader((workdir / attempt / "history.csv").open())])
+    assert histories[0] == histories[1]
+
+
+def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
+    overrides = {**FAST, "train.model": "inception_v3", "train.image_size": [80, 80], "train.crop_size": [75, 75], "train.augment": ["crop"],
+                 "train.batch_size": 32, "train.fine_tune_epochs": 1, "train.restore_best": True, "train.monitor": "val_accuracy",
+                 "train.histogram_freq": 0}
+    params = _prepare(workdir, overrides)
+    result = train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints")
+    history = list(csv.DictReader((workdir / "models" / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["0", "1"]
+    assert float(history[1]["learning_rate"]) == pytest.approx(params.train.fine_tune_learning_rate)
+    evaluated = evaluate.evaluate(params.evaluate, workdir / params.shards_dir, workdir / "models", workdir / "metrics.json")
+    assert evaluated.test_images == 12 and result.validation_accuracy_raw is not None
