@@ -7,6 +7,10 @@ import pathlib
 import shutil
 import subprocess
 
+# DVC sets up its logging when imported, wrapping sys.stderr (colorama) as it is at that moment; Prefect's
+# console log handler later writes through that wrapper. Imported here, they hold the session's stream,
+# not one that pytest closes when the test that first imported DVC ends.
+import dvc.repo  # noqa: F401
 import numpy as np
 import PIL.Image
 import pytest
