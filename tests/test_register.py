@@ -33,7 +33,7 @@ def _client(folder):
 
 
 # Enough steps for the tiny folder's three classes to be learned (precision@1 1.0).
-LEARNS = {"train.epochs": 8, "train.batch_size": 8, "train.ema_momentum": None}
+LEARNS = {"train.epochs": 12, "train.batch_size": 8, "train.ema_momentum": None}
 
 
 def test_a_worse_second_run_becomes_challenger_and_champion_stays(inside):
