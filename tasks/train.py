@@ -174,9 +174,12 @@ def train(
         mlflow.log_artifacts(str(work / TENSORBOARD_DIR), TENSORBOARD_DIR)
         example = next(iter(validation_data.unbatch().batch(4).take(1)))[0].numpy()
         signature = mlflow.models.infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
-        # The tasks package travels with the model: two of its layers (LRN, ResNet shortcut) are ours.
+        # Two of our layers (LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles every
+        # registered object with any model: the tasks package travels with it, so it loads anywhere.
+        preprocessing = {"image_size": list(params.image_size), "input_size": list(params.input_size)}
         model_info = mlflow.tensorflow.log_model(
-            model, name="model", signature=signature, input_example=example, metadata={"class_names": class_names, "preprocessing": {"image_size": list(params.image_size), "input_size": list(params.input_size)}},
+            model, name="model", signature=signature, input_example=example,
+            metadata={"class_names": class_names, "preprocessing": preprocessing},
             code_paths=[str(pathlib.Path(models.__file__).parent)],
         )
         mlflow.log_text(json.dumps(class_names), "labels.json")

@@ -102,7 +102,7 @@ def test_two_workers_on_loopback_train_together(tmp_path):
         assert "epoch 2/2" in output
     assert "MLflow run" in outputs[0] and "this worker writes nothing" in outputs[1]
     assert len(_history(tmp_path)) == 2
-    evaluated = evaluate.evaluate(params.evaluate, tmp_path / params.shards_dir, tmp_path / "models", tmp_path / "metrics.json")
+    evaluated = evaluate.evaluate(params.evaluate, tmp_path / params.shards_dir, tmp_path / "models", tmp_path / "metrics.json", tmp_path / "evaluation")
     assert evaluated.test_images == 12
 
 
@@ -179,5 +179,5 @@ def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
     history = list(csv.DictReader((workdir / "models" / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["0", "1"]
     assert float(history[1]["learning_rate"]) == pytest.approx(params.train.fine_tune_learning_rate)
-    evaluated = evaluate.evaluate(params.evaluate, workdir / params.shards_dir, workdir / "models", workdir / "metrics.json")
+    evaluated = evaluate.evaluate(params.evaluate, workdir / params.shards_dir, workdir / "models", workdir / "metrics.json", workdir / "evaluation")
     assert evaluated.test_images == 12 and result.validation_accuracy_raw is not None
