@@ -3,7 +3,8 @@
 Before a stage runs, the flow asks DVC whether the stage's deps (code, data), params and outputs
 still match dvc.lock; if so the stage is skipped. After it runs, `dvc commit` records it in dvc.lock
 and puts its outputs in DVC's cache. So a flow run after `dvc repro` skips every stage, `dvc repro`
-after a flow run does nothing, and the data of every model stays recoverable with DVC.
+after a flow run does nothing, and the data of every model stays recoverable with DVC (from the default
+remote, when one is configured: `dvc remote add --default`).
 """
 
 from __future__ import annotations
@@ -32,5 +33,8 @@ def up_to_date(stage: str) -> bool:
 
 
 def commit(stage: str) -> None:
+    """Records the stage in dvc.lock, caches its outputs, and pushes them to the default DVC remote if any."""
     with dvc.repo.Repo(".") as repo:
         repo.commit(stage, force=True)
+        if repo.config["core"].get("remote"):
+            repo.push(targets=[stage])
