@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -24,6 +24,15 @@ STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIN_INPUT_SIDE = {"mnist_cnn": 4, "cifar10_tutorial": 4, "keras_cnn": 10, "vgg16": 32, "vgg19": 32, "vgg16_bn": 32, "resnet": 4, "inception_v3": 75}
 # The models that start from a pretrained base and can fine-tune it (train.pretrained_weights, train.fine_tune_*).
 PRETRAINED_MODELS = ("inception_v3",)
+
+
+def _integer_as_float(value: Any) -> Any:
+    # YAML reads 1 and 0 as integers; a strict float setting would refuse them.
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# A float setting: a number, never a string or a boolean; written as an integer it is taken as a float.
+Real = Annotated[float, pydantic.BeforeValidator(_integer_as_float)]
 
 
 class ConfigError(ValueError):
@@ -54,15 +63,9 @@ class DatasetParams(_Section):
     source: str | None = pydantic.Field(min_length=1)
     sha256: str | None
     image_size: tuple[int, int] | None
-    validation_fraction: float = pydantic.Field(gt=0, lt=1)
-    test_fraction: float = pydantic.Field(gt=0, lt=1)
-    shard_size_mb: float = pydantic.Field(gt=0)
-
-    @pydantic.field_validator("validation_fraction", "test_fraction", "shard_size_mb", mode="before")
-    @classmethod
-    def _accept_integers(cls, value: Any) -> Any:
-        # YAML reads "1" and "0" as int; let the range check give the real message.
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    validation_fraction: Real = pydantic.Field(gt=0, lt=1)
+    test_fraction: Real = pydantic.Field(gt=0, lt=1)
+    shard_size_mb: Real = pydantic.Field(gt=0)
 
     @pydantic.field_validator("image_size", mode="before")
     @classmethod
@@ -110,17 +113,17 @@ class TrainParams(_Section):
     epochs: int = pydantic.Field(ge=1)
     batch_size: int = pydantic.Field(ge=1)
     optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
-    learning_rate: float = pydantic.Field(gt=0, allow_inf_nan=False)
-    momentum: float = pydantic.Field(ge=0, lt=1)
+    learning_rate: Real = pydantic.Field(gt=0, allow_inf_nan=False)
+    momentum: Real = pydantic.Field(ge=0, lt=1)
     schedule: Literal[SCHEDULES]  # type: ignore[valid-type]
     decay_steps: int = pydantic.Field(ge=1)
-    decay_rate: float = pydantic.Field(gt=0, le=1)
+    decay_rate: Real = pydantic.Field(gt=0, le=1)
     staircase: bool
     boundaries: tuple[int, ...]
     warmup_steps: int = pydantic.Field(ge=0)
-    weight_decay: float = pydantic.Field(ge=0)
-    label_smoothing: float = pydantic.Field(ge=0, lt=1)
-    ema_momentum: float | None = pydantic.Field(ge=0, lt=1)
+    weight_decay: Real = pydantic.Field(ge=0)
+    label_smoothing: Real = pydantic.Field(ge=0, lt=1)
+    ema_momentum: Real | None = pydantic.Field(ge=0, lt=1)
     crop_size: tuple[int, int] | None
     crop_padding: int = pydantic.Field(ge=0)
     augment: tuple[Literal[AUGMENTATIONS], ...]  # type: ignore[valid-type]
@@ -129,7 +132,7 @@ class TrainParams(_Section):
     resnet_n: int = pydantic.Field(ge=1)
     pretrained_weights: str = pydantic.Field(min_length=1)
     fine_tune_epochs: int = pydantic.Field(ge=0)
-    fine_tune_learning_rate: float = pydantic.Field(gt=0)
+    fine_tune_learning_rate: Real = pydantic.Field(gt=0)
     monitor: Literal["val_loss", "val_accuracy"]
     restore_best: bool
     strategy: Literal[STRATEGIES]  # type: ignore[valid-type]
@@ -152,14 +155,6 @@ class TrainParams(_Section):
         if value is not None and min(value) < 4:
             raise ValueError(f"both sides must be at least 4 pixels (the network pools twice), got {list(value)}")
         return value
-
-    @pydantic.field_validator(
-        "learning_rate", "momentum", "decay_rate", "weight_decay", "label_smoothing", "ema_momentum",
-        "fine_tune_learning_rate", mode="before",
-    )
-    @classmethod
-    def _int_to_float(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> TrainParams:
@@ -194,27 +189,18 @@ class EvaluateParams(_Section):
 
 class RegisterParams(_Section):
     model_name: str | None = pydantic.Field(min_length=1)
-    min_precision: float = pydantic.Field(ge=0, le=1)
-    min_improvement: float = pydantic.Field(ge=-1, le=1)
+    min_precision: Real = pydantic.Field(ge=0, le=1)
+    min_improvement: Real = pydantic.Field(ge=-1, le=1)
     tflite_float16: bool
-
-    @pydantic.field_validator("min_precision", "min_improvement", mode="before")
-    @classmethod
-    def _int_to_float(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class StageMinutes(_Section):
-    download: float = pydantic.Field(gt=0)
-    convert: float = pydantic.Field(gt=0)
-    train: float = pydantic.Field(gt=0)
-    evaluate: float = pydantic.Field(gt=0)
-    registration: float = pydantic.Field(gt=0, alias="register")  # alias: see Params.registration
+    download: Real = pydantic.Field(gt=0)
+    convert: Real = pydantic.Field(gt=0)
+    train: Real = pydantic.Field(gt=0)
+    evaluate: Real = pydantic.Field(gt=0)
+    registration: Real = pydantic.Field(gt=0, alias="register")  # alias: see Params.registration
 
-    @pydantic.field_validator("*", mode="before")
-    @classmethod
-    def _int_to_float(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class FlowParams(_Section):
