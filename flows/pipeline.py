@@ -65,12 +65,17 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 # Downloads and registry calls fail for transient reasons (network, a busy server): retry them.
-download_task = _stage_task("download", download.download, changed_outside=download.source_changed, retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_worth_retrying)
+download_task = _stage_task(
+    "download", download.download, changed_outside=download.source_changed,
+    retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_worth_retrying,
+)
 convert_task = _stage_task("convert", convert.convert, after=lambda result: reports.rejections(result.shards_dir))
 # A Prefect concurrency limit on the "training" tag keeps GPU jobs to one at a time.
 train_task = _stage_task("train", train.train, tags=["training"])
 evaluate_task = _stage_task("evaluate", evaluate.evaluate)
-register_task = _stage_task("register", register.register, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_worth_retrying)
+register_task = _stage_task(
+    "register", register.register, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_worth_retrying
+)
 
 
 @prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
