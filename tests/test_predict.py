@@ -4,19 +4,14 @@ import io
 import pytest
 
 from tasks import predict
-from tests.conftest import make_image_folder
 from tests.test_register import LEARNS
-from tests.test_train_evaluate_register import register_in, run_stages
+from tests.test_train_evaluate_register import register_in, trained_in
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        make_image_folder(folder / "raw", classes=3, per_class=20)
-        params, _ = run_stages(folder, LEARNS)
+    with trained_in(folder, LEARNS) as (params, _):
         register_in(folder, params, name="reader", min_precision=0.0)
         yield folder
 

@@ -1,5 +1,6 @@
 """train -> evaluate -> register on a tiny image folder, against a real MLflow SQLite store."""
 
+import contextlib
 import json
 import math
 
@@ -28,15 +29,21 @@ def register_in(folder, params, name="tiny", shards="shards", **changes):
     )
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One trained and evaluated run shared by the tests of this module: (folder, params, TrainResult)."""
-    folder = tmp_path_factory.mktemp("trained")
+@contextlib.contextmanager
+def trained_in(folder, overrides):
+    """A tiny image folder trained and evaluated in `folder`, the working folder while the block runs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         make_image_folder(folder / "raw", classes=3, per_class=20)
-        params, result = run_stages(folder, {"train.epochs": 3})
+        yield run_stages(folder, overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained and evaluated run shared by the tests of this module: (folder, params, TrainResult)."""
+    folder = tmp_path_factory.mktemp("trained")
+    with trained_in(folder, {"train.epochs": 3}) as (params, result):
         yield folder, params, result
 
 
