@@ -54,12 +54,13 @@ def predict_test_split(
     """
     test_data = inputs.evaluation_data(shards_dir, "test", image_size, input_size, batch_size, with_source=True)
     labels, probabilities, sources, worst = [], [], [], []
+    seen = 0  # images before this batch
     for images, batch_labels, batch_sources in test_data:
         batch_probabilities = np.asarray(model.predict_on_batch(images))
-        offset = sum(len(batch) for batch in labels)
         predicted = batch_probabilities.argmax(axis=1)
         for position in np.flatnonzero(predicted != batch_labels.numpy()):
-            worst.append((float(batch_probabilities[position].max()), offset + int(position), images[position].numpy()))
+            worst.append((float(batch_probabilities[position].max()), seen + int(position), images[position].numpy()))
+        seen += len(batch_probabilities)
         worst = sorted(worst, key=lambda item: -item[0])[:MISCLASSIFIED_SHOWN]
         labels.append(batch_labels.numpy())
         probabilities.append(batch_probabilities)
