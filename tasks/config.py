@@ -292,14 +292,14 @@ def as_dict(params: Params) -> dict[str, Any]:
     return params.model_dump(mode="json", by_alias=True)
 
 
-def flatten(settings: dict[str, Any]) -> dict[str, Any]:
+def flatten(settings: dict[str, Any], separator: str = ".") -> dict[str, Any]:
     """{"train": {"epochs": 12}} -> {"train.epochs": 12}: settings as MLflow params."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
+                walk(f"{prefix}{separator}{key}" if prefix else key, item)
         else:
             flat[prefix] = value
 

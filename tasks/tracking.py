@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 import yaml
 
-from tasks import files
+from tasks import config, files
 
 RUN_FILE = "run.json"
 
@@ -38,15 +38,9 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """{"macro_avg": {"f1": 0.9}} -> {"macro_avg_f1": 0.9}: MLflow metrics are flat."""
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}{key}_"))
-        else:
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
+    return {key: float(value) for key, value in config.flatten(metrics, separator="_").items()}
 
 
 def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
