@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -32,10 +29,10 @@ import numpy as np
 import PIL.Image
 import tensorflow as tf
 
+from bench import report as bench_report
 from tasks import config, convert, records
 
 REQUIRED_RATIO = 1.7
-REPORT = pathlib.Path("reports/bench/convert.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +115,20 @@ def main() -> int:
         for index, (case, case_dataset) in enumerate(cases.items()):
             (folder / str(index)).mkdir()
             results[case] = measure(raw_dir, folder / str(index), case_dataset)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"{arguments.images} JPEGs of {arguments.side}x{arguments.side}, {cores} cores")
-    print(f"{'case':<18} {'method':<40} {'seconds':>8} {'images/s':>9} {'MB written':>11} {'ratio':>6}")
-    report = {"images": arguments.images, "side": arguments.side, "cores": cores, "machine": platform.processor() or platform.machine(),
-              "python": platform.python_version(), "required_ratio": REQUIRED_RATIO, "cases": {}}
+    print(f"{arguments.images} JPEGs of {arguments.side}x{arguments.side}")
+    rows = []
+    report = {"images": arguments.images, "side": arguments.side, "required_ratio": REQUIRED_RATIO, "cases": {}}
     for case, (loop, stage, loops, stages) in results.items():
         ratio = stage.images_per_second / loop.images_per_second
-        for timing, shown in ((loop, ""), (stage, f"{ratio:.2f}x")):
-            print(f"{case:<18} {timing.method:<40} {timing.seconds:>8.2f} {timing.images_per_second:>9.0f} {timing.megabytes_written:>11.1f} {shown:>6}")
+        for timing, shown in ((loop, None), (stage, f"{ratio:.2f}x")):
+            rows.append([case, timing.method, timing.seconds, timing.images_per_second, timing.megabytes_written, shown])
         report["cases"][case] = {
             "loop_images_per_second": round(loop.images_per_second, 1), "convert_images_per_second": round(stage.images_per_second, 1),
             "ratio": round(ratio, 3), "runs": {"loop": [dataclasses.asdict(t) for t in loops], "convert": [dataclasses.asdict(t) for t in stages]},
         }
-    checked = report["cases"]["keep size"]["ratio"]
-    report["passed"] = checked >= REQUIRED_RATIO
-    print(f"checked (keep size): {checked:.2f}x, required {REQUIRED_RATIO}x: {'passed' if report['passed'] else 'FAILED'}")
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    bench_report.print_table(["case", "method", "seconds", "images/s", "MB written", "ratio"], rows)
+    report["passed"] = bench_report.check("convert stage over the loop (keep size)", report["cases"]["keep size"]["ratio"], REQUIRED_RATIO)
+    bench_report.write("convert", report)
     return 0 if report["passed"] else 1
 
 

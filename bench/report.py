@@ -1,0 +1,79 @@
+"""What every benchmark shares: the machine it ran on, its table, its JSON report and its verdict.
+
+Each benchmark measures its anchor and the pipeline in the same process, prints one table, writes
+reports/bench/<name>.json (with the machine, so that a figure is never read without it) and exits
+non-zero when a goal is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+
+REPORT_DIR = pathlib.Path("reports/bench")
+
+
+def machine() -> dict:
+    """The facts that limit a figure: cores this process may use, processor, Python and TensorFlow versions."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    facts = {"cores": cores, "processor": _processor_name(), "python": platform.python_version(), "load_average": _load_average()}
+    try:
+        import tensorflow as tf
+
+        facts["tensorflow"] = tf.__version__
+        facts["gpus"] = [device.name for device in tf.config.list_physical_devices("GPU")]
+    except ImportError:
+        pass
+    return facts
+
+
+def _processor_name() -> str:
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average when the run ends: above the core count, other work shared the machine."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    """A plain text table, columns as wide as their widest cell; numbers right-aligned."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(header), *(len(row[index]) for row in cells)) for index, header in enumerate(headers)]
+    numeric = [all(isinstance(row[index], (int, float)) or row[index] in ("", None) for row in rows) for index in range(len(headers))]
+    line = lambda values: "  ".join(value.rjust(width) if right else value.ljust(width) for value, width, right in zip(values, widths, numeric))  # noqa: E731
+    print(line(headers))
+    for row in cells:
+        print(line(row))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def check(name: str, measured: float, required: float, higher_is_better: bool = True, unit: str = "x") -> bool:
+    """Prints the goal's verdict and returns whether it was met."""
+    passed = measured >= required if higher_is_better else measured <= required
+    relation = ">=" if higher_is_better else "<="
+    print(f"{name}: {measured:.3g}{unit}, goal {relation} {required:g}{unit}: {'passed' if passed else 'FAILED'}")
+    return passed
+
+
+def write(name: str, report: dict) -> pathlib.Path:
+    """reports/bench/<name>.json, with the machine added."""
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    path = REPORT_DIR / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **report}, indent=2) + "\n")
+    print(f"report: {path}")
+    return path
