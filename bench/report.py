@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import platform
+import shutil
+import subprocess
 
 REPORT_DIR = pathlib.Path("reports/bench")
 
@@ -26,6 +28,9 @@ def machine() -> dict:
         facts["gpus"] = [device.name for device in tf.config.list_physical_devices("GPU")]
     except ImportError:
         pass
+    if shutil.which("nvidia-smi"):  # also where TensorFlow is not installed
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True)
+        facts["nvidia_gpus"] = query.stdout.strip().splitlines()
     return facts
 
 
