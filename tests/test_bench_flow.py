@@ -33,6 +33,7 @@ def test_overhead_is_the_fastest_flow_less_its_start_up_less_the_fastest_plain_r
     flow_runs = [{"wall": 70.0, "cpu": 50.0, "startup": 15.0}, {"wall": 60.0, "cpu": 49.0, "startup": 9.0}]
     report = orchestration.summarise({"train.epochs": 1}, plain_runs, flow_runs, [2.6, 2.4])
     assert report["overhead_seconds"] == pytest.approx(60.0 - 9.0 - 42.0)
+    assert report["overhead_cpu_seconds"] == pytest.approx(49.0 - 39.0)
     assert report["noop_repro_seconds"] == 2.4 and report["api_first_start_new_database"] == 15.0
     assert report["passed"]
     slow = orchestration.summarise({}, plain_runs, [{"wall": 70.0, "cpu": 50.0, "startup": 9.0}], [2.4])
