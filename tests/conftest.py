@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
 
 # DVC sets up its logging when imported, wrapping sys.stderr (colorama) as it is at that moment; Prefect's
@@ -16,9 +15,9 @@ import PIL.Image
 import pytest
 import yaml
 
-REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
-# What a copy of the repository needs to run the pipeline; outputs and local stores stay behind.
-_NOT_COPIED = {".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", "checkpoints", ".pytest_cache", "dvc.lock", "bench", "docs"}
+from bench import workspace
+
+REPOSITORY = workspace.REPOSITORY
 
 
 def make_image_folder(root: pathlib.Path, classes: int = 3, per_class: int = 12, size: int = 8, seed: int = 0) -> pathlib.Path:
@@ -63,15 +62,7 @@ def workdir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.
 @pytest.fixture
 def repository_copy(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A fresh git + DVC checkout of the repository's code and config, as a user would clone it."""
-    copy = tmp_path / "repository"
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        local = {"cache", "tmp", "config.local"} if pathlib.Path(folder).name == ".dvc" else set()
-        return [name for name in names if name in _NOT_COPIED or name in local or name == "__pycache__"]
-
-    shutil.copytree(REPOSITORY, copy, ignore=ignore)
-    environment = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
-        subprocess.run(command, cwd=copy, env=environment, check=True)
+    copy = workspace.copy_repository(tmp_path / "repository")
     monkeypatch.chdir(copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return copy

@@ -1,0 +1,309 @@
+"""Orchestration overhead: `python -m flows.pipeline` against the same five stage functions in one plain process.
+
+    python -m bench.orchestration                        # digits, one epoch, two runs each: ~3 minutes on 2 idle cores
+    python -m bench.orchestration --set train.epochs=3   # any params.yaml key, as the flow's --set
+    python -m bench.orchestration --repeats 1            # quicker, noisier
+
+Every run starts from a fresh copy of the repository (git, DVC, no data, no dvc.lock, no DVC cache,
+a new MLflow store) in a temporary folder, with the settings written into the copy's params.yaml:
+so the flow keeps DVC's books as a user's default run does (asks DVC before each stage, records it in
+dvc.lock after), and nothing is skipped. Each run is a fresh process, as a user would start it:
+- plain: download, convert, train, evaluate and register called one after another with the
+  arguments the flow's tasks pass, and the same DVC bookkeeping (dvc_stages.up_to_date and commit);
+- flow: flows.pipeline.main(), which is `python -m flows.pipeline`, on Prefect's ephemeral API. The
+  process starts that API itself just before, through the same SubprocessASGIServer the flow's first
+  API call would start: the flow finds it running, and the start-up is timed in the same process
+  and moment as the run it serves. The first flow's start-up also creates Prefect's database.
+Plain and flow runs alternate, --repeats times each; the fastest of each counts (other work on the
+machine only ever slows a run down). Overhead = flow - its API start-up - plain: Prefect's imports,
+its task and state bookkeeping, logs, artifacts and shutdown. Then a no-op `dvc repro` in the last
+flow's copy, best of three. Prefect runs with its own PREFECT_HOME in the temporary folder. Prints a
+table, writes reports/bench/orchestration.json and exits non-zero when the overhead exceeds 10 s or
+the no-op `dvc repro` takes more than 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+from bench import report as bench_report
+from bench import workspace
+
+MAX_OVERHEAD_SECONDS = 10.0
+MAX_NOOP_REPRO_SECONDS = 3.0
+RESULT_MARK = "bench.orchestration result: "
+# One epoch: every stage does the same kind of work, only less of it; no precision gate, so that
+# register always registers a version (its real work) whatever one epoch reaches.
+DEFAULT_SETTINGS = {"train.epochs": 1, "register.min_precision": 0.0}
+
+
+def write_params(copy: pathlib.Path, settings: dict) -> None:
+    """The copy's params.yaml with dotted-key settings applied, so that the flow keeps DVC's books."""
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    for dotted_key, value in settings.items():
+        *parents, leaf = dotted_key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"--set {dotted_key}: params.yaml has no such key")
+        node[leaf] = value
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def environment() -> dict[str, str]:
+    """For the processes run in a copy: the venv's tools first (dvc runs `python -m tasks.<stage>`), this
+    repository importable for bench/ (the copy's own tasks/ and flows/ come first: the working folder leads
+    sys.path), output unbuffered so that lines arrive when written, and the default MLflow store."""
+    variables = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    variables["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{variables.get('PATH', '')}"
+    variables["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workspace.REPOSITORY), variables.get("PYTHONPATH")]))
+    variables.pop("MLFLOW_TRACKING_URI", None)
+    return variables
+
+
+def run_timed(command: list[str], cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, list[tuple[float, str]]]:
+    """Wall seconds of `command`, and each line of its output with the second it arrived; raises if it fails."""
+    global last_cpu_seconds
+    cpu_before = _children_cpu_seconds()
+    start = time.perf_counter()
+    lines = []
+    with subprocess.Popen(command, cwd=cwd, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+    seconds = time.perf_counter() - start
+    last_cpu_seconds = _children_cpu_seconds() - cpu_before
+    if process.returncode != 0:
+        tail = "\n".join(line for _, line in lines[-40:])
+        raise RuntimeError(f"{' '.join(command)} in {cwd} exited with {process.returncode}:\n{tail}")
+    return seconds, lines
+
+
+# CPU seconds (user + system) of the last command run_timed ran, with every process it waited for (the
+# flow's API server included): unlike wall time, hardly changed by other work sharing the cores.
+last_cpu_seconds = 0.0
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_plain() -> dict:
+    """The flow's five stage calls without Prefect, in the working folder: seconds per stage, its DVC share apart.
+
+    The arguments are those flows/pipeline.py passes to each task; keep the two alike.
+    """
+    start = time.perf_counter()
+    from flows import dvc_stages
+    from tasks import config, convert, download, evaluate, register, train
+
+    imported = time.perf_counter()
+    params = config.load_params("params.yaml")
+    tracked = dvc_stages.tracked("params.yaml", None)
+    calls = {
+        "download": lambda: download.download(params.dataset, params.raw_dir, params.downloads_dir),
+        "convert": lambda: convert.convert(params.dataset, params.base.seed, params.raw_dir, params.shards_dir),
+        "train": lambda: train.train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir),
+        "evaluate": lambda: evaluate.evaluate(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir),
+        "register": lambda: register.register(
+            params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
+        ),
+    }
+    stages = {}
+    for name, call in calls.items():
+        begun = time.perf_counter()
+        if tracked and dvc_stages.up_to_date(name):
+            raise RuntimeError(f"{name} is up to date: the plain run needs a clean copy")
+        checked = time.perf_counter()
+        call()
+        ran = time.perf_counter()
+        if tracked:
+            dvc_stages.commit(name)
+        stages[name] = {"stage": ran - checked, "dvc": (checked - begun) + (time.perf_counter() - ran)}
+    return {"import": imported - start, "run": time.perf_counter() - imported, "stages": stages}
+
+
+def run_flow() -> dict:
+    """`python -m flows.pipeline` in the working folder, with the ephemeral API's start-up timed apart.
+
+    Prefect starts its ephemeral API at a flow's first call to it, through one SubprocessASGIServer per
+    process; started here first, the same server is already up when the flow asks, and its start-up
+    is measured in the same process and moment as the run it serves.
+    """
+    start = time.perf_counter()
+    import flows.pipeline
+
+    imported, cpu_before = time.perf_counter(), _own_cpu_seconds()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # what get_client does: launch uvicorn, poll /health until it answers
+    started = time.perf_counter()
+    startup_cpu = _own_cpu_seconds() - cpu_before + _process_cpu_seconds(server.server_process.pid)
+    sys.argv = ["flows.pipeline"]
+    try:
+        flows.pipeline.main()
+    except SystemExit as exit:  # a main() that ends with sys.exit(0) has succeeded too
+        if exit.code not in (None, 0):
+            raise
+    return {"import": imported - start, "startup": started - imported, "startup_cpu": startup_cpu, "run": time.perf_counter() - started}
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process, from /proc/<pid>/stat (fields 14 and 15, in clock ticks)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_in_child(mode: str, cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, dict, list[tuple[float, str]]]:
+    """`python -m bench.orchestration --<mode>` in `cwd`: its wall seconds, the result it printed, its output."""
+    seconds, lines = run_timed([sys.executable, "-m", "bench.orchestration", f"--{mode}"], cwd, variables)
+    result = next(line for _, line in reversed(lines) if line.startswith(RESULT_MARK))
+    return seconds, json.loads(result.removeprefix(RESULT_MARK)), lines
+
+
+def measure_noop_repro(copy: pathlib.Path, variables: dict[str, str], attempts: int = 3) -> list[float]:
+    """Wall seconds of `dvc repro` with nothing to do; raises if any stage ran."""
+    timings = []
+    for _ in range(attempts):
+        seconds, lines = run_timed(["dvc", "repro"], copy, variables)
+        ran = [line for _, line in lines if line.startswith("Running stage")]
+        if ran:
+            raise RuntimeError(f"dvc repro in {copy} was not a no-op: {ran}")
+        timings.append(seconds)
+    return timings
+
+
+def flow_task_seconds(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """Seconds from one task's end to the next one's (Prefect logs "Task run '<name>-<id>' - Finished in state ...")."""
+    finished = re.compile(r"Task run '(?P<name>[a-z_]+)-[0-9a-f]+' - Finished in state")
+    seconds, previous = {}, 0.0
+    for arrived, line in lines:
+        match = finished.search(line)
+        if match:
+            seconds[match["name"]] = arrived - previous
+            previous = arrived
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml setting for every run")
+    parser.add_argument("--repeats", type=int, default=2, help="plain and flow runs each, alternating; the fastest counts (default: %(default)s)")
+    # The child processes the benchmark starts in each copy.
+    for mode in ("plain", "flow"):
+        parser.add_argument(f"--{mode}", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    children = {"plain": run_plain, "flow": run_flow}
+    for mode, child in children.items():
+        if getattr(arguments, mode):
+            result = child()
+            print(RESULT_MARK + json.dumps(result), flush=True)  # what the parent reads; Prefect may log after it
+            return 0
+    settings = {**DEFAULT_SETTINGS, **dict(_assignment(text) for text in arguments.assignments)}
+    with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as folder:
+        report = measure(pathlib.Path(folder), settings, arguments.repeats)
+    print_report(report)
+    bench_report.write("orchestration", report)
+    return 0 if report["passed"] else 1
+
+
+def _assignment(text: str) -> tuple[str, object]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise SystemExit(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _fresh_copy(folder: pathlib.Path, settings: dict) -> pathlib.Path:
+    copy = workspace.copy_repository(folder)
+    write_params(copy, settings)
+    return copy
+
+
+def measure(folder: pathlib.Path, settings: dict, repeats: int = 2, repro_attempts: int = 3) -> dict:
+    """Runs everything in `folder`: the report, without the machine."""
+    variables = {**environment(), "PREFECT_HOME": str(folder / "prefect-home")}
+    plain_runs, flow_runs = [], []
+    for attempt in range(repeats):  # alternating, so that a burst of other work hits both alike
+        seconds, child, _ = _run_in_child("plain", _fresh_copy(folder / f"plain-{attempt}", settings), variables)
+        plain_runs.append({"wall": seconds, "cpu": last_cpu_seconds, **child})
+        flow_copy = _fresh_copy(folder / f"flow-{attempt}", settings)
+        seconds, child, lines = _run_in_child("flow", flow_copy, variables)
+        flow_runs.append({"wall": seconds, "cpu": last_cpu_seconds, **child, "tasks": flow_task_seconds(lines)})
+    repro = measure_noop_repro(flow_copy, variables, repro_attempts)
+    report = summarise(settings, plain_runs, flow_runs, repro)
+    report["precision_at_1"] = round(json.loads((flow_copy / "reports" / "metrics.json").read_text())["precision_at_1"], 4)
+    return report
+
+
+def summarise(settings: dict, plain_runs: list[dict], flow_runs: list[dict], repro: list[float]) -> dict:
+    """The fastest plain run, the fastest flow run less its API start-up, their difference and the verdict."""
+    plain = min(plain_runs, key=lambda run: run["wall"])
+    flow = min(flow_runs, key=lambda run: run["wall"] - run["startup"])
+    overhead = flow["wall"] - flow["startup"] - plain["wall"]
+    # CPU seconds of every process, hardly changed by other work on the cores: a steadier view of the same cost.
+    cpu_overhead = flow["cpu"] - flow.get("startup_cpu", 0.0) - plain["cpu"]
+    return {
+        "settings": settings,
+        "repeats": len(flow_runs),
+        "plain": _rounded(plain),
+        "flow": _rounded(flow),
+        "overhead_seconds": round(overhead, 2),
+        "overhead_cpu_seconds": round(cpu_overhead, 2),
+        # The first flow's start-up also creates and migrates Prefect's database (once per PREFECT_HOME).
+        "api_first_start_new_database": round(flow_runs[0]["startup"], 2),
+        "noop_repro_seconds": round(min(repro), 2),
+        "runs": {"plain": [_rounded(run) for run in plain_runs], "flow": [_rounded(run) for run in flow_runs], "noop_repro": [round(value, 2) for value in repro]},
+        "max_overhead_seconds": MAX_OVERHEAD_SECONDS,
+        "max_noop_repro_seconds": MAX_NOOP_REPRO_SECONDS,
+        "passed": overhead <= MAX_OVERHEAD_SECONDS and min(repro) <= MAX_NOOP_REPRO_SECONDS,
+    }
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return round(value, 2) if isinstance(value, float) else value
+
+
+def print_report(report: dict) -> None:
+    settings = ", ".join(f"{key}={value}" for key, value in report["settings"].items())
+    print(f"digits pipeline, params.yaml with {settings}; fastest of {report['repeats']} runs each")
+    plain, flow = report["plain"], report["flow"]
+    dvc_share = sum(parts["dvc"] for parts in plain["stages"].values())
+    rows = [
+        ["plain: five stage functions, one process", plain["wall"], plain["cpu"], plain["import"], plain["run"], f"DVC bookkeeping {dvc_share:.1f} s of the run"],
+        ["flow: python -m flows.pipeline", flow["wall"], flow["cpu"], flow["import"], flow["run"], f"API start-up {flow['startup']:.1f} s apart"],
+        ["Prefect API start-up, in the flow's process", flow["startup"], flow.get("startup_cpu"), None, None, "server import, launch, first /health"],
+        ["Prefect API first start, new database", report["api_first_start_new_database"], None, None, None, "first flow run: once per PREFECT_HOME"],
+        ["overhead: flow - start-up - plain", report["overhead_seconds"], report["overhead_cpu_seconds"], None, None, "CPU: every process, the server's included"],
+        ["no-op dvc repro (best)", report["noop_repro_seconds"], None, None, None, " ".join(f"{value:.2f}" for value in report["runs"]["noop_repro"])],
+    ]
+    bench_report.print_table(["measured", "wall s", "CPU s", "import s", "run s", "note"], rows)
+    stages = [[name, parts["stage"], parts["dvc"], flow["tasks"].get(name)] for name, parts in plain["stages"].items()]
+    bench_report.print_table(["stage", "plain: stage s", "plain: DVC s", "flow: s since the previous task ended"], stages)
+    print(f"test precision@1 of the flow's model: {report['precision_at_1']:.4f}")
+    bench_report.check("orchestration overhead beyond the API start-up", report["overhead_seconds"], MAX_OVERHEAD_SECONDS, higher_is_better=False, unit=" s")
+    bench_report.check("no-op dvc repro", report["noop_repro_seconds"], MAX_NOOP_REPRO_SECONDS, higher_is_better=False, unit=" s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
