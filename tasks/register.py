@@ -58,8 +58,14 @@ def register(
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
         raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
     champion = _current(client, model_name, CHAMPION)
-    champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
-    alias, reason = _decide(params, precision, champion, champion_precision)
+    # A run registers once: a rerun after a kill between registering and setting the alias finds its
+    # version and finishes the job instead of registering a second one.
+    registered = _version_of_run(client, model_name, run["run_id"])
+    if champion is not None and champion.run_id == run["run_id"]:
+        alias, reason = CHAMPION, champion.tags.get("decision", "")  # decided and done before the kill
+    else:
+        champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
+        alias, reason = _decide(params, precision, champion, champion_precision)
 
     tags = {
         "run_id": run["run_id"],
@@ -69,7 +75,12 @@ def register(
         **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
         **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
     }
-    version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    if registered is None:
+        version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    else:
+        version = str(registered.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
     if alias == CHAMPION:
         _attach_exports(run["run_id"], model_dir, params.tflite_float16)
     client.set_registered_model_alias(model_name, alias, version)
@@ -81,12 +92,19 @@ def register(
 
 
 def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    # Through the model's aliases: asking for an alias no version holds raises the same error code as a bad request.
     try:
-        return client.get_model_version_by_alias(model_name, alias)
+        version = client.get_registered_model(model_name).aliases.get(alias)
     except mlflow.exceptions.MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    return None if version is None else client.get_model_version(model_name, str(version))
+
+
+def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda version: int(version.version)) if versions else None
 
 
 def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:
