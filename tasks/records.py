@@ -56,8 +56,7 @@ def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str
     A flipped bit or a cut-off shard would otherwise surface, if at all, as a TFRecord CRC error
     mid-epoch; the sha256 check stops the stage before it starts, naming the shard.
     """
-    remedy = ("run `dvc repro` (DVC sees the changed output and runs convert again), "
-              f"`dvc checkout {shards_dir}` to restore it from the DVC cache, or `python -m tasks.convert`")
+    remedy = "run `dvc repro` (it restores the shards from the DVC cache, or runs convert again) or `python -m tasks.convert`"
     paths = []
     for shard in manifest["splits"][split]["shards"]:
         path = shards_dir / shard["file"]
