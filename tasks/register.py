@@ -26,6 +26,7 @@ from tasks import config, files, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+REGISTRATION_TAG = "registration"  # "unfinished" from registering until the alias is set, then "complete"
 REEVALUATION_BATCH_SIZE = 128  # images per step when the champion is re-scored on a new test set
 
 
@@ -58,14 +59,11 @@ def register(
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
         raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
     champion = _current(client, model_name, CHAMPION)
-    # A run registers once: a rerun after a kill between registering and setting the alias finds its
-    # version and finishes the job instead of registering a second one.
-    registered = _version_of_run(client, model_name, run["run_id"])
-    if champion is not None and champion.run_id == run["run_id"]:
-        alias, reason = CHAMPION, champion.tags.get("decision", "")  # decided and done before the kill
-    else:
-        champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
-        alias, reason = _decide(params, precision, champion, champion_precision)
+    champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
+    alias, reason = _decide(params, precision, champion, champion_precision)
+    # A rerun after a kill between registering and setting the alias finds the version this run left
+    # without an alias and finishes it, rather than registering a second one.
+    unfinished = _unfinished_version(client, model_name, run["run_id"])
 
     tags = {
         "run_id": run["run_id"],
@@ -74,16 +72,18 @@ def register(
         "decision": reason,
         **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
         **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
+        REGISTRATION_TAG: "unfinished",  # until its alias is set
     }
-    if registered is None:
+    if unfinished is None:
         version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
     else:
-        version = str(registered.version)
+        version = str(unfinished.version)
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
     if alias == CHAMPION:
         _attach_exports(run["run_id"], model_dir, params.tflite_float16)
     client.set_registered_model_alias(model_name, alias, version)
+    client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
     files.write_json(
         registry_path,
         {"model_name": model_name, "version": version, "alias": alias, "reason": reason, "run_id": run["run_id"], "model_uri": run["model_uri"]},
@@ -102,9 +102,16 @@ def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow
     return None if version is None else client.get_model_version(model_name, str(version))
 
 
-def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+def _unfinished_version(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """A version of `run_id` whose registration stopped before its alias was set (a champion that lost
+    its alias to a newer one was finished: it is not taken up again)."""
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    return min(versions, key=lambda version: int(version.version)) if versions else None
+    if not versions:
+        return None
+    # From the registered model: versions found by search come without their aliases.
+    aliased = {str(version) for version in client.get_registered_model(model_name).aliases.values()}
+    unfinished = [version for version in versions if version.tags.get(REGISTRATION_TAG) == "unfinished" and str(version.version) not in aliased]
+    return min(unfinished, key=lambda version: int(version.version)) if unfinished else None
 
 
 def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:
