@@ -8,7 +8,9 @@ as tags. The alias `champion` moves to the new version only if its precision@1 r
 on the same test set; otherwise the version gets the alias `challenger`. When the test set changed
 since the champion was measured, the champion is first re-evaluated on the new one. A champion is
 also exported as a SavedModel and a TFLite file, attached to its run. The alias moves last: a
-version whose artifacts failed to upload never becomes champion.
+version whose artifacts failed to upload never becomes champion. A version stays tagged
+`registration: unfinished` until then, so that a rerun after a kill finishes it rather than
+registering the run twice.
 """
 
 from __future__ import annotations
