@@ -13,6 +13,7 @@ run.json record absolute paths.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -287,8 +288,6 @@ def _mlflow(folder: pathlib.Path) -> mlflow.MlflowClient:
 
 
 def csv_rows(path: pathlib.Path):
-    import csv
-
     with path.open(newline="") as stream:
         yield from csv.DictReader(stream)
 
