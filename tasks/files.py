@@ -1,7 +1,9 @@
 """Writing outputs so that a crash never leaves one that looks complete.
 
 Every file or folder is written under a temporary name beside its destination and renamed into place
-only when whole: os.replace is atomic on one file system.
+only when whole: os.replace is atomic on one file system. The temporary name holds the writer's
+process id; a process killed mid-write (SIGKILL, power cut) cannot clean up after itself, so the next
+write to the same destination removes what dead writers left there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +22,8 @@ from typing import Any
 
 def write_bytes(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    remove_abandoned(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)
@@ -49,7 +53,8 @@ def read_json(path: pathlib.Path, what: str) -> Any:
 def staged_directory(destination: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields an empty folder beside `destination` that replaces it once the block succeeds."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    remove_abandoned(destination)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent))
     try:
         yield staging
         os.chmod(staging, 0o755)
@@ -60,6 +65,36 @@ def staged_directory(destination: pathlib.Path) -> Iterator[pathlib.Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _temporary_prefix(destination: pathlib.Path) -> str:
+    return f".{destination.name}.{os.getpid()}-"
+
+
+def remove_abandoned(destination: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the temporary files and folders of `destination` whose writer is no longer running."""
+    # .<name>.<process id>-<mkstemp's random letters>.partial; without the id: written before ids were kept.
+    pattern = re.compile(rf"\.{re.escape(destination.name)}\.(?:(\d+)-)?[a-z0-9_]+\.partial")
+    removed = []
+    for leftover in destination.parent.iterdir() if destination.parent.is_dir() else []:
+        match = pattern.fullmatch(leftover.name)
+        if match is None or match.group(1) and _running(int(match.group(1))):
+            continue  # not ours, or being written right now by another process
+        shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def _running(process_id: int) -> bool:
+    # Process ids are per machine: a writer on another machine sharing this folder would look dead,
+    # and two runs at once in one repository are not allowed anyway.
+    try:
+        os.kill(process_id, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def sha256_of(path: pathlib.Path) -> str:

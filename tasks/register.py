@@ -8,7 +8,9 @@ as tags. The alias `champion` moves to the new version only if its precision@1 r
 on the same test set; otherwise the version gets the alias `challenger`. When the test set changed
 since the champion was measured, the champion is first re-evaluated on the new one. A champion is
 also exported as a SavedModel and a TFLite file, attached to its run. The alias moves last: a
-version whose artifacts failed to upload never becomes champion.
+version whose artifacts failed to upload never becomes champion. A version stays tagged
+`registration: unfinished` until then, so that a rerun after a kill finishes it rather than
+registering the run twice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tasks import config, files, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+REGISTRATION_TAG = "registration"  # "unfinished" from registering until the alias is set, then "complete"
 REEVALUATION_BATCH_SIZE = 128  # images per step when the champion is re-scored on a new test set
 
 
@@ -60,6 +63,9 @@ def register(
     champion = _current(client, model_name, CHAMPION)
     champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
     alias, reason = _decide(params, precision, champion, champion_precision)
+    # A rerun after a kill between registering and setting the alias finds the version this run left
+    # without an alias and finishes it, rather than registering a second one.
+    unfinished = _unfinished_version(client, model_name, run["run_id"])
 
     tags = {
         "run_id": run["run_id"],
@@ -68,11 +74,18 @@ def register(
         "decision": reason,
         **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
         **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
+        REGISTRATION_TAG: "unfinished",  # until its alias is set
     }
-    version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    if unfinished is None:
+        version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    else:
+        version = str(unfinished.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
     if alias == CHAMPION:
         _attach_exports(run["run_id"], model_dir, params.tflite_float16)
     client.set_registered_model_alias(model_name, alias, version)
+    client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
     files.write_json(
         registry_path,
         {"model_name": model_name, "version": version, "alias": alias, "reason": reason, "run_id": run["run_id"], "model_uri": run["model_uri"]},
@@ -81,12 +94,26 @@ def register(
 
 
 def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    # Through the model's aliases: asking for an alias no version holds raises the same error code as a bad request.
     try:
-        return client.get_model_version_by_alias(model_name, alias)
+        version = client.get_registered_model(model_name).aliases.get(alias)
     except mlflow.exceptions.MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    return None if version is None else client.get_model_version(model_name, str(version))
+
+
+def _unfinished_version(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """A version of `run_id` whose registration stopped before its alias was set (a champion that lost
+    its alias to a newer one was finished: it is not taken up again)."""
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    # From the registered model: versions found by search come without their aliases.
+    aliased = {str(version) for version in client.get_registered_model(model_name).aliases.values()}
+    unfinished = [version for version in versions if version.tags.get(REGISTRATION_TAG) == "unfinished" and str(version.version) not in aliased]
+    return min(unfinished, key=lambda version: int(version.version)) if unfinished else None
 
 
 def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:

@@ -161,6 +161,9 @@ def train(
             return TrainResult(None, None, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
 
         model_dir.mkdir(parents=True, exist_ok=True)
+        # run.json is written last and read first: without it the folder never passes for a finished
+        # model while the files below are being replaced (a kill mid-save leaves it visibly unfinished).
+        (model_dir / tracking.RUN_FILE).unlink(missing_ok=True)
         model.save(model_dir / MODEL_FILE)
         files.write_json(model_dir / LABELS_FILE, class_names)
         inputs.write_preprocessing(model_dir, params.image_size, params.input_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -134,10 +135,14 @@ def stop(process: subprocess.Popen | None) -> None:
 class _Served:
     """What the test server serves at one path, and how it misbehaves."""
 
-    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None):
+    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None, stall_first_after: int | None = None):
+        import threading
+
         self.data = data
         self.fail_first = fail_first  # answer 503 to this many requests first
         self.cut_first_after = cut_first_after  # first full response: close after this many bytes
+        self.stall_first_after = stall_first_after  # first full response: hang after this many bytes
+        self.stalled = threading.Event()  # set once that many bytes were sent and the response hangs
 
 
 class LocalServer:
@@ -188,6 +193,17 @@ class LocalServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if served.stall_first_after is not None:
+                    # A transfer that stops moving, until the client goes away (or a minute passes).
+                    sent, served.stall_first_after = body[: served.stall_first_after], None
+                    self.wfile.write(sent)
+                    self.wfile.flush()
+                    served.stalled.set()
+                    self.connection.settimeout(60)
+                    with contextlib.suppress(OSError):
+                        self.connection.recv(1)  # returns when the client closes (or is killed)
+                    self.close_connection = True
+                    return
                 self.wfile.write(body)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -199,6 +215,10 @@ class LocalServer:
     def serve(self, path: str, data: bytes, **behaviour) -> str:
         self.routes[path] = _Served(data, **behaviour)
         return self.url + path
+
+    def stalled(self, path: str) -> threading.Event:
+        """Set once the stalled response of `path` has sent its bytes and hangs."""
+        return self.routes[path].stalled
 
     def gets(self, path: str) -> list[dict[str, str]]:
         return [headers for requested, headers in self.requests if requested == path]

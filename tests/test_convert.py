@@ -273,3 +273,20 @@ def test_jpeg_records_are_read_by_the_train_stage_reader(workdir):
     assert dataset.element_spec[0].shape == (10, 20, 3) and dataset.element_spec[0].dtype == tf.uint8
     for image, label in dataset.as_numpy_iterator():
         assert abs(int(image[5, 10, 0]) - 200 * int(label)) <= 3, "JPEG records decode to their colour, per label"
+
+
+def test_records_are_the_same_bytes_in_every_process():
+    """A record's features are a protobuf map: without deterministic serialization their order follows
+    the process's string hash seed, and `dvc repro` in a new process would write other shard bytes."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks import records; print(records.serialize(b'image', 1, 'class_1/a.png').hex())"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONHASHSEED": seed},
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for seed in ("0", "1")  # two seeds that order the three features differently
+    ]
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert outputs[0] and outputs[0] == outputs[1]

@@ -74,6 +74,17 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
     assert str(_client(inside).get_model_version_by_alias("gated", "champion").version) == tie.version
 
 
+def test_a_model_without_a_champion_yet_takes_one(inside):
+    """Its first versions held back (challengers): the model exists, no version holds `champion`."""
+    params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})  # learns nothing
+    held = register_in(inside, params, name="unchampioned", min_precision=1.0)
+    promoted = register_in(inside, params, name="unchampioned", min_precision=0.0)
+    assert (held.alias, promoted.alias) == ("challenger", "champion")
+    assert promoted.reason.startswith("first version to reach register.min_precision")
+    assert (held.version, promoted.version) == ("1", "2"), "a finished registration is not taken up again"
+    assert _client(inside).get_model_version("unchampioned", "2").tags["registration"] == "complete"
+
+
 def test_a_changed_test_set_re_evaluates_the_champion_before_comparing(inside):
     params, _ = run_stages(inside, {"train.epochs": 3})
     first = register_in(inside, params, name="moving", min_precision=0.0)
