@@ -124,7 +124,8 @@ def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_siz
         else:
             top, left = (padded_height - height) // 2, (padded_width - width) // 2  # the centre
         rows, columns = rows + top - crop_padding, columns + left - crop_padding  # in the unpadded image
-        inside = (rows[:, :, tf.newaxis] >= 0) & (rows[:, :, tf.newaxis] < image_size[0]) & (columns[:, tf.newaxis, :] >= 0) & (columns[:, tf.newaxis, :] < image_size[1])
+        rows_inside, columns_inside = (rows >= 0) & (rows < image_size[0]), (columns >= 0) & (columns < image_size[1])
+        inside = rows_inside[:, :, tf.newaxis] & columns_inside[:, tf.newaxis, :]
         images = tf.gather(images, tf.clip_by_value(rows, 0, image_size[0] - 1), axis=1, batch_dims=1)
         images = tf.gather(images, tf.clip_by_value(columns, 0, image_size[1] - 1), axis=2, batch_dims=1)
         images = tf.where(inside[..., tf.newaxis], images, tf.zeros_like(images))  # the padding
