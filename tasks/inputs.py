@@ -9,6 +9,7 @@ split (evaluate) go through the same `evaluation_data`, so both see exactly what
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import tensorflow as tf
@@ -44,7 +45,7 @@ def training_data(
     if count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20:
         data = data.cache()  # decoding and resizing happen once, not once per epoch
     data = data.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=drop_remainder)
-    distort = _distortion(augment, image_size, input_size, crop_padding)
+    distort = _distortion(tuple(augment), tuple(image_size), tuple(input_size), crop_padding)
     # A fresh, seeded pair of random seeds for every batch, different in every epoch.
     seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)
     return (
@@ -87,6 +88,7 @@ def read_preprocessing(model_dir: pathlib.Path) -> tuple[tuple[int, int], tuple[
     return tuple(recorded["image_size"]), tuple(recorded["input_size"])
 
 
+@functools.cache  # one function per setting, so that every pipeline of a process shares its compiled programs
 def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_size: tuple[int, int], crop_padding: int):
     """A function of (a uint8 batch, a seed): the `augment` distortions in the tutorial's order, cropped to `input_size`.
 
