@@ -16,6 +16,7 @@ def test_input_pipeline_benchmark_reports_both_sides(workdir):
     assert report["train_images"] == 210, "70% of the images form the training split"
     for side in ("image_data_generator", "pipeline_cold", "pipeline_warm"):
         assert report[f"{side}_images_per_second"] > 0
+    assert report["cpu_ratio_warm"] > 0
     assert report["ratio_warm"] == round(report["pipeline_warm_images_per_second"] / report["image_data_generator_images_per_second"], 2)
     assert [len(report["runs"][side]) for side in ("anchor", "cold", "warm")] == [2, 2, 2]
     assert isinstance(report["passed"], bool)
