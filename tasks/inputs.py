@@ -92,18 +92,19 @@ def read_preprocessing(model_dir: pathlib.Path) -> tuple[tuple[int, int], tuple[
 def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_size: tuple[int, int], crop_padding: int):
     """A function of (a uint8 batch, a seed): the `augment` distortions in the tutorial's order, cropped to `input_size`.
 
-    Written with plain TensorFlow ops rather than Keras' preprocessing layers, which cost 6x more per image
-    here (bench/input_pipeline.py: 12,000 against 75,000 images/s of 32x32 on 2 cores). The geometric
-    distortions (crop, flip, shift) only move whole pixels, so they are one gather of rows and one of
-    columns of the uint8 images, each image with its own window; brightness and contrast then run once
-    over the batch in float32. Random draws are stateless, from the batch's own seed: reproducible with
-    any number of parallel calls.
+    Written with plain TensorFlow ops rather than Keras' preprocessing layers: with those, crop, flip,
+    brightness and contrast delivered 12,000 images/s of 32x32 on 2 cores, with these 46,000 or more while
+    other work shared the cores (bench/input_pipeline.py; docs/benchmarks.md has the profile). The
+    geometric distortions (crop, flip, shift) only move whole pixels, so they are one gather of rows and
+    one of columns of the uint8 images, each image with its own window; brightness and contrast then run
+    once over the batch in float32. Random draws are stateless, from the batch's own seed: reproducible
+    with any number of parallel calls.
     """
     height, width = input_size
     padded_height, padded_width = image_size[0] + 2 * crop_padding, image_size[1] + 2 * crop_padding
 
     # One XLA program per batch shape: the gathers, the arithmetic and the casts fuse into a few loops
-    # over the pixels instead of a pass over the batch per TensorFlow op (4x faster on CPU, measured).
+    # over the pixels instead of a pass over the batch per TensorFlow op (about 2x faster on CPU, measured).
     @tf.function(jit_compile=True)
     def distort(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         crop_seed, flip_seed, shift_seed, brightness_seed, contrast_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
