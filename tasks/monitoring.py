@@ -34,11 +34,13 @@ class ProgressLogger(keras.callbacks.Callback):
         self.epoch_steps = self.window_steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self.epoch_steps += 1
-        self.window_steps += 1
-        step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every_steps == 0:
+        # `batch` is the epoch's last finished step: with steps_per_execution > 1 Keras calls this once per
+        # group of steps. The step counter is read from the device only when a line is printed.
+        steps = batch + 1 - self.epoch_steps
+        self.epoch_steps, self.window_steps = batch + 1, self.window_steps + steps
+        if self.window_steps >= self.every_steps:
             now = time.perf_counter()
+            step = int(self.model.optimizer.iterations.numpy())
             self.print_fn(f"step {step}, {self._describe(logs)} {self._speed(now - self.window_start, self.window_steps)}")
             self.window_start, self.window_steps = now, 0
 

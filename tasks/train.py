@@ -200,7 +200,9 @@ def train(
 def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, jit_compile: bool) -> None:
     # One-hot targets: Keras' sparse cross-entropy has no label smoothing.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
+    # Progress is reported every log_every_steps: the steps in between run as one call of the training
+    # function, without a return to Python and the per-step callbacks after each (bench/train_throughput.py).
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile, steps_per_execution=params.log_every_steps)
 
 
 def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipeline) -> list[keras.callbacks.Callback]:

@@ -1,0 +1,248 @@
+"""Training throughput: the train stage against a bare model.fit of the same model, and against the CPU's FLOP limit.
+
+    python -m bench.train_throughput                        # keras_cnn and cifar10_tutorial, 4,000 images
+    python -m bench.train_throughput --images 600 --epochs 3 --models cifar10_tutorial   # quicker, noisier
+
+32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
+in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
+in this process, twice, alternating (so that a burst of other work on the machine hits both alike):
+- bare fit: the same network (`tasks.models.build_model`), loss, optimizer (with its moving averages)
+  and batch size, `model.fit` on NumPy arrays of the training split held in memory (decoded once,
+  centre-cropped to the input size, no distortion), validating on the validation split as NumPy.
+- train stage: `tasks.train.train` on the shards with its defaults from params.yaml and the seed's
+  settings from the README's model table: tf.data pipeline with distortions, progress lines, CSV,
+  MLflow metrics (a SQLite store in the temporary folder), TensorBoard scalars and weight histograms,
+  backups, best checkpoint, moving-average swap for validation, and after training the saved model
+  and MLflow model logging (not part of any epoch, so not in the figure).
+Both are timed by the same Keras callback, the last in the list, as the time between the ends of
+consecutive epochs: the training steps, the validation pass and every callback of the epoch. The
+first epoch (tracing, XLA compiling, filling the cache) and the last (the stage then also scores the
+raw weights) are left out; of the epochs in between the fastest counts (other work on the machine
+only ever slows an epoch down). Beside wall-clock images/s, the process's CPU time per image is
+reported: it hardly depends on other work sharing the cores, so its ratio is the steadier measure of
+what the stage adds. `train.deterministic: true` (the default) turns on TensorFlow's op determinism
+for the whole process, so it is turned on first, for both sides.
+
+The FLOP limit: the model's forward FLOPs per image are counted from its layer shapes (2 x
+multiply-adds of every convolution and dense layer; pooling, normalization and activations are
+left out, so the fraction is if anything understated), a training step is taken as 3 x forward
+(backward = 2 x forward), and the limit is a 2048 x 2048 fp32 matmul timed in the same run, before
+and after the models (the faster counts). The fraction is also given per CPU second of this process
+(the model's FLOPs per CPU second over the matmul's), which other work on the cores hardly moves.
+Goals: the stage at least 0.95x the bare fit's images/s for every model; cifar10_tutorial's stage at
+least 40% of the FLOP limit on CPU. Exits non-zero when one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bench import input_pipeline
+from bench import report as bench_report
+from tasks import config, inputs, models, optimizers, records, train
+
+PARAMS = pathlib.Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults the stage runs with
+REQUIRED_RATIO = 0.95
+REQUIRED_FLOP_FRACTION = 0.40  # for cifar10_tutorial on CPU
+# The seeds' settings (README: Models) on 32x32 images, and the seeds' batch sizes.
+MODEL_SETTINGS = {
+    "keras_cnn": {"train.augment": ["shift"], "train.batch_size": 32},
+    "cifar10_tutorial": {
+        "train.crop_size": [24, 24], "train.augment": ["crop", "brightness", "contrast"], "train.batch_size": 128,
+        "train.optimizer": "sgd", "train.learning_rate": 0.1, "train.schedule": "exponential", "train.decay_steps": 500,
+        "train.decay_rate": 0.1, "train.staircase": True, "train.weight_decay": 0.0001,
+    },
+}
+
+
+class EpochEnds(keras.callbacks.Callback):
+    """When each epoch ended, after every callback before this one: wall-clock and this process's CPU seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[tuple[float, float]] = []
+
+    def on_train_begin(self, logs=None):
+        self.times = [(time.perf_counter(), time.process_time())]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append((time.perf_counter(), time.process_time()))
+
+    def steady_epochs(self) -> list[tuple[float, float]]:
+        """(wall seconds, CPU seconds) of each epoch but the first and the last."""
+        durations = np.diff(np.array(self.times), axis=0)
+        return [(float(wall), float(cpu)) for wall, cpu in durations[1:-1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    model: str
+    batch_size: int
+    train_images: int
+    bare_epochs: list[tuple[float, float]]  # (wall, CPU) seconds of each steady epoch
+    stage_epochs: list[tuple[float, float]]
+    forward_flops_per_image: float
+
+    def images_per_second(self, side: str) -> float:
+        """Of the side's fastest steady epoch, wall-clock."""
+        return self.train_images / min(wall for wall, _ in getattr(self, f"{side}_epochs"))
+
+    def cpu_seconds_per_image(self, side: str) -> float:
+        """This process's CPU time per image in the side's least costly steady epoch: the work done, whatever else ran."""
+        return min(cpu for _, cpu in getattr(self, f"{side}_epochs")) / self.train_images
+
+
+def forward_flops(model: keras.Model) -> float:
+    """FLOPs of one image's forward pass through the convolutions and dense layers (2 per multiply-add).
+
+    Counted by hand from the layer shapes: TensorFlow's profiler needs a frozen v1 graph for this, and
+    these two layer kinds are where nearly all of the arithmetic is.
+    """
+    flops = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kernel_height, kernel_width = layer.kernel_size
+            flops += 2.0 * height * width * filters * kernel_height * kernel_width * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2.0 * layer.input.shape[-1] * layer.units
+    return flops
+
+
+def matmul_rates(side: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """This device's fp32 matmul rate, per wall-clock second (the fastest of `repeats` products of two
+    side x side matrices) and per CPU second of this process (the least costly of them)."""
+    a = tf.random.stateless_normal([side, side], seed=[0, 1])
+    b = tf.random.stateless_normal([side, side], seed=[0, 2])
+    product = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+    product().numpy()
+    fastest, cheapest = float("inf"), float("inf")
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        product().numpy()
+        fastest, cheapest = min(fastest, time.perf_counter() - start), min(cheapest, time.process_time() - start_cpu)
+    return 2.0 * side**3 / fastest, 2.0 * side**3 / cheapest
+
+
+def in_memory(shards_dir: pathlib.Path, split: str, params: config.TrainParams, class_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split as NumPy arrays, centre-cropped to the input size, with one-hot labels: what a plain script would feed."""
+    images, labels = [], []
+    data = inputs.evaluation_data(shards_dir, split, params.image_size, params.input_size, batch_size=1024)
+    for image_batch, label_batch in data:
+        images.append(image_batch.numpy())
+        labels.append(label_batch.numpy())
+    return np.concatenate(images), keras.utils.to_categorical(np.concatenate(labels), class_count)
+
+
+def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int) -> tuple[list[tuple[float, float]], float]:
+    """Steady epochs' (wall, CPU) seconds of model.fit on in-memory arrays, and the model's forward FLOPs per image."""
+    class_names = records.read_manifest(shards_dir)["classes"]
+    x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
+    validation = in_memory(shards_dir, "validation", params, len(class_names))
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay)
+    steps = -(-len(x_train) // params.batch_size)
+    model.compile(
+        optimizer=optimizers.make_optimizer(params, steps * params.epochs), metrics=["accuracy"],
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing), jit_compile=False,
+    )
+    epoch_ends = EpochEnds()
+    model.fit(x_train, y_train, batch_size=params.batch_size, epochs=params.epochs, validation_data=validation,
+              callbacks=[epoch_ends], verbose=0)
+    return epoch_ends.steady_epochs(), forward_flops(model)
+
+
+def train_stage(params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int) -> list[tuple[float, float]]:
+    """Steady epochs' (wall, CPU) seconds of the train stage, everything on (the MLflow store and outputs in `folder`)."""
+    epoch_ends = EpochEnds()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress lines
+        train.train(params, seed, shards_dir, folder / "models", checkpoints_dir=folder / "checkpoints", extra_callbacks=[epoch_ends])
+    return epoch_ends.steady_epochs()
+
+
+def measure(model: str, shards_dir: pathlib.Path, folder: pathlib.Path, epochs: int, batch_size: int | None, runs: int) -> Result:
+    overrides = {"train.model": model, "train.image_size": [32, 32], "train.epochs": epochs, **MODEL_SETTINGS[model]}
+    if batch_size:
+        overrides["train.batch_size"] = batch_size
+    params = config.load_params(PARAMS, overrides)
+    bare_epochs, stage_epochs = [], []
+    for run in range(runs):  # alternating, so that a burst of other work on the machine hits both alike
+        seconds, flops = bare_fit(params.train, shards_dir, params.base.seed)
+        bare_epochs += seconds
+        stage_epochs += train_stage(params.train, shards_dir, folder / f"{model}-{run}", params.base.seed)
+    train_images = records.read_manifest(shards_dir)["splits"]["train"]["count"]
+    return Result(model, params.train.batch_size, train_images, bare_epochs, stage_epochs, flops)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=4000, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first and last are not timed, at least 3 (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=2, help="of each side, alternating (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
+    arguments = parser.parse_args(argv)
+    if arguments.epochs < 3:
+        parser.error("--epochs must be at least 3: the first and the last epoch are not timed")
+    tf.config.experimental.enable_op_determinism()  # what train.deterministic (the default) does, for both sides
+    matmul = [matmul_rates()]  # before and after the models: the faster is the device's limit, less disturbed by other work
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        folder = pathlib.Path(folder)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+        shards_dir = input_pipeline.make_shards(folder, arguments.images)
+        for model in arguments.models:
+            results.append(measure(model, shards_dir, folder, arguments.epochs, arguments.batch_size, arguments.runs))
+        del os.environ["MLFLOW_TRACKING_URI"]
+    matmul.append(matmul_rates())
+    matmul_rate, matmul_cpu_rate = max(rate for rate, _ in matmul), max(rate for _, rate in matmul)
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    print(f"{results[0].train_images} training images of 32x32; fp32 matmul: {matmul_rate / 1e9:.1f} GFLOP/s on {device} "
+          f"({matmul_cpu_rate / 1e9:.1f} per CPU second)")
+    rows, report_models, passed = [], {}, True
+    for result in results:
+        bare, stage = result.images_per_second("bare"), result.images_per_second("stage")
+        ratio = stage / bare
+        cpu_ratio = result.cpu_seconds_per_image("bare") / result.cpu_seconds_per_image("stage")
+        training_flops = 3 * result.forward_flops_per_image
+        fraction = training_flops * stage / matmul_rate
+        # The same per CPU second of this process: what the model gets out of the cycles it is given.
+        cpu_fraction = training_flops / result.cpu_seconds_per_image("stage") / matmul_cpu_rate
+        rows.append([result.model, "bare model.fit (NumPy)", result.batch_size, bare, 1000 * result.cpu_seconds_per_image("bare"), None, None, None, None])
+        rows.append([result.model, "train stage", result.batch_size, stage, 1000 * result.cpu_seconds_per_image("stage"),
+                     f"{ratio:.3f}x", f"{cpu_ratio:.3f}x", f"{fraction:.1%}", f"{cpu_fraction:.1%}"])
+        report_models[result.model] = {
+            "batch_size": result.batch_size, "bare_images_per_second": round(bare, 1), "stage_images_per_second": round(stage, 1),
+            "ratio": round(ratio, 3), "cpu_ratio": round(cpu_ratio, 3), "forward_flops_per_image": result.forward_flops_per_image,
+            "training_flops_per_image": training_flops, "flop_fraction": round(fraction, 4), "cpu_flop_fraction": round(cpu_fraction, 4),
+            "bare_epochs_wall_cpu_seconds": result.bare_epochs, "stage_epochs_wall_cpu_seconds": result.stage_epochs,
+        }
+    bench_report.print_table(["model", "method", "batch", "images/s", "CPU ms/image", "ratio", "CPU ratio", "of FLOP limit", "per CPU s"], rows)
+    for result in results:
+        passed &= bench_report.check(f"{result.model}: train stage over bare fit", report_models[result.model]["ratio"], REQUIRED_RATIO)
+    if "cifar10_tutorial" in report_models and device == "CPU":
+        passed &= bench_report.check(
+            "cifar10_tutorial: fraction of the fp32 FLOP limit", report_models["cifar10_tutorial"]["flop_fraction"] * 100, REQUIRED_FLOP_FRACTION * 100, unit="%"
+        )
+    bench_report.write("train_throughput", {
+        "images": arguments.images, "train_images": results[0].train_images, "epochs": arguments.epochs, "device": device,
+        "matmul_flops_per_second": matmul_rate, "matmul_flops_per_cpu_second": matmul_cpu_rate,
+        "matmul_runs_wall_cpu": matmul, "required_ratio": REQUIRED_RATIO, "required_flop_fraction": REQUIRED_FLOP_FRACTION,
+        "models": report_models, "passed": passed,
+    })
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

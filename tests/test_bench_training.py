@@ -1,0 +1,36 @@
+"""The input pipeline and training throughput benchmarks run end to end on tiny sizes and write their reports.
+
+Only that they run and report sane figures: their goals are checked by running them on full sizes
+(docs/benchmarks.md), never in the test suite.
+"""
+
+import json
+
+from bench import input_pipeline, train_throughput
+
+
+def test_input_pipeline_benchmark_reports_both_sides(workdir):
+    input_pipeline.main(["--images", "300", "--batch-size", "32", "--warm-passes", "1"])
+    report = json.loads((workdir / "reports" / "bench" / "input_pipeline.json").read_text())
+    assert report["benchmark"] == "input_pipeline" and report["machine"]["cores"] >= 1
+    assert report["train_images"] == 210, "70% of the images form the training split"
+    for side in ("image_data_generator", "pipeline_cold", "pipeline_warm"):
+        assert report[f"{side}_images_per_second"] > 0
+    assert report["cpu_ratio_warm"] > 0
+    assert report["ratio_warm"] == round(report["pipeline_warm_images_per_second"] / report["image_data_generator_images_per_second"], 2)
+    assert [len(report["runs"][side]) for side in ("anchor", "cold", "warm")] == [2, 2, 2]
+    assert isinstance(report["passed"], bool)
+
+
+def test_train_throughput_benchmark_reports_ratio_and_flop_fraction(workdir):
+    train_throughput.main(["--images", "100", "--epochs", "3", "--runs", "1", "--models", "cifar10_tutorial", "--batch-size", "32"])
+    report = json.loads((workdir / "reports" / "bench" / "train_throughput.json").read_text())
+    assert report["benchmark"] == "train_throughput" and report["matmul_flops_per_second"] > 1e8
+    figures = report["models"]["cifar10_tutorial"]
+    # conv1 24x24x64x(5x5x3) + conv2 12x12x64x(5x5x64) + local3 2304x384 + local4 384x192 + logits 192x10 multiply-adds, x2
+    assert figures["forward_flops_per_image"] == 2 * (24 * 24 * 64 * 75 + 12 * 12 * 64 * 1600 + 2304 * 384 + 384 * 192 + 192 * 10)
+    assert figures["training_flops_per_image"] == 3 * figures["forward_flops_per_image"]
+    assert figures["bare_images_per_second"] > 0 and figures["stage_images_per_second"] > 0
+    assert 0 < figures["flop_fraction"] < 1 and 0 < figures["cpu_flop_fraction"] < 1.5
+    assert len(figures["stage_epochs_wall_cpu_seconds"]) == 1, "of 3 epochs, only the middle one is timed"
+    assert isinstance(report["passed"], bool)
