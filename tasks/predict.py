@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from tasks import files, inputs, train
+from tasks import errors, files, inputs, train
 
 BATCH_SIZE = 64  # images per model call
 
@@ -107,7 +107,7 @@ def main(arguments: list[str] | None = None) -> int:
     parser.add_argument("input", help="an image file, a folder, or a glob pattern")
     parser.add_argument("--output", type=pathlib.Path, help="CSV file to write (default: stdout)")
     parser.add_argument("--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)")
-    options = parser.parse_args(arguments)
+    options = errors.add_verbose_option(parser).parse_args(arguments)
     model, class_names, image_size = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
@@ -128,4 +128,4 @@ def main(arguments: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_main(main))

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 import tempfile
 
 import mlflow
 import mlflow.entities
 import mlflow.exceptions
 
-from tasks import config, files, tracking
+from tasks import config, errors, files, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -135,7 +136,8 @@ def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) 
                 (mlflow.log_artifacts(str(path), f"export/{path.name}") if path.is_dir() else mlflow.log_artifact(str(path), "export"))
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = register(
         params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
@@ -144,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main, exclusive=True))

@@ -24,6 +24,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import keras
@@ -33,7 +34,7 @@ import mlflow.tensorflow
 import numpy as np
 import tensorflow as tf
 
-from tasks import config, distributed, files, inputs, models, monitoring, optimizers, records, tracking
+from tasks import config, distributed, errors, files, inputs, models, monitoring, optimizers, records, tracking
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -289,7 +290,8 @@ def _weights(setting: str) -> str:
     raise FileNotFoundError(f"train.pretrained_weights = {setting!r}: expected imagenet, none or the path of a weights file; no such file")
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir)
     print(
@@ -300,4 +302,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The other workers of a cluster share the chief's folder and write nothing there: the chief holds the lock.
+    sys.exit(errors.run_main(main, exclusive=distributed.is_chief_process()))
