@@ -93,7 +93,9 @@ def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_
 def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`."""
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
-    with locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"):
+    # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
+    # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
+    with locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"), dvc_stages.exclusive():
         return _stages(params, params_file, overrides)
 
 

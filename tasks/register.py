@@ -83,11 +83,16 @@ def register(
 
 def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
     try:
-        return client.get_model_version_by_alias(model_name, alias)
+        aliases = client.get_registered_model(model_name).aliases
     except mlflow.exceptions.MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    # Asked through the model's aliases: a model whose versions are all challengers has no champion,
+    # and get_model_version_by_alias would fail for it (INVALID_PARAMETER_VALUE, not "does not exist").
+    if alias not in aliases:
+        return None
+    return client.get_model_version(model_name, str(aliases[alias]))
 
 
 def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:
