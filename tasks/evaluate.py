@@ -97,7 +97,7 @@ def evaluate(
 ) -> EvaluateResult:
     """Scores the model of `model_dir` on the test shards of `shards_dir` and logs it all to its run."""
     run = tracking.read_run(model_dir)
-    model = keras.saving.load_model(model_dir / train.MODEL_FILE)  # safe_mode: no arbitrary code
+    model = tracking.load_model_file(model_dir / train.MODEL_FILE)
     class_names = files.read_json(model_dir / train.LABELS_FILE, "run the train stage first")
     image_size, input_size = inputs.read_preprocessing(model_dir)
     predictions = predict_test_split(model, shards_dir, params.batch_size, image_size, input_size)

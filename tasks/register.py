@@ -104,12 +104,11 @@ def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards
         return float(champion.tags[measured_tag])
     # The test set changed (new images, another split): comparing the old number would be meaningless.
     import mlflow.models
-    import mlflow.tensorflow
 
     from tasks import evaluate  # TensorFlow is only needed on this path
 
     champion_uri = f"models:/{champion.name}/{champion.version}"
-    model = mlflow.tensorflow.load_model(champion_uri)
+    model = tracking.load_logged_model(champion_uri)
     input_size = tuple(model.input_shape[1:3])
     preprocessing = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing", {})
     image_size = tuple(preprocessing.get("image_size", input_size))

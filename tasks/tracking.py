@@ -43,6 +43,43 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in config.flatten(metrics, separator="_").items()}
 
 
+def load_logged_model(model_uri: str):
+    """The Keras model logged at `model_uri` (models:/NAME@ALIAS, runs:/..., ...), loaded in Keras' safe mode.
+
+    Not mlflow.tensorflow.load_model: it first unpickles (cloudpickle) the custom objects saved beside
+    the model, which runs whatever code that file holds, whoever wrote it to the artifact store. The
+    .keras file alone needs no pickle: its custom layers are this package's registered serializables.
+    """
+    import mlflow.artifacts
+    import mlflow.models
+
+    local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavors = mlflow.models.Model.load(str(local / "MLmodel")).flavors
+    flavor = flavors.get("tensorflow") or flavors.get("keras")
+    model_file = local / (flavor or {}).get("data", "data") / "model.keras"
+    if flavor is None or not model_file.is_file():
+        raise ValueError(f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?")
+    return load_model_file(model_file, what=model_uri)
+
+
+def load_model_file(path: pathlib.Path, what: str | None = None):
+    """A .keras file, loaded in Keras' safe mode: a layer that would run arbitrary Python code
+    (a Lambda layer's pickled function) is refused, with the file named."""
+    import keras
+
+    from tasks import models  # noqa: F401 - registers the custom layers the file may name
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        raise ValueError(
+            f"{what or path}: refused to load: it holds code that loading would run (e.g. a Lambda layer), which Keras' safe mode does "
+            "not allow; models this pipeline trains hold none: retrain it, or use a model from a source you trust"
+        ) from None
+
+
 def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
     files.write_json(model_dir / RUN_FILE, run)
 
