@@ -31,8 +31,9 @@ VERBOSE_VARIABLE = "PIPELINE_VERBOSE"
 VERBOSE_OPTION = "--verbose"
 FAILED, BAD_INPUT, BUSY, INTERRUPTED = 1, 2, 3, 130
 
-# scheme://user:password@host -> scheme://user:***@host (anything up to the last @ before the host).
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
+# scheme://user:password@host -> scheme://user:***@host; scheme://token@host -> scheme://***@host.
+# The user information runs up to the last @ before the path, so a password may contain an @.
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s]*)@")
 # Errors of the file system that the user fixes by pointing a setting elsewhere or fixing permissions.
 _BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -44,7 +45,16 @@ class PipelineBusy(RuntimeError):
 
 def redact(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
-    return _CREDENTIALS.sub(lambda match: f"{match['scheme']}{match['user']}:***@", text)
+    def hide(match: re.Match) -> str:
+        user, has_password, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
+
+    return _CREDENTIALS.sub(hide, text)
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` with no user name or password (https://user:password@host/x -> https://host/x): what may be stored."""
+    return _CREDENTIALS.sub(lambda match: match["scheme"], uri)
 
 
 def add_verbose_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -11,18 +11,34 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import urllib.parse
 from typing import Any
 
 import mlflow
 import yaml
 
-from tasks import config, files
+from tasks import config, errors, files
 
 RUN_FILE = "run.json"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pathlib.Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or the SQLite file in the working folder.
+
+    A user name and password in the URI (https://user:password@host) are handed to MLflow as
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, which it sends the same way (basic
+    authentication), and the URI is used without them: MLflow prints its URI in run links and error
+    messages, and this pipeline stores it beside the model.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{pathlib.Path.cwd() / 'mlflow.db'}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+        uri = errors.without_credentials(uri)
+    return uri
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -81,11 +97,14 @@ def load_model_file(path: pathlib.Path, what: str | None = None):
 
 
 def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
-    files.write_json(model_dir / RUN_FILE, run)
+    # run.json is a DVC output (cached, pushed to remotes): never with a password (see tracking_uri).
+    files.write_json(model_dir / RUN_FILE, {**run, "tracking_uri": errors.without_credentials(run["tracking_uri"])})
 
 
 def read_run(model_dir: pathlib.Path) -> dict[str, Any]:
-    return files.read_json(model_dir / RUN_FILE, "run the train stage first")
+    run = files.read_json(model_dir / RUN_FILE, "run the train stage first")
+    tracking_uri()  # hands MLFLOW_TRACKING_URI's credentials, if any, to MLflow in this process too
+    return run
 
 
 def dvc_tags(shards_dir: pathlib.Path) -> dict[str, str]:

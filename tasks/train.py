@@ -268,7 +268,7 @@ def _start_run(params, manifest, manifest_sha256, shards_dir, work, run_settings
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     previous = files.read_json(work / RUN_FILE, "") if (work / RUN_FILE).is_file() else {}
-    if previous.get("tracking_uri") == mlflow.get_tracking_uri():
+    if previous.get("tracking_uri") == errors.without_credentials(mlflow.get_tracking_uri()):
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.get_run(previous["run_id"])
             client.set_tag(previous["run_id"], "resumed", "true")
@@ -280,7 +280,7 @@ def _start_run(params, manifest, manifest_sha256, shards_dir, work, run_settings
     settings = run_settings or {"train": params.model_dump(mode="json")}
     mlflow.log_params(config.flatten(settings))
     mlflow.log_dict(settings, "params.yaml")
-    files.write_json(work / RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    files.write_json(work / RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())})
     return run
 
 
