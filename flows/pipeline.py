@@ -100,6 +100,7 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
 
 
 def _stages(params: config.Params, params_file: str, overrides: dict[str, Any] | None) -> str:
+    """The five stage tasks in dvc.yaml's order, then the summary."""
     tracked = dvc_stages.tracked(params_file, overrides)
     minutes = params.flow.timeout_minutes
     downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir, params.downloads_dir)

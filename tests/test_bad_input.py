@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# Imported with the module, not inside a test: Prefect configures logging on first import, which
+# closes every logging handler there is, including those pytest gives a running test.
+from flows import deploy, pipeline
 from tasks import errors
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
@@ -181,8 +184,6 @@ def test_a_read_only_output_folder(workdir, capsys):
 
 
 def test_the_flow_and_its_deployment_refuse_bad_settings_before_starting_prefect(workdir, capsys):
-    from flows import deploy, pipeline
-
     (workdir / "broken.yaml").write_text("train:\n  epochs: [1\n")
     code, stderr = _run(pipeline.main, capsys, "--params", "broken.yaml")
     assert code == 2 and "broken.yaml, line 3, column 1: not valid YAML" in _one_line(stderr, "flows.pipeline")

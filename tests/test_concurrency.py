@@ -11,6 +11,7 @@ import time
 import mlflow
 import pytest
 
+from flows import pipeline  # at import, not in a test: see tests/test_bad_input.py
 from tasks import errors, locking
 from tests.conftest import FAST, REPOSITORY, write_params
 from tests.test_pipeline import _dvc
@@ -77,8 +78,6 @@ def test_a_killed_holder_leaves_no_stale_lock(workdir):
 
 
 def test_dvc_repro_and_the_flow_exclude_each_other_and_leave_consistent_state(repository_copy, prefect_server):
-    from flows import pipeline
-
     # min_precision 1.0: versions register as challengers, which skips the champion's export (seconds)
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0})
 
