@@ -12,9 +12,10 @@ workers on other machines, `prefect deploy` reads prefect.yaml instead.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flows import pipeline
-from tasks import config
+from tasks import config, errors
 
 
 def main(arguments: list[str] | None = None) -> None:
@@ -23,7 +24,7 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--cron", help="when to run, as a cron expression (default: flow.cron of the params file)")
     parser.add_argument("--name", default="nightly", help="the deployment's name (default: %(default)s)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    options = parser.parse_args(arguments)
+    options = errors.add_verbose_option(parser).parse_args(arguments)
     overrides = pipeline.parse_overrides(options.assignments) or None
     params = config.load_params(options.params, overrides)  # a bad setting stops here, not at 2 a.m.
     pipeline.pipeline.serve(
@@ -35,4 +36,4 @@ def main(arguments: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main))

@@ -13,17 +13,21 @@ and every stage that runs is recorded in dvc.lock. Overrides run every stage and
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import prefect
 import prefect.cache_policies
+import prefect.logging.handlers
+import prefect.runtime
 import prefect.states
 import yaml
 
 from flows import dvc_stages, reports
-from tasks import config, convert, download, evaluate, register, train
+from tasks import config, convert, download, errors, evaluate, locking, register, train
 
 STAGES = ("download", "convert", "train", "evaluate", "register")
 
@@ -89,6 +93,14 @@ def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_
 def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`."""
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
+    # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
+    # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
+    with locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"), dvc_stages.exclusive():
+        return _stages(params, params_file, overrides)
+
+
+def _stages(params: config.Params, params_file: str, overrides: dict[str, Any] | None) -> str:
+    """The five stage tasks in dvc.yaml's order, then the summary."""
     tracked = dvc_stages.tracked(params_file, overrides)
     minutes = params.flow.timeout_minutes
     downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir, params.downloads_dir)
@@ -119,13 +131,41 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the image-classification pipeline as a Prefect flow.")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    arguments = parser.parse_args()
-    print(pipeline(arguments.params, parse_overrides(arguments.assignments) or None))
+    options = errors.add_verbose_option(parser).parse_args(arguments)
+    overrides = parse_overrides(options.assignments) or None
+    config.load_params(options.params, overrides)  # a bad setting stops here, before Prefect starts a server
+    if not options.verbose and not errors.verbose():
+        _console_without_tracebacks()
+    print(pipeline(options.params, overrides))
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as `formatter` does, leaving out its traceback."""
+
+    def __init__(self, formatter: logging.Formatter):
+        super().__init__()
+        self.formatter = formatter
+
+    def format(self, record: logging.LogRecord) -> str:
+        kept = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.formatter.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = kept  # the Prefect UI's log keeps it
+
+
+def _console_without_tracebacks() -> None:
+    # Prefect's console log prints a failed task's traceback twice (task and flow); the command line
+    # ends with the error's one line instead, and --verbose brings the tracebacks back.
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, prefect.logging.handlers.PrefectConsoleHandler) and handler.formatter is not None:
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main))

@@ -10,7 +10,7 @@ from collections import Counter
 import keras
 import prefect.artifacts
 
-from tasks import records, tracking
+from tasks import errors, records, tracking
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -49,10 +49,11 @@ def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_d
     metrics = json.loads(metrics_path.read_text())
     registry = json.loads(registry_path.read_text())
     run = tracking.read_run(model_dir)
-    if run["tracking_uri"].startswith("http"):
-        run_link = f"[{run['run_id']}]({run['tracking_uri']}/#/experiments/{run['experiment_id']}/runs/{run['run_id']})"
+    server = errors.without_credentials(run["tracking_uri"])  # the artifact is shown to everyone who sees the flow
+    if server.startswith("http"):
+        run_link = f"[{run['run_id']}]({server}/#/experiments/{run['experiment_id']}/runs/{run['run_id']})"
     else:
-        run_link = f"`{run['run_id']}` (`mlflow ui --backend-store-uri {run['tracking_uri']}`)"
+        run_link = f"`{run['run_id']}` (`mlflow ui --backend-store-uri {server}`)"
     what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
     lines = [
         f"### {registry['model_name']} version {registry['version']}: `{registry['alias']}`",

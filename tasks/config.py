@@ -267,12 +267,17 @@ def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, A
     path = pathlib.Path(path)
     try:
         text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"cannot read the params file {path}: no such file; run from the folder that holds params.yaml (the repository's root)"
+            + ("" if path.name == "params.yaml" else " or name an existing file")
+        ) from None
     except OSError as error:
         raise ConfigError(f"cannot read the params file {path}: {error.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(_describe_yaml_error(path, error)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (base, dataset, train, ...), got {type(raw).__name__}")
     for dotted_key, value in (overrides or {}).items():
@@ -319,6 +324,17 @@ def _set_dotted(raw: dict[str, Any], dotted_key: str, value: Any, path: pathlib.
     node[leaf] = value
 
 
+def _describe_yaml_error(path: pathlib.Path, error: yaml.YAMLError) -> str:
+    """One line: where in the file (line, column: what an editor shows) and what the parser expected there."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != getattr(mark, "line", None):
+        problem = f"{context} (line {context_mark.line + 1}, column {context_mark.column + 1}), {problem}"
+    return f"{where}: not valid YAML: {problem}; fix the file there (a missing quote, bracket or colon, or wrong indentation)"
+
+
 def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid setting(s):"]
     for item in error.errors():
@@ -334,6 +350,8 @@ def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str)
             received = _received(raw, item["loc"])
             shown = "" if isinstance(received, dict) else f" = {received!r}"
             lines.append(f"  {key}{shown}: {message}")
+    if len(lines) == 2:  # one invalid setting: one line, as an error in a log should be
+        return f"{source}: invalid setting {lines[1].strip()}"
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from tasks import config, download, files, images, records
+from tasks import config, download, errors, files, images, records
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
@@ -73,7 +73,10 @@ def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, sha
     found, outside = _find_files(raw_dir, given_splits)
     class_names = tuple(sorted({item.class_name for item in found}))
     if len(class_names) < 2:
-        raise ValueError(f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}")
+        raise ValueError(
+            f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}; "
+            "a classifier needs two or more: add a folder of images for each other class (in dataset.source)"
+        )
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         accepted, rejected, encodings = _prepare_all(found, class_names, dataset.image_size, spool_path)
@@ -133,7 +136,7 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
             by_name[class_name] = entry
             paths = [path for path in entry.rglob("*") if path.is_file()]
             if not paths:
-                raise ValueError(f"class folder {entry} holds no files; add images or remove the folder")
+                raise ValueError(f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder")
             for path in paths:
                 found.append(_File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name))
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
@@ -286,7 +289,8 @@ def summary(manifest: dict, shards_dir: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = convert(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
@@ -295,4 +299,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main, exclusive=True))

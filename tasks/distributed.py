@@ -61,6 +61,19 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
 
 
+def is_chief_process() -> bool:
+    """is_chief, before any strategy exists: from TF_CONFIG alone (the command line decides on the lock with it)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError:
+        return True  # make_strategy names the broken variable
+    task = cluster.get("task") or {}
+    if not task.get("type"):
+        return True
+    has_chief = "chief" in (cluster.get("cluster") or {})
+    return task["type"] == "chief" or (not has_chief and task["type"] == "worker" and int(task.get("index", 0)) == 0)
+
+
 def _split_cpu(count: int) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:

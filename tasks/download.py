@@ -25,13 +25,15 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import PIL.Image
 import sklearn.datasets
 
-from tasks import config, fetch, files
+from tasks import config, errors, fetch, files
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 # As published by TensorFlow Datasets (url_checksums/cifar10.txt): 170,052,171 bytes.
@@ -91,8 +93,18 @@ def _archive(source: str, sha256: str | None, downloads_dir: pathlib.Path) -> pa
     if fetch.is_url(source):
         return fetch.download(source, downloads_dir / fetch.cached_name(source), sha256)
     path = pathlib.Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset.source {source!r} does not exist; give an existing folder with one sub-folder per class, "
+            "a .zip/.tar/.tar.gz/.tgz archive of one, or an http(s):// URL"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"dataset.source {source!r} is neither an http(s):// URL, a folder nor an archive file")
+        raise ValueError(f"dataset.source {source!r} is neither a folder nor a file; give a folder, an archive or an http(s):// URL")
+    if not (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
+        raise ValueError(
+            f"dataset.source {source!r} is a file but not a .zip/.tar/.tar.gz/.tgz archive; "
+            "give such an archive, or the folder that holds one sub-folder per class"
+        )
     if sha256 is not None and (actual := files.sha256_of(path)) != sha256:
         raise ValueError(f"{path}: sha256 mismatch: expected {sha256} (dataset.sha256 or the built-in digest), got {actual}")
     return path
@@ -250,7 +262,8 @@ def _result(raw_dir: pathlib.Path, splits: tuple[str, ...]) -> DownloadResult:
     return DownloadResult(raw_dir=raw_dir, file_count=file_count, class_names=tuple(class_names), splits=splits)
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = download(params.dataset, params.raw_dir, params.downloads_dir)
     splits = f", split folders {', '.join(result.splits)}" if result.splits else ""
@@ -258,4 +271,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main, exclusive=True))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
 
 import keras
 import mlflow
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics
 
-from tasks import config, figures, files, inputs, records, tracking, train
+from tasks import config, errors, figures, files, inputs, records, tracking, train
 
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.csv"
@@ -96,7 +97,7 @@ def evaluate(
 ) -> EvaluateResult:
     """Scores the model of `model_dir` on the test shards of `shards_dir` and logs it all to its run."""
     run = tracking.read_run(model_dir)
-    model = keras.saving.load_model(model_dir / train.MODEL_FILE)  # safe_mode: no arbitrary code
+    model = tracking.load_model_file(model_dir / train.MODEL_FILE)
     class_names = files.read_json(model_dir / train.LABELS_FILE, "run the train stage first")
     image_size, input_size = inputs.read_preprocessing(model_dir)
     predictions = predict_test_split(model, shards_dir, params.batch_size, image_size, input_size)
@@ -138,11 +139,12 @@ def evaluate(
     return EvaluateResult(metrics_path=metrics_path, precision_at_1=metrics["precision_at_1"], test_images=metrics["images"])
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = evaluate(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir)
     print(f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, in {result.metrics_path}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main, exclusive=True))

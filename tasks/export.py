@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pathlib
 
-import keras
 import tensorflow as tf
+
+from tasks import tracking
 
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -16,7 +17,7 @@ TFLITE_FILE = "model.tflite"
 
 def export_model(model_path: pathlib.Path, export_dir: pathlib.Path, tflite_float16: bool) -> list[pathlib.Path]:
     """Writes <export_dir>/saved_model/ and <export_dir>/model.tflite (weights in float16 if asked)."""
-    model = keras.saving.load_model(model_path)
+    model = tracking.load_model_file(model_path)
     saved_model = export_dir / SAVED_MODEL_DIR
     model.export(str(saved_model), format="tf_saved_model", verbose=False)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))

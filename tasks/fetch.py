@@ -25,7 +25,7 @@ import zipfile
 
 import tqdm
 
-from tasks import files
+from tasks import errors, files
 
 ATTEMPTS = 5  # one try and four retries: rides out a restarting server, fails within a minute when down
 BACKOFF_SECONDS = 2.0  # waits 2, 4, 8, 16 s between tries
@@ -72,15 +72,15 @@ def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib
             raise
         except (OSError, http.client.HTTPException) as error:
             if attempt == ATTEMPTS:
-                raise DownloadError(f"{url}: gave up after {ATTEMPTS} attempts: {_describe(error)}") from None
+                raise DownloadError(f"{errors.redact(url)}: gave up after {ATTEMPTS} attempts: {_describe(error)}") from None
             wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
-            print(f"download: {url}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})", file=sys.stderr)
+            print(f"download: {errors.redact(url)}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})", file=sys.stderr)
             time.sleep(wait)
     actual = files.sha256_of(partial)
     if sha256 is not None and actual != sha256:
         partial.unlink()  # resuming a wrong file would only repeat the mismatch
         raise ValueError(
-            f"{url}: sha256 mismatch: expected {sha256}, got {actual}; the download was discarded. "
+            f"{errors.redact(url)}: sha256 mismatch: expected {sha256}, got {actual}; the download was discarded. "
             "Check dataset.source and dataset.sha256 (a mirror may serve another version)."
         )
     os.replace(partial, destination)
@@ -125,7 +125,7 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             return _transfer(url, partial)
         if error.code in _TRANSIENT_STATUS:
             raise
-        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from None
+        raise DownloadError(f"{errors.redact(url)}: HTTP {error.code} {error.reason}") from None
     with response:
         resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
         validators = {key: value for key, value in (("etag", response.headers.get("ETag")), ("last_modified", response.headers.get("Last-Modified"))) if value}

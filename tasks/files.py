@@ -20,8 +20,19 @@ from collections.abc import Iterator
 from typing import Any
 
 
+def make_folder(path: pathlib.Path) -> None:
+    """`mkdir -p path`, naming the file that stands where one of its folders should be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((folder for folder in (path, *path.parents) if folder.exists() and not folder.is_dir()), path)
+        raise NotADirectoryError(
+            f"{blocking} is a file where a folder is expected (to hold {path}); move the file away, or point the path's setting in params.yaml (paths.*) elsewhere"
+        ) from None
+
+
 def write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     remove_abandoned(path)
     descriptor, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".partial", dir=path.parent)
     try:
@@ -52,7 +63,7 @@ def read_json(path: pathlib.Path, what: str) -> Any:
 @contextlib.contextmanager
 def staged_directory(destination: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields an empty folder beside `destination` that replaces it once the block succeeds."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(destination.parent)
     remove_abandoned(destination)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent))
     try:

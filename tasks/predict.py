@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from tasks import files, inputs, train
+from tasks import errors, files, inputs, tracking, train
 
 BATCH_SIZE = 64  # images per model call
 
@@ -33,23 +33,20 @@ def load(model: str) -> tuple[keras.Model, list[str], tuple[int, int] | None]:
     if ":/" in model:
         import mlflow
         import mlflow.models
-        import mlflow.tensorflow
-
-        from tasks import tracking
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
         metadata = mlflow.models.get_model_info(model).metadata or {}
         if not metadata.get("class_names"):
             raise ValueError(f"{model} carries no class_names metadata; was it logged by the train stage?")
         image_size = metadata.get("preprocessing", {}).get("image_size")
-        return mlflow.tensorflow.load_model(model), list(metadata["class_names"]), tuple(image_size) if image_size else None
+        return tracking.load_logged_model(model), list(metadata["class_names"]), tuple(image_size) if image_size else None
     path = pathlib.Path(model)
     model_file = path / train.MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} is not a model file: give models/, a .keras file or a models:/ URI")
     class_names = files.read_json(model_file.parent / train.LABELS_FILE, "the class names written beside the model")
     image_size = inputs.read_preprocessing(model_file.parent)[0] if (model_file.parent / inputs.PREPROCESSING_FILE).is_file() else None
-    return keras.saving.load_model(model_file), class_names, image_size
+    return tracking.load_model_file(model_file), class_names, image_size
 
 
 def find_images(pattern: str) -> list[pathlib.Path]:
@@ -107,7 +104,7 @@ def main(arguments: list[str] | None = None) -> int:
     parser.add_argument("input", help="an image file, a folder, or a glob pattern")
     parser.add_argument("--output", type=pathlib.Path, help="CSV file to write (default: stdout)")
     parser.add_argument("--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)")
-    options = parser.parse_args(arguments)
+    options = errors.add_verbose_option(parser).parse_args(arguments)
     model, class_names, image_size = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
@@ -128,4 +125,4 @@ def main(arguments: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_main(main))

@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 import tempfile
 
 import mlflow
 import mlflow.entities
 import mlflow.exceptions
 
-from tasks import config, files, tracking
+from tasks import config, errors, files, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -125,12 +126,11 @@ def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards
         return float(champion.tags[measured_tag])
     # The test set changed (new images, another split): comparing the old number would be meaningless.
     import mlflow.models
-    import mlflow.tensorflow
 
     from tasks import evaluate  # TensorFlow is only needed on this path
 
     champion_uri = f"models:/{champion.name}/{champion.version}"
-    model = mlflow.tensorflow.load_model(champion_uri)
+    model = tracking.load_logged_model(champion_uri)
     input_size = tuple(model.input_shape[1:3])
     preprocessing = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing", {})
     image_size = tuple(preprocessing.get("image_size", input_size))
@@ -162,7 +162,8 @@ def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) 
                 (mlflow.log_artifacts(str(path), f"export/{path.name}") if path.is_dir() else mlflow.log_artifact(str(path), "export"))
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = register(
         params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
@@ -171,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(errors.run_main(main, exclusive=True))

@@ -11,18 +11,34 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import urllib.parse
 from typing import Any
 
 import mlflow
 import yaml
 
-from tasks import config, files
+from tasks import config, errors, files
 
 RUN_FILE = "run.json"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pathlib.Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or the SQLite file in the working folder.
+
+    A user name and password in the URI (https://user:password@host) are handed to MLflow as
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, which it sends the same way (basic
+    authentication), and the URI is used without them: MLflow prints its URI in run links and error
+    messages, and this pipeline stores it beside the model.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{pathlib.Path.cwd() / 'mlflow.db'}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+        uri = errors.without_credentials(uri)
+    return uri
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -43,12 +59,52 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in config.flatten(metrics, separator="_").items()}
 
 
+def load_logged_model(model_uri: str):
+    """The Keras model logged at `model_uri` (models:/NAME@ALIAS, runs:/..., ...), loaded in Keras' safe mode.
+
+    Not mlflow.tensorflow.load_model: it first unpickles (cloudpickle) the custom objects saved beside
+    the model, which runs whatever code that file holds, whoever wrote it to the artifact store. The
+    .keras file alone needs no pickle: its custom layers are this package's registered serializables.
+    """
+    import mlflow.artifacts
+    import mlflow.models
+
+    local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavors = mlflow.models.Model.load(str(local / "MLmodel")).flavors
+    flavor = flavors.get("tensorflow") or flavors.get("keras")
+    model_file = local / (flavor or {}).get("data", "data") / "model.keras"
+    if flavor is None or not model_file.is_file():
+        raise ValueError(f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?")
+    return load_model_file(model_file, what=model_uri)
+
+
+def load_model_file(path: pathlib.Path, what: str | None = None):
+    """A .keras file, loaded in Keras' safe mode: a layer that would run arbitrary Python code
+    (a Lambda layer's pickled function) is refused, with the file named."""
+    import keras
+
+    from tasks import models  # noqa: F401 - registers the custom layers the file may name
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        raise ValueError(
+            f"{what or path}: refused to load: it holds code that loading would run (e.g. a Lambda layer), which Keras' safe mode does "
+            "not allow; models this pipeline trains hold none: retrain it, or use a model from a source you trust"
+        ) from None
+
+
 def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
-    files.write_json(model_dir / RUN_FILE, run)
+    # run.json is a DVC output (cached, pushed to remotes): never with a password (see tracking_uri).
+    files.write_json(model_dir / RUN_FILE, {**run, "tracking_uri": errors.without_credentials(run["tracking_uri"])})
 
 
 def read_run(model_dir: pathlib.Path) -> dict[str, Any]:
-    return files.read_json(model_dir / RUN_FILE, "run the train stage first")
+    run = files.read_json(model_dir / RUN_FILE, "run the train stage first")
+    tracking_uri()  # hands MLFLOW_TRACKING_URI's credentials, if any, to MLflow in this process too
+    return run
 
 
 def dvc_tags(shards_dir: pathlib.Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import keras
@@ -33,7 +34,7 @@ import mlflow.tensorflow
 import numpy as np
 import tensorflow as tf
 
-from tasks import config, distributed, files, inputs, models, monitoring, optimizers, records, tracking
+from tasks import config, distributed, errors, files, inputs, models, monitoring, optimizers, records, tracking
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -272,7 +273,7 @@ def _start_run(params, manifest, manifest_sha256, shards_dir, work, run_settings
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     previous = files.read_json(work / RUN_FILE, "") if (work / RUN_FILE).is_file() else {}
-    if previous.get("tracking_uri") == mlflow.get_tracking_uri():
+    if previous.get("tracking_uri") == errors.without_credentials(mlflow.get_tracking_uri()):
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.get_run(previous["run_id"])
             client.set_tag(previous["run_id"], "resumed", "true")
@@ -284,7 +285,7 @@ def _start_run(params, manifest, manifest_sha256, shards_dir, work, run_settings
     settings = run_settings or {"train": params.model_dump(mode="json")}
     mlflow.log_params(config.flatten(settings))
     mlflow.log_dict(settings, "params.yaml")
-    files.write_json(work / RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    files.write_json(work / RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())})
     return run
 
 
@@ -294,7 +295,8 @@ def _weights(setting: str) -> str:
     raise FileNotFoundError(f"train.pretrained_weights = {setting!r}: expected imagenet, none or the path of a weights file; no such file")
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(arguments)
     params = config.load_params()
     result = train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir)
     print(
@@ -305,4 +307,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The other workers of a cluster share the chief's folder and write nothing there: the chief holds the lock.
+    sys.exit(errors.run_main(main, exclusive=distributed.is_chief_process()))

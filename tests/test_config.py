@@ -82,7 +82,7 @@ def test_an_override_of_an_unknown_section_is_refused():
 
 def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: [epochs: 3\n")
-    with pytest.raises(config.ConfigError, match="broken.yaml is not valid YAML"):
+    with pytest.raises(config.ConfigError, match=r"broken.yaml, line 2, column 1: not valid YAML: while parsing a flow sequence \(line 1, column 8\)"):
         config.load_params(tmp_path / "broken.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(config.ConfigError, match="must hold a mapping of sections"):

@@ -224,7 +224,7 @@ def test_a_local_folder_is_linked_not_changed_and_its_split_folders_are_kept(wor
         download.download(_dataset(name="imagefolder", source=str(raw)), raw, workdir / "downloads")
     with pytest.raises(ValueError, match="is a folder; set dataset.sha256 to null"):
         download.download(_dataset(name="imagefolder", source=str(source), sha256="a" * 64), raw, workdir / "downloads")
-    with pytest.raises(FileNotFoundError, match="'nowhere' is neither an http"):
+    with pytest.raises(FileNotFoundError, match="dataset.source 'nowhere' does not exist"):
         download.download(_dataset(name="imagefolder", source="nowhere"), raw, workdir / "downloads")
 
 

@@ -1,12 +1,14 @@
-"""Team mode: the pipeline against a real `mlflow server`, read back through its REST API."""
+"""Team mode: the pipeline against a real `mlflow server`, read back through its REST API; its password never shows."""
 
 import json
+import os
 import urllib.parse
 import urllib.request
 
 from tasks import tracking
 from tests.conftest import make_image_folder
 from tests.test_register import LEARNS
+from tests.test_secrets import PASSWORD
 from tests.test_train_evaluate_register import register_in, run_stages
 
 
@@ -15,13 +17,21 @@ def _get(server: str, endpoint: str, **query) -> dict:
         return json.load(response)
 
 
-def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, monkeypatch, capfd):
+    # With a user name and password in the URI, as a careless team member might set it: they are used
+    # (the server ignores them) and appear in no file, no output, no run and no registered version.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://alice:{PASSWORD}@"))
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # set by the pipeline: gone after the test
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
     make_image_folder(workdir / "raw", classes=3, per_class=20)
     params, result = run_stages(workdir, LEARNS)
     registered = register_in(workdir, params, name="served", min_precision=0.0)
 
     assert tracking.read_run(workdir / "models")["tracking_uri"] == mlflow_server
+    assert [path for path in workdir.rglob("*") if path.is_file() and PASSWORD.encode() in path.read_bytes()] == []
+    printed = capfd.readouterr()
+    assert PASSWORD not in printed.out + printed.err, "not even in MLflow's 'View run at' links"
     assert not (workdir / "mlflow.db").exists(), "nothing goes to a local store when a server is set"
     run = _get(mlflow_server, "runs/get", run_id=result.run_id)["run"]
     metrics = {metric["key"]: metric["value"] for metric in run["data"]["metrics"]}
@@ -34,3 +44,5 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
     version = _get(mlflow_server, "registered-models/alias", name="served", alias="champion")["model_version"]
     assert version["version"] == registered.version == "1"
     assert {tag["key"]: tag["value"] for tag in version["tags"]}["run_id"] == result.run_id
+    assert PASSWORD not in json.dumps(run) + json.dumps(version), "nor in the run's params and tags or the version's"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", PASSWORD), "sent as basic authentication"
