@@ -15,7 +15,8 @@ import keras
 import pytest
 
 from tasks import config, convert, evaluate, files, records, train
-from tests.conftest import FAST, REPOSITORY, copy_repository, make_image_folder, write_params
+from bench.workspace import copy_repository
+from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 
 @pytest.fixture(scope="module")
