@@ -33,7 +33,12 @@ MODEL_BATCHES = {"mnist_cnn": 256, "keras_cnn": 256, "resnet": 128, "vgg16_bn": 
 
 
 def forward_flops(model: keras.Model) -> float:
-    """FLOPs of one image's forward pass through the convolutions and dense layers (2 per multiply-add)."""
+    """FLOPs of one image's forward pass through the convolutions and dense layers (2 per multiply-add).
+
+    Counted by hand from the layer shapes: TensorFlow's profiler needs a frozen v1 graph for this (and
+    is absent on other backends), and these two layer kinds are where nearly all of the arithmetic is.
+    Shared with bench.train_throughput; this module imports no TensorFlow.
+    """
     flops = 0.0
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):

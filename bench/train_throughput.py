@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from bench import input_pipeline
 from bench import report as bench_report
+from bench.accelerator import forward_flops
 from tasks import config, inputs, models, optimizers, records, train
 
 PARAMS = pathlib.Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults the stage runs with
@@ -101,23 +102,6 @@ class Result:
     def cpu_seconds_per_image(self, side: str) -> float:
         """This process's CPU time per image in the side's least costly steady epoch: the work done, whatever else ran."""
         return min(cpu for _, cpu in getattr(self, f"{side}_epochs")) / self.train_images
-
-
-def forward_flops(model: keras.Model) -> float:
-    """FLOPs of one image's forward pass through the convolutions and dense layers (2 per multiply-add).
-
-    Counted by hand from the layer shapes: TensorFlow's profiler needs a frozen v1 graph for this, and
-    these two layer kinds are where nearly all of the arithmetic is.
-    """
-    flops = 0.0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, height, width, filters = layer.output.shape
-            kernel_height, kernel_width = layer.kernel_size
-            flops += 2.0 * height * width * filters * kernel_height * kernel_width * layer.input.shape[-1]
-        elif isinstance(layer, keras.layers.Dense):
-            flops += 2.0 * layer.input.shape[-1] * layer.units
-    return flops
 
 
 def matmul_rates(side: int = 2048, repeats: int = 5) -> tuple[float, float]:
