@@ -21,6 +21,8 @@ pipeline: $(VENV)/installed
 flow: $(VENV)/installed
 	python -m flows.pipeline
 
+# Two workers, a test module each at a time (module fixtures such as a reference run stay in one
+# worker): most tests wait on subprocesses and servers, so two cores run the suite in about half the time.
 test: $(VENV)/installed
-	python -m pytest
+	python -m pytest --numprocesses 2 --dist loadfile
 

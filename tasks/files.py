@@ -105,7 +105,13 @@ def _running(process_id: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    # A killed process stays in the table as a zombie until something reaps it (in a container, that can
+    # take a while): it answers the signal but writes nothing any more.
+    stat = pathlib.Path(f"/proc/{process_id}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # the state follows "(command name)"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): alive, as the signal said
 
 
 def sha256_of(path: pathlib.Path) -> str:
