@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {side: [dataclasses.asdict(timing) for timing in timings] for side, timings in runs.items()},
     }
     report["passed"] = bench_report.check("warm pipeline over ImageDataGenerator", ratios["warm"], REQUIRED_RATIO)
-    bench_report.check("cold pipeline over ImageDataGenerator (not a goal)", ratios["cold"], REQUIRED_RATIO)
+    print(f"cold pipeline over ImageDataGenerator: {ratios['cold']:.3g}x (shown, not a goal: the first epoch only)")
     bench_report.write("input_pipeline", report)
     return 0 if report["passed"] else 1
 
