@@ -223,8 +223,10 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
         keras.callbacks.BackupAndRestore(str(backup_dir)),
         *([raw_score, keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averages else []),
-        keras.callbacks.ModelCheckpoint(str(work / "best.weights.h5"), monitor=params.monitor, save_best_only=True, save_weights_only=True,
-                                        initial_value_threshold=_best_so_far(work, params.monitor)),
+        # Only restore_best reads the best epoch's weights; without it, saving them would cost every improving
+        # epoch a write of the whole model for nothing (a few percent of a short epoch: bench.train_throughput).
+        *([keras.callbacks.ModelCheckpoint(str(work / "best.weights.h5"), monitor=params.monitor, save_best_only=True, save_weights_only=True,
+                                           initial_value_threshold=_best_so_far(work, params.monitor))] if params.restore_best else []),
     ]
 
 

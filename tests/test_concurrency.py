@@ -47,6 +47,26 @@ def _versions(folder: pathlib.Path, name: str) -> list[int]:
     return sorted(int(version.version) for version in client.search_model_versions(f"name = '{name}'"))
 
 
+def _flow_while(command: list[str], folder: pathlib.Path, holding: str, environment: dict[str, str]):
+    """Starts `command` in `folder`; once the lock names `holding`, runs the flow in this process.
+
+    Returns the flow's final state, the command's output and its exit code.
+    """
+    environment = {**os.environ, **environment, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(command, cwd=folder, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
+    try:
+        deadline = time.monotonic() + 300
+        while holding not in _holder(folder):
+            assert process.poll() is None and time.monotonic() < deadline, f"{' '.join(command)} took the lock"
+            time.sleep(0.05)
+        state = pipeline.pipeline("params.yaml", return_state=True)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return state, output, process.returncode
+
+
 def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys):
     from tasks import download
 
@@ -77,7 +97,7 @@ def test_a_killed_holder_leaves_no_stale_lock(workdir):
         assert "the next run" in _holder(workdir)
 
 
-def test_dvc_repro_and_the_flow_exclude_each_other_and_leave_consistent_state(repository_copy, prefect_server):
+def test_dvc_repro_and_flows_exclude_each_other_and_leave_consistent_state(repository_copy, prefect_server):
     # min_precision 1.0: versions register as challengers, which skips the champion's export (seconds)
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0})
 
@@ -96,23 +116,24 @@ def test_dvc_repro_and_the_flow_exclude_each_other_and_leave_consistent_state(re
 
     # 2. `dvc repro` runs; the flow started while its train stage works stops at once.
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0, "train.epochs": 2})
-    repro = subprocess.Popen(
-        [str(pathlib.Path(sys.executable).parent / "dvc"), "repro"], cwd=repository_copy, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while "python -m tasks.train" not in _holder(repository_copy):
-            assert repro.poll() is None and time.monotonic() < deadline, "dvc repro ran its train stage"
-            time.sleep(0.05)
-        stopped = pipeline.pipeline("params.yaml", return_state=True)
-        output, _ = repro.communicate(timeout=300)
-    finally:
-        if repro.poll() is None:
-            repro.kill()
+    stopped, output, returncode = _flow_while([str(pathlib.Path(sys.executable).parent / "dvc"), "repro"], repository_copy, "python -m tasks.train", {})
     assert stopped.is_failed()
     with pytest.raises(errors.PipelineBusy, match=r"another pipeline run is working in this folder: python -m tasks\.train \(process \d+"):
         stopped.result()
-    assert repro.returncode == 0, output
+    assert returncode == 0, output
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
     assert _versions(repository_copy, "digits-mnist_cnn") == [1, 2], "one new version, numbers unique"
+
+    # 3. Two flows: one started while another flow is working stops at once, naming the first.
+    from prefect.settings import PREFECT_API_URL
+
+    write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0, "train.epochs": 3})
+    second, output, returncode = _flow_while(
+        [sys.executable, "-m", "flows.pipeline"], repository_copy, "Prefect flow run", {"PREFECT_API_URL": PREFECT_API_URL.value()}
+    )
+    assert second.is_failed()
+    with pytest.raises(errors.PipelineBusy, match=r"another pipeline run is working in this folder: Prefect flow run '[^']+' of params\.yaml \(process \d+"):
+        second.result()
+    assert returncode == 0, output
+    assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
+    assert _versions(repository_copy, "digits-mnist_cnn") == [1, 2, 3], "one new version, numbers unique"
