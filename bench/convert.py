@@ -47,8 +47,9 @@ class Timing:
         return self.images / self.seconds
 
 
-def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 10) -> pathlib.Path:
-    """Photo-like JPEGs (smooth gradients plus sensor-like noise, quality 90), one folder per class."""
+def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg") -> pathlib.Path:
+    """Photo-like images (smooth gradients plus sensor-like noise, a colour per class), one folder per class:
+    JPEGs of quality 90, or PNGs with `extension=".png"` (Pillow's PNG writer ignores the quality)."""
     random = np.random.default_rng(0)
     ramp = np.linspace(0, 1, side)
     for index in range(image_count):
@@ -57,7 +58,7 @@ def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 
         folder.mkdir(parents=True, exist_ok=True)
         base = np.stack([np.outer(ramp, ramp) * 255, np.outer(ramp[::-1], ramp) * 200, np.full((side, side), 25.0 * label)], axis=2)
         pixels = np.clip(base + random.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-        PIL.Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
+        PIL.Image.fromarray(pixels).save(folder / f"{index:05d}{extension}", quality=90)
     return root
 
 

@@ -37,9 +37,9 @@ import time
 import warnings
 
 import numpy as np
-import PIL.Image
 import tensorflow as tf
 
+from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks import config, convert, inputs, records
 
@@ -68,16 +68,7 @@ class Timing:
 
 def make_shards(folder: pathlib.Path, image_count: int, side: int = SIDE) -> pathlib.Path:
     """`image_count` CIFAR-like PNGs (gradients plus noise, a colour per class) converted by the convert stage."""
-    random = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, side)
-    raw_dir = folder / "raw"
-    for index in range(image_count):
-        label = index % CLASSES
-        class_dir = raw_dir / f"class_{label:02d}"
-        class_dir.mkdir(parents=True, exist_ok=True)
-        base = np.stack([np.outer(ramp, ramp) * 255, np.outer(ramp[::-1], ramp) * 200, np.full((side, side), 25.0 * label)], axis=2)
-        pixels = np.clip(base + random.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-        PIL.Image.fromarray(pixels).save(class_dir / f"{index:05d}.png")
+    raw_dir = bench_convert.make_folder(folder / "raw", image_count, side, CLASSES, extension=".png")
     dataset = config.DatasetParams(
         name="imagefolder", source="bench", sha256=None, image_size=None, validation_fraction=0.1, test_fraction=0.2, shard_size_mb=100.0,
     )
