@@ -35,14 +35,14 @@ def stage_seconds(lines: list[tuple[float, str]], total: float) -> dict[str, flo
 
 def measure(folder: pathlib.Path) -> dict:
     copy = workspace.copy_repository(folder / "repository")
-    seconds, lines = orchestration.run_timed(["dvc", "repro"], copy, orchestration.environment())
+    seconds, cpu_seconds, lines = orchestration.run_timed(["dvc", "repro"], copy, orchestration.environment())
     metrics = json.loads((copy / "reports" / "metrics.json").read_text())
     registry = json.loads((copy / "reports" / "registry.json").read_text())
     precision = metrics["precision_at_1"]
     return {
         "command": "dvc repro",
         "seconds": round(seconds, 2),
-        "cpu_seconds": round(orchestration.last_cpu_seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
         "stages": {name: round(value, 2) for name, value in stage_seconds(lines, seconds).items()},
         "precision_at_1": precision,
         "test_images": metrics["images"],

@@ -73,9 +73,10 @@ def environment() -> dict[str, str]:
     return variables
 
 
-def run_timed(command: list[str], cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, list[tuple[float, str]]]:
-    """Wall seconds of `command`, and each line of its output with the second it arrived; raises if it fails."""
-    global last_cpu_seconds
+def run_timed(command: list[str], cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, float, list[tuple[float, str]]]:
+    """Wall seconds of `command`, CPU seconds (user + system) of it and every process it waited for (the flow's
+    API server included: unlike wall time, hardly changed by other work sharing the cores), and each line of
+    its output with the second it arrived; raises if it fails."""
     cpu_before = _children_cpu_seconds()
     start = time.perf_counter()
     lines = []
@@ -83,16 +84,11 @@ def run_timed(command: list[str], cwd: pathlib.Path, variables: dict[str, str]) 
         for line in process.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
     seconds = time.perf_counter() - start
-    last_cpu_seconds = _children_cpu_seconds() - cpu_before
+    cpu_seconds = _children_cpu_seconds() - cpu_before
     if process.returncode != 0:
         tail = "\n".join(line for _, line in lines[-40:])
         raise RuntimeError(f"{' '.join(command)} in {cwd} exited with {process.returncode}:\n{tail}")
-    return seconds, lines
-
-
-# CPU seconds (user + system) of the last command run_timed ran, with every process it waited for (the
-# flow's API server included): unlike wall time, hardly changed by other work sharing the cores.
-last_cpu_seconds = 0.0
+    return seconds, cpu_seconds, lines
 
 
 def _children_cpu_seconds() -> float:
@@ -172,18 +168,18 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_in_child(mode: str, cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, dict, list[tuple[float, str]]]:
-    """`python -m bench.orchestration --<mode>` in `cwd`: its wall seconds, the result it printed, its output."""
-    seconds, lines = run_timed([sys.executable, "-m", "bench.orchestration", f"--{mode}"], cwd, variables)
+def _run_in_child(mode: str, cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, float, dict, list[tuple[float, str]]]:
+    """`python -m bench.orchestration --<mode>` in `cwd`: its wall and CPU seconds, the result it printed, its output."""
+    seconds, cpu_seconds, lines = run_timed([sys.executable, "-m", "bench.orchestration", f"--{mode}"], cwd, variables)
     result = next(line for _, line in reversed(lines) if line.startswith(RESULT_MARK))
-    return seconds, json.loads(result.removeprefix(RESULT_MARK)), lines
+    return seconds, cpu_seconds, json.loads(result.removeprefix(RESULT_MARK)), lines
 
 
 def measure_noop_repro(copy: pathlib.Path, variables: dict[str, str], attempts: int = 3) -> list[float]:
     """Wall seconds of `dvc repro` with nothing to do; raises if any stage ran."""
     timings = []
     for _ in range(attempts):
-        seconds, lines = run_timed(["dvc", "repro"], copy, variables)
+        seconds, _, lines = run_timed(["dvc", "repro"], copy, variables)
         ran = [line for _, line in lines if line.startswith("Running stage")]
         if ran:
             raise RuntimeError(f"dvc repro in {copy} was not a no-op: {ran}")
@@ -243,11 +239,11 @@ def measure(folder: pathlib.Path, settings: dict, repeats: int = 2, repro_attemp
     variables = {**environment(), "PREFECT_HOME": str(folder / "prefect-home")}
     plain_runs, flow_runs = [], []
     for attempt in range(repeats):  # alternating, so that a burst of other work hits both alike
-        seconds, child, _ = _run_in_child("plain", _fresh_copy(folder / f"plain-{attempt}", settings), variables)
-        plain_runs.append({"wall": seconds, "cpu": last_cpu_seconds, **child})
+        seconds, cpu_seconds, child, _ = _run_in_child("plain", _fresh_copy(folder / f"plain-{attempt}", settings), variables)
+        plain_runs.append({"wall": seconds, "cpu": cpu_seconds, **child})
         flow_copy = _fresh_copy(folder / f"flow-{attempt}", settings)
-        seconds, child, lines = _run_in_child("flow", flow_copy, variables)
-        flow_runs.append({"wall": seconds, "cpu": last_cpu_seconds, **child, "tasks": flow_task_seconds(lines)})
+        seconds, cpu_seconds, child, lines = _run_in_child("flow", flow_copy, variables)
+        flow_runs.append({"wall": seconds, "cpu": cpu_seconds, **child, "tasks": flow_task_seconds(lines)})
     repro = measure_noop_repro(flow_copy, variables, repro_attempts)
     report = summarise(settings, plain_runs, flow_runs, repro)
     report["precision_at_1"] = round(json.loads((flow_copy / "reports" / "metrics.json").read_text())["precision_at_1"], 4)
