@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=7200, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch, both sides (default: %(default)s)")
-    parser.add_argument("--warm-passes", type=int, default=5, help="passes over the cached split timed as warm (default: %(default)s)")
+    parser.add_argument("--warm-passes", type=int, default=10, help="passes over the cached split timed as warm (default: %(default)s)")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
         shards_dir = make_shards(pathlib.Path(folder), arguments.images)
