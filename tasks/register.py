@@ -9,8 +9,11 @@ on the same test set; otherwise the version gets the alias `challenger`. When th
 since the champion was measured, the champion is first re-evaluated on the new one. A champion is
 also exported as a SavedModel and a TFLite file, attached to its run. The alias moves last: a
 version whose artifacts failed to upload never becomes champion. A version stays tagged
-`registration: unfinished` until then, so that a rerun after a kill finishes it rather than
-registering the run twice.
+`registration: unfinished` until then.
+
+One run, one version: registering a run again (a rerun after a kill, `dvc repro --force`, changed
+`register` settings) decides again for the version it already has instead of adding another; a run
+that is the champion stays it, as comparing it with itself decides nothing.
 """
 
 from __future__ import annotations
@@ -62,30 +65,32 @@ def register(
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
         raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
     champion = _current(client, model_name, CHAMPION)
-    champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
-    alias, reason = _decide(params, precision, champion, champion_precision)
-    # A rerun after a kill between registering and setting the alias finds the version this run left
-    # without an alias and finishes it, rather than registering a second one.
-    unfinished = _unfinished_version(client, model_name, run["run_id"])
-
-    tags = {
-        "run_id": run["run_id"],
-        "dataset": run["dataset"],
-        "manifest_sha256": run["manifest_sha256"],
-        "decision": reason,
-        **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
-        **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
-        REGISTRATION_TAG: "unfinished",  # until its alias is set
-    }
-    if unfinished is None:
-        version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+    registered = _version_of_run(client, model_name, run["run_id"])
+    if registered is not None and champion is not None and str(registered.version) == str(champion.version):
+        version, alias, reason = str(champion.version), CHAMPION, champion.tags.get("decision", "already the champion")
     else:
-        version = str(unfinished.version)
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, version, key, value)
-    if alias == CHAMPION:
-        _attach_exports(run["run_id"], model_dir, params.tflite_float16)
-    client.set_registered_model_alias(model_name, alias, version)
+        champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
+        alias, reason = _decide(params, precision, champion, champion_precision)
+        tags = {
+            "run_id": run["run_id"],
+            "dataset": run["dataset"],
+            "manifest_sha256": run["manifest_sha256"],
+            "decision": reason,
+            **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
+            **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
+            REGISTRATION_TAG: "unfinished",  # until its alias is set
+        }
+        if registered is None:
+            version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+        else:
+            version = str(registered.version)
+            for key, value in tags.items():
+                client.set_model_version_tag(model_name, version, key, value)
+        if alias == CHAMPION:
+            _attach_exports(run["run_id"], model_dir, params.tflite_float16)
+        client.set_registered_model_alias(model_name, alias, version)
+        if alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
+            client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
     files.write_json(
         registry_path,
@@ -105,16 +110,10 @@ def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow
     return None if version is None else client.get_model_version(model_name, str(version))
 
 
-def _unfinished_version(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
-    """A version of `run_id` whose registration stopped before its alias was set (a champion that lost
-    its alias to a newer one was finished: it is not taken up again)."""
+def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The version `run_id` already has, finished or not (the latest, where earlier releases registered a run twice)."""
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    if not versions:
-        return None
-    # From the registered model: versions found by search come without their aliases.
-    aliased = {str(version) for version in client.get_registered_model(model_name).aliases.values()}
-    unfinished = [version for version in versions if version.tags.get(REGISTRATION_TAG) == "unfinished" and str(version.version) not in aliased]
-    return min(unfinished, key=lambda version: int(version.version)) if unfinished else None
+    return max(versions, key=lambda version: int(version.version)) if versions else None
 
 
 def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:

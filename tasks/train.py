@@ -141,7 +141,9 @@ def train(
                 model._initial_epoch = None  # set by BackupAndRestore and never reset by Keras: a stale one would skip phase 2
                 history = model.fit(train_data, validation_data=validation_data, initial_epoch=first_epoch, epochs=last_epoch,
                                     callbacks=callbacks, shuffle=False, verbose=0)  # train_data shuffles itself, seeded
-            if len(phases) > 1 and chief:
+            if chief:
+                # Keras deletes its backup when fit returns: without these weights, a kill before the model
+                # is saved below would train every epoch again.
                 np.savez(finished, *model.get_weights())
             raw_scores, first_epoch = raw_score.scores, last_epoch
 

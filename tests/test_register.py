@@ -61,11 +61,15 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
     params, _ = run_stages(inside, LEARNS)
     metrics_path = inside / "reports" / "metrics.json"
     first = register_in(inside, params, name="gated", min_precision=0.0)
+    params, _ = run_stages(inside, LEARNS)  # a second run, as good as the first
     again = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.05)
     tie = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.0)
     assert (first.alias, again.alias, tie.alias) == ("champion", "challenger", "champion")
     assert "+0.0000 < register.min_improvement 0.05" in again.reason
+    assert (first.version, again.version, tie.version) == ("1", "2", "2"), "the run registered again keeps its version"
+    assert _client(inside).get_registered_model("gated").aliases == {"champion": 2}, "promoted, it is no longer the challenger"
 
+    params, _ = run_stages(inside, LEARNS)
     metrics = json.loads(metrics_path.read_text())
     metrics_path.write_text(json.dumps({**metrics, "precision_at_1": 0.5}))
     held = register_in(inside, params, name="gated", min_precision=0.9)
@@ -75,14 +79,28 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
 
 
 def test_a_model_without_a_champion_yet_takes_one(inside):
-    """Its first versions held back (challengers): the model exists, no version holds `champion`."""
+    """Its first version held back (challenger): the model exists, no version holds `champion`."""
     params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})  # learns nothing
     held = register_in(inside, params, name="unchampioned", min_precision=1.0)
     promoted = register_in(inside, params, name="unchampioned", min_precision=0.0)
     assert (held.alias, promoted.alias) == ("challenger", "champion")
     assert promoted.reason.startswith("first version to reach register.min_precision")
-    assert (held.version, promoted.version) == ("1", "2"), "a finished registration is not taken up again"
-    assert _client(inside).get_model_version("unchampioned", "2").tags["registration"] == "complete"
+    assert (held.version, promoted.version) == ("1", "1"), "one run, one version: decided again, not registered again"
+    assert _client(inside).get_model_version("unchampioned", "1").tags["registration"] == "complete"
+
+
+def test_the_champion_registered_again_stays_as_it_is(inside):
+    """A rerun (`dvc repro --force`, or after a kill before registry.json): no second version, no comparison with itself."""
+    params, _ = run_stages(inside, {"train.epochs": 1})
+    first = register_in(inside, params, name="rerun", min_precision=0.0)
+    registry = (inside / "reports" / "registry.json").read_bytes()
+    (inside / "reports" / "registry.json").unlink()
+    again = register_in(inside, params, name="rerun", min_precision=0.0, min_improvement=0.5)
+    assert again == first
+    assert (inside / "reports" / "registry.json").read_bytes() == registry
+    client = _client(inside)
+    assert [version.version for version in client.search_model_versions("name = 'rerun'")] == [1]
+    assert client.get_registered_model("rerun").aliases == {"champion": 1}
 
 
 def test_a_changed_test_set_re_evaluates_the_champion_before_comparing(inside):
