@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import pathlib
 import re
+import urllib.parse
 from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
+
+from tasks import errors
 
 DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
 MODELS = ("mnist_cnn", "cifar10_tutorial", "keras_cnn", "vgg16", "vgg19", "vgg16_bn", "resnet", "inception_v3")
@@ -77,6 +80,17 @@ class DatasetParams(_Section):
     def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
         if value is not None and min(value) < 1:
             raise ValueError(f"[height, width] in pixels, both at least 1, or null to keep each image's size; got {list(value)}")
+        return value
+
+    @pydantic.field_validator("source")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(("http://", "https://")) and urllib.parse.urlsplit(value).username is not None:
+            raise ValueError(
+                "a user name, password or token in the URL would be committed to git with params.yaml and logged to MLflow; "
+                "give the URL without it and put the credentials in ~/.netrc (or the file named by NETRC): "
+                "machine <host> login <user> password <password>"
+            )
         return value
 
     @pydantic.field_validator("sha256")
@@ -348,7 +362,8 @@ def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str)
         else:
             message = item["msg"].removeprefix("Value error, ")
             received = _received(raw, item["loc"])
-            shown = "" if isinstance(received, dict) else f" = {received!r}"
+            # Redacted here, not only where it is printed: the message also goes to Prefect's flow run state.
+            shown = "" if isinstance(received, dict) else f" = {errors.redact(repr(received))}"
             lines.append(f"  {key}{shown}: {message}")
     if len(lines) == 2:  # one invalid setting: one line, as an error in a log should be
         return f"{source}: invalid setting {lines[1].strip()}"

@@ -5,13 +5,20 @@ sha256 and only then renamed into place, so a file under the final name is alway
 verified. An interrupted download resumes with an HTTP Range request; transient failures (a dropped
 connection, a 5xx, a timeout) are retried with growing waits. Extraction refuses any member that
 could write outside the target folder and names it.
+
+A server that wants a user name and password gets them from the netrc file (the file named by
+NETRC, else ~/.netrc), as curl, pip and git read it, never from the URL: dataset.source is committed
+with params.yaml and logged to MLflow. They go to that host only, never on to where it redirects
+(storage services that serve the file refuse, or would keep, a second set of credentials).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
+import netrc
 import os
 import pathlib
 import stat
@@ -32,6 +39,7 @@ BACKOFF_SECONDS = 2.0  # waits 2, 4, 8, 16 s between tries
 TIMEOUT_SECONDS = 60  # per socket operation; a stalled transfer counts as a transient failure
 _BLOCK = 1 << 20
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+NETRC_HINT = "~/.netrc (or the file named by NETRC), one line per host: machine <host> login <user> password <password>"
 
 
 class DownloadError(OSError):
@@ -125,7 +133,8 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             return _transfer(url, partial)
         if error.code in _TRANSIENT_STATUS:
             raise
-        raise DownloadError(f"{errors.redact(url)}: HTTP {error.code} {error.reason}") from None
+        hint = f"; the server wants credentials: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
+        raise DownloadError(f"{errors.redact(url)}: HTTP {error.code} {error.reason}{hint}") from None
     with response:
         resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
         validators = {key: value for key, value in (("etag", response.headers.get("ETag")), ("last_modified", response.headers.get("Last-Modified"))) if value}
@@ -157,7 +166,28 @@ def _validators(path: pathlib.Path) -> dict[str, str]:
 
 def _open(url: str, headers: dict[str, str]):
     request = urllib.request.Request(url, headers={"User-Agent": "image-pipeline", "Accept-Encoding": "identity", **headers})
+    authorization = _netrc_authorization(urllib.parse.urlsplit(url).hostname or "")
+    if authorization:
+        request.add_unredirected_header("Authorization", authorization)  # not copied onto a redirect
     return urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+
+
+def _netrc_authorization(host: str) -> str | None:
+    """HTTP basic authorization for `host` from the netrc file, if it has an entry for it (or a default one)."""
+    named = os.environ.get("NETRC")
+    path = pathlib.Path(named) if named else pathlib.Path.home() / ".netrc"
+    if not path.is_file():
+        return None
+    try:
+        # The default file is read with no path given, so that Python refuses it when other users can read it.
+        entry = netrc.netrc(str(path) if named else None).authenticators(host)
+    except netrc.NetrcParseError as error:
+        problem = error.msg.split(" '")[0]  # without the token it quotes, which may be a password
+        raise DownloadError(f"{path}, line {error.lineno}: {problem}; fix the file ({NETRC_HINT})") from None
+    if entry is None:
+        return None
+    login, _, password = entry
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
 
 
 def _describe(error: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import pathlib
@@ -135,10 +136,13 @@ def stop(process: subprocess.Popen | None) -> None:
 class _Served:
     """What the test server serves at one path, and how it misbehaves."""
 
-    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None, stall_first_after: int | None = None):
+    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None, stall_first_after: int | None = None,
+                 credentials: str | None = None, redirect_to: str | None = None):
         import threading
 
         self.data = data
+        self.credentials = credentials  # "user:password": answer 401 to a request without them (HTTP basic)
+        self.redirect_to = redirect_to  # a path or URL: answer 302 there
         self.fail_first = fail_first  # answer 503 to this many requests first
         self.cut_first_after = cut_first_after  # first full response: close after this many bytes
         self.stall_first_after = stall_first_after  # first full response: hang after this many bytes
@@ -169,6 +173,15 @@ class LocalServer:
                 if served.fail_first > 0:
                     served.fail_first -= 1
                     self.send_error(503, "busy")
+                    return
+                if served.credentials is not None and self.headers.get("Authorization") != f"Basic {base64.b64encode(served.credentials.encode()).decode()}":
+                    self.send_error(401, "Unauthorized")
+                    return
+                if served.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", served.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 etag = f'"{len(served.data)}-{hash(served.data) & 0xFFFFFFFF:x}"'
                 if self.headers.get("If-None-Match") == etag:

@@ -1,8 +1,9 @@
-"""Credentials in MLFLOW_TRACKING_URI or a download URL are used, never written down or printed."""
+"""Credentials in MLFLOW_TRACKING_URI, netrc or a download URL are used, never written down or printed."""
 
 import pytest
 
-from tasks import errors, predict
+from tasks import download, errors, fetch, predict
+from tests.conftest import write_params
 
 PASSWORD = "s3cret-Pa55"
 # A run against a real `mlflow server` with the password in MLFLOW_TRACKING_URI is in
@@ -36,3 +37,51 @@ def test_an_unreachable_server_is_named_without_its_password(workdir, monkeypatc
     assert code == 1 and "Traceback" not in stderr
     assert stderr.startswith("tasks.predict: error: MLflow: ") and "127.0.0.1:9" in stderr
     assert PASSWORD not in stderr
+
+
+def _netrc(folder, monkeypatch, login="alice", password=PASSWORD):
+    path = folder / "netrc"
+    path.write_text(f"machine 127.0.0.1\n  login {login}\n  password {password}\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    return path
+
+
+def test_a_download_takes_its_credentials_from_netrc_and_never_passes_them_on(http_server, workdir, monkeypatch):
+    url = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
+    monkeypatch.setenv("NETRC", str(workdir / "no-such-netrc"))
+    with pytest.raises(fetch.DownloadError, match=r"HTTP 401 Unauthorized; the server wants credentials: put them in ~/.netrc"):
+        fetch.download(url, workdir / "downloads" / "pets.zip", None)
+
+    netrc_file = _netrc(workdir, monkeypatch)
+    assert fetch.download(url, workdir / "downloads" / "pets.zip", None).read_bytes() == b"the archive"
+    assert http_server.gets("/private/pets.zip")[-1]["Authorization"].startswith("Basic ")
+
+    # A redirect (to the storage service that holds the file, say) is followed without them.
+    http_server.serve("/public/pets.zip", b"the archive")
+    moved = http_server.serve("/moved/pets.zip", b"", redirect_to="/public/pets.zip")
+    assert fetch.download(moved, workdir / "downloads" / "moved.zip", None).read_bytes() == b"the archive"
+    assert "Authorization" in http_server.gets("/moved/pets.zip")[-1]
+    assert "Authorization" not in http_server.gets("/public/pets.zip")[-1]
+    written = [path for path in workdir.rglob("*") if path.is_file() and path != netrc_file]
+    assert written and not [path for path in written if PASSWORD.encode() in path.read_bytes()]
+
+
+def test_a_malformed_netrc_is_named_with_its_line(http_server, workdir, monkeypatch):
+    url = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
+    netrc_file = workdir / "netrc"
+    netrc_file.write_text("machine 127.0.0.1 login alice s3cret\n")  # the word "password" forgotten
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    with pytest.raises(fetch.DownloadError, match=rf"{netrc_file}, line \d: bad follower token; fix the file") as refused:
+        fetch.download(url, workdir / "downloads" / "pets.zip", None)
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_password_in_dataset_source_is_refused_without_printing_it(workdir, capsys):
+    write_params(workdir / "params.yaml", {"dataset.name": "imagefolder", "dataset.source": f"https://alice:{PASSWORD}@data.example/pets.zip"})
+    code = errors.run_main(download.main, [])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr
+    assert "dataset.source = 'https://alice:***@data.example/pets.zip': a user name, password or token in the URL" in stderr
+    assert "~/.netrc" in stderr and PASSWORD not in stderr
+    assert not (workdir / "data").exists()
