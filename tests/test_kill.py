@@ -303,3 +303,45 @@ def csv_rows(path: pathlib.Path):
 
 
 _CHECKS = {"download": _check_download, "convert": _check_convert, "train": _check_train, "evaluate": _check_evaluate, "register": _check_register}
+
+
+def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_server):
+    """The scheduled flow SIGKILLed while training (with its Prefect API still up, as under a worker):
+    the next flow run resumes training where the backup left it, runs nothing before it again, and
+    leaves DVC's books, the registry and the folder whole."""
+    from prefect.settings import PREFECT_API_URL
+
+    folder = repository_copy
+    write_params(folder / "params.yaml", {**FAST, "train.epochs": 4, "register.min_precision": 0.0})
+    bin_dir = pathlib.Path(sys.executable).parent
+    environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [sys.executable, "-m", "flows.pipeline"]
+    killed = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not list(folder.glob("checkpoints/*/backup-train/training_metadata.json")):  # epoch 1's backup
+        assert killed.poll() is None and time.monotonic() < deadline, "the flow ended before its first backup"
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    output = _finish(killed)
+    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    assert list(_lock(folder)) == ["download", "convert"], "the stages the flow finished are in dvc.lock, train is not"
+    upstream = {stage: _mtimes(folder / _lock(folder)[stage]["outs"][0]["path"]) for stage in ("download", "convert")}
+
+    rerun = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=TIMEOUT)
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    assert "train: resuming after epoch" in output
+    for stage, times in upstream.items():
+        assert _mtimes(folder / _lock(folder)[stage]["outs"][0]["path"]) == times, f"{stage}'s outputs were rewritten"
+    assert [row["epoch"] for row in csv_rows(folder / "models" / "history.csv")] == ["0", "1", "2", "3"], "each epoch once"
+    assert list(_lock(folder)) == STAGES
+    status = _dvc(folder, "status")
+    assert "Data and pipelines are up to date." in _finish(status)
+    assert _leftovers(folder) == [], "a killed write left a file behind"
+    run = json.loads((folder / "models" / "run.json").read_text())
+    client = _mlflow(folder)
+    assert [found.info.run_id for found in client.search_runs([run["experiment_id"]])] == [run["run_id"]], "one MLflow run, resumed"
+    registry = json.loads((folder / "reports" / "registry.json").read_text())
+    assert [version.version for version in client.search_model_versions(f"name = '{registry['model_name']}'")] == [1]
+    assert registry["alias"] == "champion"
