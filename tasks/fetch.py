@@ -6,15 +6,15 @@ verified. An interrupted download resumes with an HTTP Range request; transient 
 connection, a 5xx, a timeout) are retried with growing waits. Extraction refuses any member that
 could write outside the target folder and names it.
 
-A server that wants a user name and password gets them from the netrc file (the file named by
-NETRC, else ~/.netrc), as curl, pip and git read it, never from the URL: dataset.source is committed
-with params.yaml and logged to MLflow. They go to that host only, never on to where it redirects
-(storage services that serve the file refuse, or would keep, a second set of credentials).
+A server that asks for a user name and password (HTTP basic authentication) gets them from the
+netrc file (the file named by NETRC, else ~/.netrc), as curl and pip read it, never from the URL:
+dataset.source is committed with params.yaml and logged to MLflow. The file is read only when the
+server asks, and only for the scheme, host and port of the URL asked for: a redirect elsewhere (to a
+storage service, say) never gets them.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -133,7 +133,7 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             return _transfer(url, partial)
         if error.code in _TRANSIENT_STATUS:
             raise
-        hint = f"; the server wants credentials: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
+        hint = f"; the server wants credentials it accepts: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
         raise DownloadError(f"{errors.redact(url)}: HTTP {error.code} {error.reason}{hint}") from None
     with response:
         resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
@@ -166,28 +166,36 @@ def _validators(path: pathlib.Path) -> dict[str, str]:
 
 def _open(url: str, headers: dict[str, str]):
     request = urllib.request.Request(url, headers={"User-Agent": "image-pipeline", "Accept-Encoding": "identity", **headers})
-    authorization = _netrc_authorization(urllib.parse.urlsplit(url).hostname or "")
-    if authorization:
-        request.add_unredirected_header("Authorization", authorization)  # not copied onto a redirect
-    return urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+    # urllib's own basic-auth handler answers the server's challenge, and only for URLs under `url`'s
+    # scheme, host and port; the passwords come from netrc.
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(_NetrcPasswords(url)))
+    return opener.open(request, timeout=TIMEOUT_SECONDS)
 
 
-def _netrc_authorization(host: str) -> str | None:
-    """HTTP basic authorization for `host` from the netrc file, if it has an entry for it (or a default one)."""
-    named = os.environ.get("NETRC")
-    path = pathlib.Path(named) if named else pathlib.Path.home() / ".netrc"
-    if not path.is_file():
-        return None
-    try:
-        # The default file is read with no path given, so that Python refuses it when other users can read it.
-        entry = netrc.netrc(str(path) if named else None).authenticators(host)
-    except netrc.NetrcParseError as error:
-        problem = error.msg.split(" '")[0]  # without the token it quotes, which may be a password
-        raise DownloadError(f"{path}, line {error.lineno}: {problem}; fix the file ({NETRC_HINT})") from None
-    if entry is None:
-        return None
-    login, _, password = entry
-    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
+class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
+    """The netrc file's login and password for the host of `url`, for a server of that scheme, host and port that asks."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        parts = urllib.parse.urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+
+    def find_user_password(self, realm: str | None, authuri: str) -> tuple[str | None, str | None]:
+        if not self.is_suburi(self.reduce_uri(self.origin, default_port=True), self.reduce_uri(authuri, default_port=True)):
+            return None, None
+        named = os.environ.get("NETRC")
+        path = pathlib.Path(named) if named else pathlib.Path.home() / ".netrc"
+        if not path.is_file():
+            return None, None
+        try:
+            # The default file is read with no path given, so that Python refuses it when other users can read it.
+            hosts = netrc.netrc(str(path) if named else None)
+        except netrc.NetrcParseError as error:
+            # Not error.msg: it quotes the token it stumbled on, which may be a password.
+            raise DownloadError(f"{path}, line {error.lineno}: not valid netrc; fix the file ({NETRC_HINT})") from None
+        host = (urllib.parse.urlsplit(authuri).hostname or "").lower()
+        entry = next((entry for name, entry in hosts.hosts.items() if name.lower() == host), None) or hosts.authenticators("default")
+        return (entry[0], entry[2]) if entry else (None, None)
 
 
 def _describe(error: BaseException) -> str:

@@ -78,6 +78,24 @@ def staged_directory(destination: pathlib.Path) -> Iterator[pathlib.Path]:
             shutil.rmtree(staging)
 
 
+@contextlib.contextmanager
+def staged_file(destination: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a path named like `destination` in a temporary folder beside it, for writers that take a
+    path and want its suffix (numpy.savez, Keras' save_weights); it replaces `destination` once the
+    block succeeds."""
+    make_folder(destination.parent)
+    remove_abandoned(destination)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent))
+    try:
+        yield staging / destination.name
+        with (staging / destination.name).open("rb+") as stream:
+            os.fsync(stream.fileno())
+        os.chmod(staging / destination.name, 0o644)
+        os.replace(staging / destination.name, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _temporary_prefix(destination: pathlib.Path) -> str:
     return f".{destination.name}.{os.getpid()}-"
 

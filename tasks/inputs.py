@@ -93,7 +93,7 @@ def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_siz
     """A function of (a uint8 batch, a seed): the `augment` distortions in the tutorial's order, cropped to `input_size`.
 
     Written with plain TensorFlow ops rather than Keras' preprocessing layers: with those, crop, flip,
-    brightness and contrast delivered 12,000 images/s of 32x32 on 2 cores, with these 120,000 or more
+    brightness and contrast delivered 12,000 images/s of 32x32 on 2 cores, with these 110,000-125,000
     (bench/input_pipeline.py; docs/benchmarks.md has the profile). The geometric distortions (crop, flip,
     shift) only move whole pixels, so they are one gather of rows and one of columns of the uint8 images,
     each image with its own window; brightness and contrast then run once over the batch in float32.
@@ -109,21 +109,22 @@ def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_siz
     colour = _colour_distortion(augment, input_size)
 
     def distort(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        geometric_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        images = geometric(images, geometric_seed)
-        return images if colour is None else colour(images, colour_seed)
+        # One seed per distortion, in the order the single program drew them: the same pixels as before the split.
+        seeds = tf.random.experimental.stateless_split(seed, 5)
+        images = geometric(images, seeds[:3])
+        return images if colour is None else colour(images, seeds[3:])
 
     return distort
 
 
 def _geometric_distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_size: tuple[int, int], crop_padding: int):
-    """Crop, flip and shift as one compiled function of (a uint8 batch, a seed), cropped to `input_size`."""
+    """Crop, flip and shift as one compiled function of (a uint8 batch, their three seeds), cropped to `input_size`."""
     height, width = input_size
     padded_height, padded_width = image_size[0] + 2 * crop_padding, image_size[1] + 2 * crop_padding
 
     @tf.function(jit_compile=True)
-    def distort(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        crop_seed, flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    def distort(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+        crop_seed, flip_seed, shift_seed = tf.unstack(seeds)
         batch = tf.shape(images)[0]
         # Where each output pixel is taken from, per image: rows (batch, height), columns (batch, width).
         rows, columns = tf.tile(tf.range(height)[tf.newaxis], [batch, 1]), tf.tile(tf.range(width)[tf.newaxis], [batch, 1])
@@ -153,14 +154,14 @@ def _geometric_distortion(augment: tuple[str, ...], image_size: tuple[int, int],
 
 
 def _colour_distortion(augment: tuple[str, ...], input_size: tuple[int, int]):
-    """Brightness and contrast as one compiled function of (a uint8 batch, a seed); None when `augment` has neither."""
+    """Brightness and contrast as one compiled function of (a uint8 batch, their two seeds); None when `augment` has neither."""
     if "brightness" not in augment and "contrast" not in augment:
         return None
     height, width = input_size
 
     @tf.function(jit_compile=True)
-    def distort(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        brightness_seed, contrast_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    def distort(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+        brightness_seed, contrast_seed = tf.unstack(seeds)
         batch = tf.shape(images)[0]
         # As the tutorial does it (tf.image.random_brightness, then random_contrast, on floats, clipped once
         # at the end): x + delta, then each channel's distance from its mean scaled by `factor`, which is

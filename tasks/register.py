@@ -66,7 +66,7 @@ def register(
         raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
     champion = _current(client, model_name, CHAMPION)
     registered = _version_of_run(client, model_name, run["run_id"])
-    if registered is not None and champion is not None and str(registered.version) == str(champion.version):
+    if champion is not None and champion.run_id == run["run_id"]:
         version, alias, reason = str(champion.version), CHAMPION, champion.tags.get("decision", "already the champion")
     else:
         champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
@@ -89,8 +89,8 @@ def register(
         if alias == CHAMPION:
             _attach_exports(run["run_id"], model_dir, params.tflite_float16)
         client.set_registered_model_alias(model_name, alias, version)
-        if alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
-            client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
+    if alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
+        client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
     files.write_json(
         registry_path,

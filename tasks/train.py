@@ -144,7 +144,8 @@ def train(
             if chief:
                 # Keras deletes its backup when fit returns: without these weights, a kill before the model
                 # is saved below would train every epoch again.
-                np.savez(finished, *model.get_weights())
+                with files.staged_file(finished) as staged:
+                    np.savez(staged, *model.get_weights())
             raw_scores, first_epoch = raw_score.scores, last_epoch
 
         losses = (history.history.get("loss") if history else None) or [row["loss"] for row in _history_rows(work)]
@@ -200,6 +201,21 @@ def train(
     return TrainResult(run_id, model_dir / MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
 
 
+class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, each of its files written under a temporary name and renamed when whole.
+
+    Keras writes its backup in place: a kill mid-write leaves weights that cannot be loaded, or an empty
+    training_metadata.json that stops every later fit with a JSONDecodeError, until someone deletes the
+    backup by hand. Weights first, then the epoch count: a kill between the two renames repeats an
+    epoch, never skips one. Overrides Keras' private `_save_model` (tests/test_training.py cuts one off).
+    """
+
+    def _save_model(self):
+        with files.staged_file(pathlib.Path(self._weights_path)) as weights:
+            self.model.save_weights(str(weights), overwrite=True)
+        files.write_json(pathlib.Path(self._training_metadata_path), {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+
 def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, jit_compile: bool) -> None:
     # One-hot targets: Keras' sparse cross-entropy has no label smoothing.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
@@ -223,7 +239,7 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         keras.callbacks.TensorBoard(str(work / TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
                                     update_freq=params.log_every_steps),
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
+        WholeBackupAndRestore(str(backup_dir)),
         *([raw_score, keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if averages else []),
         # Only restore_best reads the best epoch's weights; without it, saving them would cost every improving
         # epoch a write of the whole model for nothing (a few percent of a short epoch: bench.train_throughput).

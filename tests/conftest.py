@@ -175,7 +175,10 @@ class LocalServer:
                     self.send_error(503, "busy")
                     return
                 if served.credentials is not None and self.headers.get("Authorization") != f"Basic {base64.b64encode(served.credentials.encode()).decode()}":
-                    self.send_error(401, "Unauthorized")
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="data"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if served.redirect_to is not None:
                     self.send_response(302)

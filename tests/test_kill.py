@@ -316,15 +316,17 @@ def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": PREFECT_API_URL.value()}
     command = [sys.executable, "-m", "flows.pipeline"]
-    killed = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    log = folder.parent / "killed-flow.log"  # a file, not a pipe: nobody reads while the flow runs
+    with log.open("w") as stream:
+        killed = subprocess.Popen(command, cwd=folder, env=environment, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
-    while not list(folder.glob("checkpoints/*/backup-train/training_metadata.json")):  # epoch 1's backup
-        assert killed.poll() is None and time.monotonic() < deadline, "the flow ended before its first backup"
+    # Epoch 1's backup; written under a temporary name and renamed, it is whole once it is there.
+    while not list(folder.glob("checkpoints/*/backup-train/training_metadata.json")):
+        assert killed.poll() is None and time.monotonic() < deadline, f"the flow ended before its first backup:\n{log.read_text()[-3000:]}"
         time.sleep(0.02)
     os.killpg(killed.pid, signal.SIGKILL)
-    output = _finish(killed)
-    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert list(_lock(folder)) == ["download", "convert"], "the stages the flow finished are in dvc.lock, train is not"
     upstream = {stage: _mtimes(folder / _lock(folder)[stage]["outs"][0]["path"]) for stage in ("download", "convert")}
 

@@ -1,9 +1,11 @@
 """Credentials in MLFLOW_TRACKING_URI, netrc or a download URL are used, never written down or printed."""
 
+import re
+
 import pytest
 
 from tasks import download, errors, fetch, predict
-from tests.conftest import write_params
+from tests.conftest import LocalServer, write_params
 
 PASSWORD = "s3cret-Pa55"
 # A run against a real `mlflow server` with the password in MLFLOW_TRACKING_URI is in
@@ -50,30 +52,39 @@ def _netrc(folder, monkeypatch, login="alice", password=PASSWORD):
 def test_a_download_takes_its_credentials_from_netrc_and_never_passes_them_on(http_server, workdir, monkeypatch):
     url = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
     monkeypatch.setenv("NETRC", str(workdir / "no-such-netrc"))
-    with pytest.raises(fetch.DownloadError, match=r"HTTP 401 Unauthorized; the server wants credentials: put them in ~/.netrc"):
+    with pytest.raises(fetch.DownloadError, match=r"HTTP 401 Unauthorized; the server wants credentials it accepts: put them in ~/.netrc"):
         fetch.download(url, workdir / "downloads" / "pets.zip", None)
 
     netrc_file = _netrc(workdir, monkeypatch)
     assert fetch.download(url, workdir / "downloads" / "pets.zip", None).read_bytes() == b"the archive"
-    assert http_server.gets("/private/pets.zip")[-1]["Authorization"].startswith("Basic ")
+    asked, answered = http_server.gets("/private/pets.zip")[-2:]
+    assert "Authorization" not in asked and answered["Authorization"].startswith("Basic "), "sent only when the server asks"
 
-    # A redirect (to the storage service that holds the file, say) is followed without them.
-    http_server.serve("/public/pets.zip", b"the archive")
-    moved = http_server.serve("/moved/pets.zip", b"", redirect_to="/public/pets.zip")
+    # Redirected within the same server, they follow; redirected to another one (another port), never.
+    moved = http_server.serve("/moved/pets.zip", b"", redirect_to="/private/pets.zip")
     assert fetch.download(moved, workdir / "downloads" / "moved.zip", None).read_bytes() == b"the archive"
-    assert "Authorization" in http_server.gets("/moved/pets.zip")[-1]
-    assert "Authorization" not in http_server.gets("/public/pets.zip")[-1]
+    elsewhere = LocalServer()
+    try:
+        elsewhere.serve("/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
+        away = http_server.serve("/away/pets.zip", b"", redirect_to=f"{elsewhere.url}/pets.zip")
+        with pytest.raises(fetch.DownloadError, match="HTTP 401"):
+            fetch.download(away, workdir / "downloads" / "away.zip", None)
+        assert elsewhere.gets("/pets.zip") and not [headers for headers in elsewhere.gets("/pets.zip") if "Authorization" in headers]
+    finally:
+        elsewhere.stop()
     written = [path for path in workdir.rglob("*") if path.is_file() and path != netrc_file]
     assert written and not [path for path in written if PASSWORD.encode() in path.read_bytes()]
 
 
-def test_a_malformed_netrc_is_named_with_its_line(http_server, workdir, monkeypatch):
-    url = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
+def test_a_malformed_netrc_is_read_only_when_asked_and_named_without_its_secrets(http_server, workdir, monkeypatch):
     netrc_file = workdir / "netrc"
     netrc_file.write_text("machine 127.0.0.1 login alice s3cret\n")  # the word "password" forgotten
     monkeypatch.setenv("NETRC", str(netrc_file))
-    with pytest.raises(fetch.DownloadError, match=rf"{netrc_file}, line \d: bad follower token; fix the file") as refused:
-        fetch.download(url, workdir / "downloads" / "pets.zip", None)
+    public = http_server.serve("/public/pets.zip", b"the archive")
+    assert fetch.download(public, workdir / "downloads" / "public.zip", None).read_bytes() == b"the archive"
+    private = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
+    with pytest.raises(fetch.DownloadError, match=rf"{re.escape(str(netrc_file))}, line \d: not valid netrc; fix the file") as refused:
+        fetch.download(private, workdir / "downloads" / "pets.zip", None)
     assert "s3cret" not in str(refused.value)
 
 

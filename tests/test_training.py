@@ -181,3 +181,43 @@ def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
     assert float(history[1]["learning_rate"]) == pytest.approx(params.train.fine_tune_learning_rate)
     evaluated = evaluate.evaluate(params.evaluate, workdir / params.shards_dir, workdir / "models", workdir / "metrics.json", workdir / "evaluation")
     assert evaluated.test_images == 12 and result.validation_accuracy_raw is not None
+
+
+def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, monkeypatch):
+    """A power cut while epoch 2's weights are being written: epoch 1's backup is still there, whole."""
+    import keras
+    import numpy as np
+
+    def tiny_model():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    features, targets = np.random.default_rng(0).normal(size=(16, 4)), np.zeros((16, 2))
+    after_epoch_1 = []
+    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: after_epoch_1.extend(model.get_weights()) if epoch == 0 else None)
+    writes = []
+    save_weights = keras.Model.save_weights
+
+    def cut_off_at_the_second(self, filepath, *arguments, **keywords):
+        writes.append(filepath)
+        if len(writes) == 2:
+            pathlib.Path(filepath).write_bytes(b"the first bytes of a weights file")
+            raise RuntimeError("power cut")
+        return save_weights(self, filepath, *arguments, **keywords)
+
+    monkeypatch.setattr(keras.Model, "save_weights", cut_off_at_the_second)
+    model = tiny_model()
+    backup = train.WholeBackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="power cut"):
+        model.fit(features, targets, epochs=3, callbacks=[keep, backup], verbose=0)
+    monkeypatch.undo()
+
+    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    restored = tiny_model()
+    restored.load_weights(backup._weights_path)
+    for weights, expected in zip(restored.get_weights(), after_epoch_1, strict=True):
+        np.testing.assert_array_equal(weights, expected)
+    resumed = tiny_model().fit(features, targets, epochs=3, callbacks=[train.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0)
+    assert len(resumed.history["loss"]) == 2, "resumed after epoch 1: epochs 2 and 3"
+    assert not (tmp_path / "backup").exists(), "a finished fit leaves no backup, nor any half-written file"
