@@ -172,8 +172,8 @@ def measure(model: str, shards_dir: pathlib.Path, folder: pathlib.Path, epochs: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=5, help="per run; the first and last are not timed, at least 3 (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=2, help="of each side, alternating (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=4, help="per run; the first and last are not timed, at least 3 (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=4, help="of each side, alternating (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
     arguments = parser.parse_args(argv)
