@@ -149,6 +149,7 @@ class TrainParams(_Section):
     fine_tune_learning_rate: Real = pydantic.Field(gt=0)
     monitor: Literal["val_loss", "val_accuracy"]
     restore_best: bool
+    backup_every_seconds: Real = pydantic.Field(ge=0)
     strategy: Literal[STRATEGIES]  # type: ignore[valid-type]
     cpu_devices: int = pydantic.Field(ge=1)
     mixed_precision: Literal["auto"] | bool

@@ -25,6 +25,7 @@ import math
 import pathlib
 import shutil
 import sys
+import time
 from typing import Any
 
 import keras
@@ -202,15 +203,29 @@ def train(
 
 
 class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore, each of its files written under a temporary name and renamed when whole.
+    """Keras' BackupAndRestore, each of its files written under a temporary name and renamed when whole,
+    at the end of an epoch once `every_seconds` have passed since the last backup.
 
     Keras writes its backup in place: a kill mid-write leaves weights that cannot be loaded, or an empty
     training_metadata.json that stops every later fit with a JSONDecodeError, until someone deletes the
     backup by hand. Weights first, then the epoch count: a kill between the two renames repeats an
-    epoch, never skips one. Overrides Keras' private `_save_model` (tests/test_training.py cuts one off).
+    epoch, never skips one. Keras backs up every epoch or every N steps; short epochs (a GPU's, or
+    bench.train_throughput's) then pay a whole model write each, 30-40 ms of a 1.5 s epoch here.
+    Overrides Keras' private `_save_model` (tests/test_training.py cuts one off).
     """
 
+    def __init__(self, backup_dir: str, every_seconds: float = 0.0):
+        super().__init__(backup_dir)
+        self.every_seconds, self._last_backup = every_seconds, time.monotonic()
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._last_backup = time.monotonic()
+
     def _save_model(self):
+        if time.monotonic() - self._last_backup < self.every_seconds:
+            return
+        self._last_backup = time.monotonic()
         with files.staged_file(pathlib.Path(self._weights_path)) as weights:
             self.model.save_weights(str(weights), overwrite=True)
         files.write_json(pathlib.Path(self._training_metadata_path), {"epoch": self._current_epoch, "batch": self._last_batch_seen})
@@ -239,7 +254,7 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         keras.callbacks.TensorBoard(str(work / TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
                                     update_freq=params.log_every_steps),
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
-        WholeBackupAndRestore(str(backup_dir)),
+        WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch
         # checkpoint after them (two more swaps of every weight per epoch otherwise: ~10 ms here).
         *([raw_score, keras.callbacks.SwapEMAWeights(swap_on_epoch=params.restore_best)] if averages else []),
@@ -252,7 +267,8 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
 
 def _work_folder(root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool) -> pathlib.Path:
     """<root>/<model>-<hash>: keyed by every train setting, the seed and the data, so a changed config never resumes a stale backup."""
-    identity = json.dumps({"train": params.model_dump(mode="json"), "seed": seed, "data": manifest_sha256}, sort_keys=True)
+    settings = params.model_dump(mode="json", exclude={"backup_every_seconds"})  # how often to back up changes no result
+    identity = json.dumps({"train": settings, "seed": seed, "data": manifest_sha256}, sort_keys=True)
     folder = root / f"{params.model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if chief:
         # Only the latest configuration's backup is kept: backups of large models take gigabytes.

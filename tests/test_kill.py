@@ -130,7 +130,7 @@ def reference(tmp_path_factory):
     url = server.serve(ARCHIVE_PATH, archive)
     folder = copy_repository(base / "repository")
     write_params(folder / "params.yaml", {
-        **FAST, "train.epochs": 2, "train.histogram_freq": 0, "register.min_precision": 0.0,
+        **FAST, "train.epochs": 2, "train.histogram_freq": 0, "train.backup_every_seconds": 0, "register.min_precision": 0.0,
         "dataset.name": "imagefolder", "dataset.source": url, "dataset.sha256": hashlib.sha256(archive).hexdigest(),
         "dataset.image_size": [8, 8],
     })
@@ -312,7 +312,7 @@ def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_
     from prefect.settings import PREFECT_API_URL
 
     folder = repository_copy
-    write_params(folder / "params.yaml", {**FAST, "train.epochs": 4, "register.min_precision": 0.0})
+    write_params(folder / "params.yaml", {**FAST, "train.epochs": 4, "train.backup_every_seconds": 0, "register.min_precision": 0.0})
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": PREFECT_API_URL.value()}
     command = [sys.executable, "-m", "flows.pipeline"]

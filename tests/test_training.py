@@ -21,7 +21,7 @@ from tasks import config, convert, evaluate, train
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
-TINY = {**FAST, "train.model": "cifar10_tutorial", "train.log_every_steps": 1, "train.histogram_freq": 0}
+TINY = {**FAST, "train.model": "cifar10_tutorial", "train.log_every_steps": 1, "train.histogram_freq": 0, "train.backup_every_seconds": 0}
 TIMEOUT = 300  # seconds; every process is killed past it
 
 
@@ -221,3 +221,20 @@ def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, mon
     resumed = tiny_model().fit(features, targets, epochs=3, callbacks=[train.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0)
     assert len(resumed.history["loss"]) == 2, "resumed after epoch 1: epochs 2 and 3"
     assert not (tmp_path / "backup").exists(), "a finished fit leaves no backup, nor any half-written file"
+
+
+def test_backups_wait_for_their_interval(tmp_path):
+    """train.backup_every_seconds: an epoch ending sooner after the last backup writes none."""
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    features, targets = np.zeros((16, 4)), np.zeros((16, 2))
+    written = []
+    for every_seconds in (0, 3600):
+        backup = train.WholeBackupAndRestore(str(tmp_path / f"backup-{every_seconds}"), every_seconds)
+        watch = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs, folder=backup.backup_dir: written.append(
+            (folder, pathlib.Path(folder, "training_metadata.json").is_file())))
+        model.fit(features, targets, epochs=2, callbacks=[backup, watch], verbose=0)
+    assert [found for _, found in written] == [True, True, False, False]
