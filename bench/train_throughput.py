@@ -5,14 +5,17 @@
 
 32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
 in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
-in this process, twice, alternating (so that a burst of other work on the machine hits both alike):
+in this process, `--runs` times each (4 by default, of `--epochs` 4), alternating: this machine runs
+an epoch either fast or slow from one moment to the next, and alternating often gives both sides
+their fast epochs (docs/benchmarks.md, train_throughput):
 - bare fit: the same network (`tasks.models.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on NumPy arrays of the training split held in memory (decoded once,
   centre-cropped to the input size, no distortion), validating on the validation split as NumPy.
 - train stage: `tasks.train.train` on the shards with its defaults from params.yaml and the seed's
   settings from the README's model table: tf.data pipeline with distortions, progress lines, CSV,
   MLflow metrics (a SQLite store in the temporary folder), TensorBoard scalars and weight histograms,
-  backups, best checkpoint, moving-average swap for validation, and after training the saved model
+  backups (every `train.backup_every_seconds`), moving-average swap for validation (the best-epoch
+  checkpoint only with `train.restore_best`, off by default), and after training the saved model
   and MLflow model logging (not part of any epoch, so not in the figure).
 Both are timed by the same Keras callback, the last in the list, as the time between the ends of
 consecutive epochs: the training steps, the validation pass and every callback of the epoch. The
