@@ -5,7 +5,7 @@
 
 32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
 in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
-in this process, `--runs` times each (4 by default, of `--epochs` 4), alternating: this machine runs
+in this process, `--runs` times each (3 by default, of `--epochs` 4), alternating: this machine runs
 an epoch either fast or slow from one moment to the next, and alternating often gives both sides
 their fast epochs (docs/benchmarks.md, train_throughput):
 - bare fit: the same network (`tasks.models.build_model`), loss, optimizer (with its moving averages)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=4, help="per run; the first and last are not timed, at least 3 (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=4, help="of each side, alternating (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="of each side, alternating (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
     arguments = parser.parse_args(argv)
