@@ -216,7 +216,7 @@ class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir: str, every_seconds: float = 0.0):
         super().__init__(backup_dir)
-        self.every_seconds, self._last_backup = every_seconds, time.monotonic()
+        self.every_seconds = every_seconds
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
