@@ -24,7 +24,7 @@ one before to its own end (the training steps, the validation pass and every cal
 epoch). The first epoch (tracing, filling the cache) and the last (the stage then also scores the
 raw weights) are left out. A side's images/s is that of its median timed epoch (of ten by
 default). On this machine the same epoch takes 1.4 s or 2.8 s from one moment to the next, and one
-in eight or so takes twice the usual time on either side: the median is not moved by a few such
+in nine or so takes twice the usual time on either side: the median is not moved by a few such
 epochs, where the throughput over all of them (reported beside it, as "all epochs") is, and the
 fastest epoch of each side (also reported) rests on one lucky epoch (docs/benchmarks.md,
 train_throughput). The process's CPU time per image is compared the same way.
