@@ -135,24 +135,28 @@ class Result:
     stage_epochs: list[tuple[float, float, float, float]]
     forward_flops_per_image: float
 
+    def _column(self, side: str, index: int) -> list[float]:
+        """One figure (0 wall seconds, 1 CPU seconds) of each of the side's steady epochs."""
+        return [epoch[index] for epoch in getattr(self, f"{side}_epochs")]
+
     def images_per_second(self, side: str) -> float:
         """Wall-clock, in the side's median steady epoch."""
-        return self.train_images / statistics.median(epoch[0] for epoch in getattr(self, f"{side}_epochs"))
+        return self.train_images / statistics.median(self._column(side, 0))
 
     def throughput(self, side: str) -> float:
         """Wall-clock images/s over all the side's steady epochs together."""
-        epochs = getattr(self, f"{side}_epochs")
-        return self.train_images * len(epochs) / sum(epoch[0] for epoch in epochs)
+        walls = self._column(side, 0)
+        return self.train_images * len(walls) / sum(walls)
 
     def fastest_images_per_second(self, side: str) -> float:
-        return self.train_images / min(epoch[0] for epoch in getattr(self, f"{side}_epochs"))
+        return self.train_images / min(self._column(side, 0))
 
     def cpu_seconds_per_image(self, side: str) -> float:
         """This process's CPU time per image in the side's median steady epoch: the work done, whatever else ran."""
-        return statistics.median(epoch[1] for epoch in getattr(self, f"{side}_epochs")) / self.train_images
+        return statistics.median(self._column(side, 1)) / self.train_images
 
     def least_cpu_seconds_per_image(self, side: str) -> float:
-        return min(epoch[1] for epoch in getattr(self, f"{side}_epochs")) / self.train_images
+        return min(self._column(side, 1)) / self.train_images
 
     def matmul_rate(self, per: str = "wall") -> float:
         """The machine's limit: the highest of the matmul rates timed after every steady epoch of both sides,
