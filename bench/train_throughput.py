@@ -78,6 +78,10 @@ MODEL_SETTINGS = {
 }
 
 
+# One timed epoch: its wall-clock and CPU seconds, then the matmul rate timed after it, per wall-clock and per CPU second.
+Epoch = tuple[float, float, float, float]
+
+
 def clocks() -> tuple[float, float]:
     """Wall-clock seconds and this process's CPU seconds."""
     return time.perf_counter(), time.process_time()
@@ -111,7 +115,7 @@ class EpochEnds(keras.callbacks.Callback):
     def __init__(self, matmul: MatmulRate):
         super().__init__()
         self.matmul = matmul
-        self.epochs: list[tuple[float, float, float, float]] = []  # wall, CPU, matmul rate per wall and per CPU second
+        self.epochs: list[Epoch] = []
 
     def on_train_begin(self, logs=None):
         self.resumed = clocks()
@@ -121,7 +125,7 @@ class EpochEnds(keras.callbacks.Callback):
         self.epochs.append((end[0] - self.resumed[0], end[1] - self.resumed[1], *self.matmul.measure()))
         self.resumed = clocks()
 
-    def steady_epochs(self) -> list[tuple[float, float, float, float]]:
+    def steady_epochs(self) -> list[Epoch]:
         """Every epoch but the first and the last."""
         return self.epochs[1:-1]
 
@@ -131,8 +135,8 @@ class Result:
     model: str
     batch_size: int
     train_images: int
-    bare_epochs: list[tuple[float, float, float, float]]  # of each steady epoch: wall and CPU seconds, matmul rates after it
-    stage_epochs: list[tuple[float, float, float, float]]
+    bare_epochs: list[Epoch]  # the steady ones
+    stage_epochs: list[Epoch]
     forward_flops_per_image: float
 
     def _column(self, side: str, index: int) -> list[float]:
@@ -174,7 +178,7 @@ def in_memory(shards_dir: pathlib.Path, split: str, params: config.TrainParams, 
     return np.concatenate(images), keras.utils.to_categorical(np.concatenate(labels), class_count)
 
 
-def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate) -> tuple[list, float]:
+def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate) -> tuple[list[Epoch], float]:
     """Steady epochs of model.fit on in-memory arrays (`EpochEnds.epochs`), and the model's forward FLOPs per image."""
     class_names = records.read_manifest(shards_dir)["classes"]
     x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
@@ -192,7 +196,7 @@ def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, ma
     return epoch_ends.steady_epochs(), forward_flops(model)
 
 
-def train_stage(params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, matmul: MatmulRate) -> list:
+def train_stage(params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, matmul: MatmulRate) -> list[Epoch]:
     """Steady epochs of the train stage, everything on (the MLflow store and outputs in `folder`)."""
     epoch_ends = EpochEnds(matmul)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress lines
