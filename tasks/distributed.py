@@ -93,16 +93,20 @@ def fit_multi_worker(
     train_data: tf.data.Dataset,
     validation_data: tf.data.Dataset,
     epochs: int,
+    steps_per_epoch: int,
     label_smoothing: float,
     callbacks: list[keras.callbacks.Callback],
     backup_dir: pathlib.Path | None,
 ) -> keras.callbacks.History:
-    """model.fit's loop for MultiWorkerMirroredStrategy: `train_data` is batched at the global batch size."""
+    """model.fit's loop for MultiWorkerMirroredStrategy: `train_data`, repeated, is batched at the global batch size.
+
+    One iterator serves every epoch, as in the stage's model.fit (tasks/train.py says why).
+    """
     optimizer = model.optimizer
     # Every worker reads all shards and keeps its share of each global batch: works with any shard count.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    distributed_data = strategy.experimental_distribute_dataset(train_data.with_options(options))
+    batches = iter(strategy.experimental_distribute_dataset(train_data.with_options(options)))
 
     @tf.function
     def train_step(images, labels):
@@ -133,7 +137,8 @@ def fit_multi_worker(
     for epoch in range(initial_epoch, epochs):
         callback_list.on_epoch_begin(epoch)
         loss_sum = correct_sum = count_sum = 0.0
-        for step, (images, labels) in enumerate(distributed_data):
+        for step in range(steps_per_epoch):
+            images, labels = next(batches)
             callback_list.on_train_batch_begin(step)
             loss, correct, count = (float(value) for value in train_step(images, labels))
             loss_sum, correct_sum, count_sum = loss_sum + loss * count, correct_sum + correct, count_sum + count

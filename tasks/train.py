@@ -86,7 +86,10 @@ def train(
     one_hot = lambda images, labels: (images, tf.one_hot(labels, len(class_names)))  # noqa: E731 - for label smoothing
     pipeline = dict(shards_dir=shards_dir, image_size=params.image_size, input_size=params.input_size, crop_padding=params.crop_padding,
                     augment=params.augment, batch_size=params.batch_size, shuffle_buffer=params.shuffle_buffer, cache_mb=params.cache_mb, seed=seed)
-    train_data = inputs.training_data(**pipeline, drop_remainder=multi_worker).map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
+    # Repeated, so that one input iterator serves the whole fit, `steps_per_epoch` steps an epoch: given a
+    # finite dataset, Keras makes a new iterator every epoch, and on CPU about one epoch in three after a
+    # new iterator runs on one core instead of two (docs/benchmarks.md, train_throughput).
+    train_data = inputs.training_data(**pipeline, drop_remainder=multi_worker).map(one_hot, num_parallel_calls=tf.data.AUTOTUNE).repeat()
     validation_data = (
         inputs.evaluation_data(shards_dir, "validation", params.image_size, params.input_size, params.batch_size)
         .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE).cache()
@@ -94,6 +97,9 @@ def train(
     steps_per_epoch = train_count // params.batch_size if multi_worker else math.ceil(train_count / params.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"train.batch_size = {params.batch_size} is larger than the {train_count} training images; lower it")
+    # Keras runs whole calls of steps_per_execution steps, and on repeated data a call must not cross an
+    # epoch's end: each runs as many steps as divide both the epoch and log_every_steps.
+    steps_per_execution = math.gcd(params.log_every_steps, steps_per_epoch)
 
     # The model, built and compiled inside the strategy's scope so that its variables are mirrored.
     channel_mean = inputs.channel_mean(shards_dir, params.image_size) if params.model == "resnet" else None
@@ -104,7 +110,7 @@ def train(
                 params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay,
                 resnet_n=params.resnet_n, channel_mean=channel_mean, pretrained_weights=_weights(params.pretrained_weights),
             )
-            _compile(model, params, optimizers.make_optimizer(params, steps_per_epoch * params.epochs), jit_compile)
+            _compile(model, params, optimizers.make_optimizer(params, steps_per_epoch * params.epochs), jit_compile, steps_per_execution)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     summary: list[str] = []
@@ -128,20 +134,21 @@ def train(
             if phase == "fine_tune":
                 models.set_fine_tuning(model)
                 with strategy.scope():
-                    _compile(model, params, optimizers.make_optimizer(params, 0, learning_rate), jit_compile)
+                    _compile(model, params, optimizers.make_optimizer(params, 0, learning_rate), jit_compile, steps_per_execution)
             if finished.is_file():
                 model.set_weights(list(np.load(finished).values()))
                 first_epoch = last_epoch
                 continue
             raw_score = monitoring.RawWeightsScore(validation_data)
-            callbacks = _callbacks(params, work / f"backup-{phase}", work, chief, multi_worker, raw_score, pipeline) + list(extra_callbacks or [])
+            steps_per_call = 1 if multi_worker else steps_per_execution  # the custom loop calls back after every step
+            callbacks = _callbacks(params, work / f"backup-{phase}", work, chief, multi_worker, raw_score, pipeline, steps_per_call) + list(extra_callbacks or [])
             if multi_worker:
-                history = distributed.fit_multi_worker(model, strategy, train_data, validation_data, last_epoch,
+                history = distributed.fit_multi_worker(model, strategy, train_data, validation_data, last_epoch, steps_per_epoch,
                                                        params.label_smoothing, callbacks, work / f"backup-{phase}")
             else:
                 model._initial_epoch = None  # set by BackupAndRestore and never reset by Keras: a stale one would skip phase 2
-                history = model.fit(train_data, validation_data=validation_data, initial_epoch=first_epoch, epochs=last_epoch,
-                                    callbacks=callbacks, shuffle=False, verbose=0)  # train_data shuffles itself, seeded
+                history = model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=validation_data, initial_epoch=first_epoch,
+                                    epochs=last_epoch, callbacks=callbacks, shuffle=False, verbose=0)  # train_data shuffles itself, seeded
             if chief:
                 # Keras deletes its backup when fit returns: without these weights, a kill before the model
                 # is saved below would train every epoch again.
@@ -231,15 +238,15 @@ class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
         files.write_json(pathlib.Path(self._training_metadata_path), {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
 
-def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, jit_compile: bool) -> None:
+def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, jit_compile: bool, steps_per_execution: int) -> None:
     # One-hot targets: Keras' sparse cross-entropy has no label smoothing.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
-    # Progress is reported every log_every_steps: the steps in between run as one call of the training
-    # function, without a return to Python and the per-step callbacks after each (bench/train_throughput.py).
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile, steps_per_execution=params.log_every_steps)
+    # The steps between two progress lines run as calls of several steps each, without a return to Python
+    # and the per-step callbacks after every step (bench/train_throughput.py).
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile, steps_per_execution=steps_per_execution)
 
 
-def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipeline) -> list[keras.callbacks.Callback]:
+def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipeline, steps_per_call) -> list[keras.callbacks.Callback]:
     """In this order: logs are completed before they are written; backups hold raw weights, the best checkpoint the averages."""
     progress = [keras.callbacks.TerminateOnNaN(), monitoring.ProgressLogger(params.log_every_steps, params.batch_size)]
     if not chief:
@@ -252,7 +259,7 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
         keras.callbacks.TensorBoard(str(work / TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
-                                    update_freq=params.log_every_steps),
+                                    update_freq=params.log_every_steps // steps_per_call),  # counted in calls of the training function
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
         WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch

@@ -6,6 +6,7 @@ process of its own, as DVC runs it.
 
 import csv
 import json
+import math
 import os
 import pathlib
 import re
@@ -14,10 +15,11 @@ import socket
 import subprocess
 import sys
 
+import keras
 import mlflow
 import pytest
 
-from tasks import config, convert, evaluate, train
+from tasks import config, convert, evaluate, records, train
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
@@ -168,6 +170,18 @@ def test_the_same_params_and_seed_train_the_same_model(workdir):
         train.train(params.train, 7, workdir / params.shards_dir, workdir / attempt)
         histories.append([row["loss"] for row in csv.DictReader((workdir / attempt / "history.csv").open())])
     assert histories[0] == histories[1]
+
+
+def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_steps(workdir):
+    # One iterator serves the whole run, and Keras runs whole calls of steps: none may run into the next epoch.
+    params = _prepare(workdir, {**FAST, "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 4})
+    train_count = records.read_manifest(workdir / params.shards_dir)["splits"]["train"]["count"]
+    steps_per_epoch = math.ceil(train_count / 8)
+    assert steps_per_epoch % 4, f"the fixture's {steps_per_epoch} steps per epoch must not be a multiple of log_every_steps"
+    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models")
+    model = keras.models.load_model(workdir / "models" / "model.keras")
+    assert int(model.optimizer.iterations) == 3 * steps_per_epoch
+    assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
 
 
 def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
