@@ -140,8 +140,7 @@ def train(
                 first_epoch = last_epoch
                 continue
             raw_score = monitoring.RawWeightsScore(validation_data)
-            steps_per_call = 1 if multi_worker else steps_per_execution  # the custom loop calls back after every step
-            callbacks = _callbacks(params, work / f"backup-{phase}", work, chief, multi_worker, raw_score, pipeline, steps_per_call) + list(extra_callbacks or [])
+            callbacks = _callbacks(params, work / f"backup-{phase}", work, chief, multi_worker, raw_score, pipeline) + list(extra_callbacks or [])
             if multi_worker:
                 history = distributed.fit_multi_worker(model, strategy, train_data, validation_data, last_epoch, steps_per_epoch,
                                                        params.label_smoothing, callbacks, work / f"backup-{phase}")
@@ -246,7 +245,7 @@ def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.op
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile, steps_per_execution=steps_per_execution)
 
 
-def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipeline, steps_per_call) -> list[keras.callbacks.Callback]:
+def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipeline) -> list[keras.callbacks.Callback]:
     """In this order: logs are completed before they are written; backups hold raw weights, the best checkpoint the averages."""
     progress = [keras.callbacks.TerminateOnNaN(), monitoring.ProgressLogger(params.log_every_steps, params.batch_size)]
     if not chief:
@@ -259,7 +258,7 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
         keras.callbacks.TensorBoard(str(work / TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
-                                    update_freq=params.log_every_steps // steps_per_call),  # counted in calls of the training function
+                                    update_freq=params.log_every_steps),  # in calls of the training function: every call costs too much (docs/benchmarks.md)
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
         WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch
