@@ -257,8 +257,9 @@ def _callbacks(params, backup_dir, work, chief, multi_worker, raw_score, pipelin
         *progress,
         keras.callbacks.CSVLogger(str(work / HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
+        # Step summaries every log_every_steps calls of the training function: every call costs too much (docs/benchmarks.md).
         keras.callbacks.TensorBoard(str(work / TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
-                                    update_freq=params.log_every_steps),  # in calls of the training function: every call costs too much (docs/benchmarks.md)
+                                    update_freq=params.log_every_steps),
         monitoring.InputImages(work / TENSORBOARD_DIR, preview),
         WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch
