@@ -6,8 +6,8 @@
 32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
 in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
 in this process, `--runs` times each (2 by default, of `--epochs` 7), alternating: this machine runs
-an epoch either fast or slow from one moment to the next, and alternating gives both sides their
-fast epochs; each run also costs a model build, tracing and (for the stage) a saved model, so two
+the same work faster or slower from one minute to the next, and alternating gives both sides their
+share of each; each run also costs a model build, tracing and (for the stage) a saved model, so two
 long runs time more epochs (ten per side) in the same three minutes than three short ones (six)
 (docs/benchmarks.md, train_throughput):
 - bare fit: the same network (`tasks.models.build_model`), loss, optimizer (with its moving averages)
@@ -23,11 +23,12 @@ Both are timed by the same Keras callback, the last in the list: an epoch lasts 
 one before to its own end (the training steps, the validation pass and every callback of the
 epoch). The first epoch (tracing, filling the cache) and the last (the stage then also scores the
 raw weights) are left out. A side's images/s is that of its median timed epoch (of ten by
-default). On this machine the same epoch takes 1.4 s or 2.8 s from one moment to the next, and one
-in nine or so takes twice the usual time on either side: the median is not moved by a few such
-epochs, where the throughput over all of them (reported beside it, as "all epochs") is, and the
-fastest epoch of each side (also reported) rests on one lucky epoch (docs/benchmarks.md,
-train_throughput). The process's CPU time per image is compared the same way.
+default). The bare fit gets a new input iterator every epoch (Keras does so for arrays), and on
+this machine about half of those epochs then run on one core instead of two; the stage keeps one
+iterator for the whole fit (tasks/train.py). The median is not moved by a few slow epochs, where
+the throughput over all of them (reported beside it, as "all epochs") is, and the fastest epoch of
+each side (also reported) compares the two at their best (docs/benchmarks.md, train_throughput).
+The process's CPU time per image is compared the same way.
 `train.deterministic: true` (the default) turns on TensorFlow's op determinism for the whole
 process, so it is turned on first, for both sides.
 
