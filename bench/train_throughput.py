@@ -24,7 +24,7 @@ one before to its own end (the training steps, the validation pass and every cal
 epoch). The first epoch (tracing, filling the cache) and the last (the stage then also scores the
 raw weights) are left out. A side's images/s is that of its median timed epoch (of ten by
 default). The bare fit gets a new input iterator every epoch (Keras does so for arrays), and on
-this machine about half of those epochs then run on one core instead of two; the stage keeps one
+this machine four or five epochs in ten then leave one core idle much of the time; the stage keeps one
 iterator for the whole fit (tasks/train.py). The median is not moved by a few slow epochs, where
 the throughput over all of them (reported beside it, as "all epochs") is, and the fastest epoch of
 each side (also reported) compares the two at their best (docs/benchmarks.md, train_throughput).

@@ -88,7 +88,7 @@ def train(
                     augment=params.augment, batch_size=params.batch_size, shuffle_buffer=params.shuffle_buffer, cache_mb=params.cache_mb, seed=seed)
     # Repeated, so that one input iterator serves the whole fit, `steps_per_epoch` steps an epoch: given a
     # finite dataset, Keras makes a new iterator every epoch, and on a 2-core CPU four or five epochs in ten
-    # then run on one core instead of two (docs/benchmarks.md, train_throughput).
+    # then leave one core idle much of the time (docs/benchmarks.md, train_throughput).
     train_data = inputs.training_data(**pipeline, drop_remainder=multi_worker).map(one_hot, num_parallel_calls=tf.data.AUTOTUNE).repeat()
     validation_data = (
         inputs.evaluation_data(shards_dir, "validation", params.image_size, params.input_size, params.batch_size)
