@@ -15,11 +15,10 @@ import socket
 import subprocess
 import sys
 
-import keras
 import mlflow
 import pytest
 
-from tasks import config, convert, evaluate, records, train
+from tasks import config, convert, evaluate, records, tracking, train
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
@@ -179,7 +178,7 @@ def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_step
     steps_per_epoch = math.ceil(train_count / 8)
     assert steps_per_epoch % 4, f"the fixture's {steps_per_epoch} steps per epoch must not be a multiple of log_every_steps"
     train.train(params.train, 7, workdir / params.shards_dir, workdir / "models")
-    model = keras.models.load_model(workdir / "models" / "model.keras")
+    model = tracking.load_model_file(workdir / "models" / "model.keras")
     assert int(model.optimizer.iterations) == 3 * steps_per_epoch
     assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
 
