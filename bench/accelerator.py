@@ -6,7 +6,7 @@
 What it measures, and why this and not the train stage itself: the train stage needs TensorFlow
 (tf.data shards, the TensorFlow-only LRN op). Where TensorFlow with CUDA can be installed, run
 bench.input_pipeline and bench.train_throughput there. Where it cannot, this still shows what the
-networks themselves reach on the accelerator: each model of `tasks.models` (those that need no
+networks themselves reach on the accelerator: each model of `tasks.modeling.networks` (those that need no
 TensorFlow op) is compiled with XLA (`jit_compile=True`) under the `mixed_float16` policy and fitted
 on random uint8 images held on the host, 32x32x3, 10 classes. Epochs after the first (tracing and
 compiling) are timed and the fastest counts. Throughput is set against the device's float16 matmul
@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from bench import report as bench_report
-from tasks import models
+from tasks.modeling import networks
 
 # Batch sizes a GPU is usually fed with for these 32x32 networks; each the largest of the seeds' that
 # keeps the device busy.
@@ -78,7 +78,7 @@ def fit_throughput(
     name: str, batch_size: int, images: np.ndarray, labels: np.ndarray, epochs: int, steps_per_execution: int
 ) -> tuple[float, float, float]:
     """(images/s of the fastest epoch after the first, first epoch's seconds, forward FLOPs per image)."""
-    model = models.build_model(name, images.shape[1:], 10)
+    model = networks.build_model(name, images.shape[1:], 10)
     model.compile(
         optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=True, steps_per_execution=steps_per_execution
     )

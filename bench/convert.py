@@ -30,7 +30,9 @@ import PIL.Image
 import tensorflow as tf
 
 from bench import report as bench_report
-from tasks import config, convert, records
+from tasks import convert
+from tasks.common import config
+from tasks.data import records
 
 REQUIRED_RATIO = 1.7
 

@@ -8,7 +8,7 @@ stage into TFRecord shards in a temporary folder. Then, in this process, alterna
 - ImageDataGenerator (the seed's anchor): `width_shift_range=0.1, height_shift_range=0.1,
   horizontal_flip=True`, `.flow(x, y, batch_size)` over the training split already decoded in memory
   as a NumPy array (it never reads a file). One pass over the split after a one-batch warm-up.
-- The pipeline (`tasks.inputs.training_data`): shards -> parse, decode, cache, shuffle, batch, random
+- The pipeline (`tasks.data.inputs.training_data`): shards -> parse, decode, cache, shuffle, batch, random
   crop (4 pixels of padding), flip, brightness, contrast -> uint8 batches, as the train stage reads
   them. Its first pass (cold: reading the shards, decoding every PNG, filling the in-memory cache)
   and the passes after it (warm: the cache hit, as in every epoch of training after the first) are
@@ -41,7 +41,9 @@ import tensorflow as tf
 
 from bench import convert as bench_convert
 from bench import report as bench_report
-from tasks import config, convert, inputs, records
+from tasks import convert
+from tasks.common import config
+from tasks.data import inputs, records
 
 REQUIRED_RATIO = 10.0
 SIDE = 32

@@ -103,7 +103,8 @@ def run_plain() -> dict:
     """
     start = time.perf_counter()
     from flows import dvc_stages
-    from tasks import config, convert, download, evaluate, register, train
+    from tasks import convert, download, evaluate, register, train
+    from tasks.common import config
 
     imported = time.perf_counter()
     params = config.load_params("params.yaml")

@@ -10,7 +10,7 @@ the same work faster or slower from one minute to the next, and alternating give
 share of each; each run also costs a model build, tracing and (for the stage) a saved model, so two
 long runs time more epochs (ten per side) in the same three minutes than three short ones (six)
 (docs/benchmarks.md, train_throughput):
-- bare fit: the same network (`tasks.models.build_model`), loss, optimizer (with its moving averages)
+- bare fit: the same network (`tasks.modeling.networks.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on NumPy arrays of the training split held in memory (decoded once,
   centre-cropped to the input size, no distortion), validating on the validation split as NumPy.
 - train stage: `tasks.train.train` on the shards with its defaults from params.yaml and the seed's
@@ -63,7 +63,10 @@ import tensorflow as tf
 from bench import input_pipeline
 from bench import report as bench_report
 from bench.accelerator import forward_flops
-from tasks import config, inputs, models, optimizers, records, train
+from tasks import train
+from tasks.common import config
+from tasks.data import inputs, records
+from tasks.modeling import networks, optimizers
 
 PARAMS = pathlib.Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults the stage runs with
 REQUIRED_RATIO = 0.95
@@ -185,7 +188,7 @@ def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, ma
     x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
     validation = in_memory(shards_dir, "validation", params, len(class_names))
     keras.utils.set_random_seed(seed)
-    model = models.build_model(params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay)
+    model = networks.build_model(params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay)
     steps = -(-len(x_train) // params.batch_size)
     model.compile(
         optimizer=optimizers.make_optimizer(params, steps * params.epochs), metrics=["accuracy"],

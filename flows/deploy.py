@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from flows import pipeline
-from tasks import config, errors
+from tasks.common import config, errors
 
 
 def main(arguments: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import dvc.exceptions
 import dvc.lock
 import dvc.repo
 
-from tasks import errors
+from tasks.common import errors
 
 # The repository of the running flow, holding DVC's lock while the flow runs (see exclusive()).
 _held: dvc.repo.Repo | None = None
@@ -31,7 +31,7 @@ def exclusive() -> Iterator[None]:
     the flow may be writing or reading. DVC gives up after 3 s with "Unable to acquire lock".
 
     `dvc repro` itself releases that lock while a stage's command runs; the stage then holds the
-    pipeline lock (tasks/locking.py), which the flow takes first.
+    pipeline lock (tasks/common/locking.py), which the flow takes first.
     """
     global _held
     try:

@@ -27,7 +27,8 @@ import prefect.states
 import yaml
 
 from flows import dvc_stages, reports
-from tasks import config, convert, download, errors, evaluate, locking, register, train
+from tasks import convert, download, evaluate, register, train
+from tasks.common import config, errors, locking
 
 STAGES = ("download", "convert", "train", "evaluate", "register")
 

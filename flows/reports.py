@@ -10,7 +10,8 @@ from collections import Counter
 import keras
 import prefect.artifacts
 
-from tasks import errors, records, tracking
+from tasks.common import errors, tracking
+from tasks.data import records
 
 
 class TrainingProgress(keras.callbacks.Callback):

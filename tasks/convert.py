@@ -33,9 +33,11 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from tasks import config, download, errors, files, images, records
+from tasks import download
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
+from tasks.common import config, errors, files
+from tasks.data import images, records
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
 _POOL_CONTEXT = "fork" if sys.platform == "linux" else "spawn"
 _MIN_FILES_FOR_POOL = 32  # below this, starting processes costs more than it saves

@@ -33,7 +33,8 @@ import numpy as np
 import PIL.Image
 import sklearn.datasets
 
-from tasks import config, errors, fetch, files
+from tasks.common import config, errors, files
+from tasks.data import fetch
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 # As published by TensorFlow Datasets (url_checksums/cifar10.txt): 170,052,171 bytes.

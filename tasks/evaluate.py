@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics
 
-from tasks import config, errors, figures, files, inputs, records, tracking, train
+from tasks import train
+from tasks.common import config, errors, files, tracking
+from tasks.data import inputs, records
+from tasks.modeling import figures
 
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.csv"

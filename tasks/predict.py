@@ -22,7 +22,9 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from tasks import errors, files, inputs, tracking, train
+from tasks import train
+from tasks.common import errors, files, tracking
+from tasks.data import inputs
 
 BATCH_SIZE = 64  # images per model call
 

@@ -28,7 +28,7 @@ import mlflow
 import mlflow.entities
 import mlflow.exceptions
 
-from tasks import config, errors, files, tracking
+from tasks.common import config, errors, files, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -152,7 +152,8 @@ def _decide(params: config.RegisterParams, precision: float, champion, champion_
 
 
 def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) -> None:
-    from tasks import export, train  # TensorFlow is only needed for a champion
+    from tasks import train  # TensorFlow is only needed for a champion
+    from tasks.modeling import export
 
     with tempfile.TemporaryDirectory() as folder:
         exported = export.export_model(model_dir / train.MODEL_FILE, pathlib.Path(folder), tflite_float16)

@@ -35,7 +35,9 @@ import mlflow.tensorflow
 import numpy as np
 import tensorflow as tf
 
-from tasks import config, distributed, errors, files, inputs, models, monitoring, optimizers, records, tracking
+from tasks.common import config, errors, files, tracking
+from tasks.data import inputs, records
+from tasks.modeling import distributed, monitoring, networks, optimizers
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -106,7 +108,7 @@ def train(
     keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed_precision else "float32")  # read by layers when built
     try:
         with strategy.scope():
-            model = models.build_model(
+            model = networks.build_model(
                 params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay,
                 resnet_n=params.resnet_n, channel_mean=channel_mean, pretrained_weights=_weights(params.pretrained_weights),
             )
@@ -132,7 +134,7 @@ def train(
         for phase, last_epoch, learning_rate in phases:
             finished = work / f"{phase}.weights.npz"  # a finished phase is not repeated by a resumed run
             if phase == "fine_tune":
-                models.set_fine_tuning(model)
+                networks.set_fine_tuning(model)
                 with strategy.scope():
                     _compile(model, params, optimizers.make_optimizer(params, 0, learning_rate), jit_compile, steps_per_execution)
             if finished.is_file():
@@ -194,7 +196,7 @@ def train(
         model_info = mlflow.tensorflow.log_model(
             model, name="model", signature=signature, input_example=example,
             metadata={"class_names": class_names, "preprocessing": preprocessing},
-            code_paths=[str(pathlib.Path(models.__file__).parent)],
+            code_paths=[str(pathlib.Path(networks.__file__).parents[1])],  # the whole tasks package
         )
         mlflow.log_text(json.dumps(class_names), "labels.json")
         run_id = mlflow.active_run().info.run_id

@@ -247,7 +247,7 @@ class LocalServer:
 @pytest.fixture
 def http_server(monkeypatch: pytest.MonkeyPatch):
     """A LocalServer for one test; retries wait milliseconds instead of seconds."""
-    from tasks import fetch
+    from tasks.data import fetch
 
     monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.01)
     server = LocalServer()

@@ -15,7 +15,7 @@ import pytest
 # Imported with the module, not inside a test: Prefect configures logging on first import, which
 # closes every logging handler there is, including those pytest gives a running test.
 from flows import deploy, pipeline
-from tasks import errors
+from tasks.common import errors
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 

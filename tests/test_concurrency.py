@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from flows import pipeline  # at import, not in a test: see tests/test_bad_input.py
-from tasks import errors, locking
+from tasks.common import errors, locking
 from tests.conftest import FAST, REPOSITORY, write_params
 from tests.test_pipeline import _dvc
 

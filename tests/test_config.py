@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from tasks import config
+from tasks.common import config
 from tests.conftest import REPOSITORY
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tasks import config, convert, records
+from tasks import convert
+from tasks.common import config
+from tasks.data import records
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -115,7 +117,7 @@ import zlib
 
 import tensorflow as tf
 
-from tasks import images
+from tasks.data import images
 
 
 def _encode(image, format, **options) -> bytes:

@@ -14,7 +14,9 @@ import sys
 import keras
 import pytest
 
-from tasks import config, convert, evaluate, files, records, train
+from tasks import convert, evaluate, train
+from tasks.common import config, files
+from tasks.data import records
 from bench.workspace import copy_repository
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 

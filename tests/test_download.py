@@ -1,6 +1,7 @@
 import PIL.Image
 
-from tasks import config, download
+from tasks import download
+from tasks.common import config
 from tests.conftest import REPOSITORY
 
 
@@ -43,7 +44,8 @@ import zipfile
 
 import pytest
 
-from tasks import convert, fetch
+from tasks import convert
+from tasks.data import fetch
 from tests import archives
 
 

@@ -108,7 +108,7 @@ def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resume
 
 def test_a_bad_override_fails_before_any_work(repository_copy, prefect_server):
     from flows import pipeline
-    from tasks import config
+    from tasks.common import config
 
     state = pipeline.pipeline("params.yaml", {"train.epochs": 0}, return_state=True)
     assert state.is_failed()

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import config, convert, inputs, optimizers
+from tasks import convert
+from tasks.common import config
+from tasks.data import inputs
+from tasks.modeling import optimizers
 from tests.conftest import REPOSITORY, make_image_folder
 
 

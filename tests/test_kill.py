@@ -34,12 +34,12 @@ import pytest
 import yaml
 
 from bench.workspace import copy_repository
-from tasks import tracking
+from tasks.common import tracking
 from tests.conftest import FAST, LocalServer, make_image_folder, write_params
 
 STAGES = ["download", "convert", "train", "evaluate", "register"]
 ARCHIVE_PATH = "/digits-like.tar.gz"
-BLOCK = 1 << 20  # tasks.fetch writes the download in blocks of this size
+BLOCK = 1 << 20  # tasks.data.fetch writes the download in blocks of this size
 HOOK_FOLDER = pathlib.Path(__file__).parent / "kill_point"
 TIMEOUT = 300  # seconds for one `dvc repro`
 
@@ -157,13 +157,13 @@ class KillPoint:
 
 KILL_POINTS = {
     "download: mid-transfer": KillPoint("download", None, outside="stalled transfer"),
-    "download: archive unpacked, raw folder not yet in place": KillPoint("download", "tasks.fetch:extract after 1"),
-    "convert: halfway through the first shard": KillPoint("convert", "tasks.records:serialize after 10"),
+    "download: archive unpacked, raw folder not yet in place": KillPoint("download", "tasks.data.fetch:extract after 1"),
+    "convert: halfway through the first shard": KillPoint("convert", "tasks.data.records:serialize after 10"),
     "train: after epoch 1's backup": KillPoint("train", "keras.callbacks:BackupAndRestore.on_epoch_end after 1"),
     "train: last epoch done, model not yet saved": KillPoint("train", "keras:Model.save before 1", epochs_before_kill=2),
     "evaluate: metrics written, MLflow logging under way": KillPoint("evaluate", None, outside="metrics.json"),
     "register: version registered, alias not yet set": KillPoint("register", "mlflow:MlflowClient.set_registered_model_alias before 1"),
-    "register: alias set, registry.json not yet written": KillPoint("register", "tasks.files:write_json before 1"),
+    "register: alias set, registry.json not yet written": KillPoint("register", "tasks.common.files:write_json before 1"),
 }
 
 
@@ -174,7 +174,7 @@ def _kill(reference: Reference, point: KillPoint) -> str:
     environment = {"PYTHONPATH": f"{HOOK_FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "KILL_POINT": f"{point.stage} {point.hook}" if point.hook else "",
                    "KILL_MARKER": str(marker)}
     if point.outside == "stalled transfer":
-        # Hangs after one block and a little more: tasks.fetch has exactly one block on disk.
+        # Hangs after one block and a little more: tasks.data.fetch has exactly one block on disk.
         reference.server.serve(ARCHIVE_PATH, reference.archive, stall_first_after=BLOCK + 1000)
     process = _dvc(folder, "repro", point.stage, environment=environment)
     if point.outside:

@@ -9,7 +9,8 @@ import mlflow.tensorflow
 import numpy as np
 import pytest
 
-from tasks import errors, predict, tracking
+from tasks import predict
+from tasks.common import errors, tracking
 
 
 def _lambda_model() -> keras.Model:

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from tasks import download, errors, fetch, predict
+from tasks import download, predict
+from tasks.common import errors
+from tasks.data import fetch
 from tests.conftest import LocalServer, write_params
 
 PASSWORD = "s3cret-Pa55"

@@ -5,7 +5,7 @@ import os
 import urllib.parse
 import urllib.request
 
-from tasks import tracking
+from tasks.common import tracking
 from tests.conftest import make_image_folder
 from tests.test_register import LEARNS
 from tests.test_secrets import PASSWORD

@@ -8,7 +8,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks import config, convert, evaluate, register, tracking, train
+from tasks import convert, evaluate, register, train
+from tasks.common import config, tracking
 from tests.conftest import FAST, REPOSITORY, make_image_folder
 
 

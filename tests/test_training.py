@@ -18,7 +18,9 @@ import sys
 import mlflow
 import pytest
 
-from tasks import config, convert, evaluate, records, tracking, train
+from tasks import convert, evaluate, train
+from tasks.common import config, tracking
+from tasks.data import records
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.

@@ -14,7 +14,8 @@ import pathlib
 
 import tensorflow as tf
 
-from tasks import files, records
+from tasks.common import files
+from tasks.data import records
 
 PREPROCESSING_FILE = "preprocessing.json"
 # The seeds' distortion strengths: the Keras CIFAR-10 example's 10% shifts, the tutorial's brightness

@@ -32,7 +32,7 @@ import zipfile
 
 import tqdm
 
-from tasks import errors, files
+from tasks.common import errors, files
 
 ATTEMPTS = 5  # one try and four retries: rides out a restarting server, fails within a minute when down
 BACKOFF_SECONDS = 2.0  # waits 2, 4, 8, 16 s between tries

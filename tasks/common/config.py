@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from tasks import errors
+from tasks.common import errors
 
 DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
 MODELS = ("mnist_cnn", "cifar10_tutorial", "keras_cnn", "vgg16", "vgg19", "vgg16_bn", "resnet", "inception_v3")

@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 import yaml
 
-from tasks import config, errors, files
+from tasks.common import config, errors, files
 
 RUN_FILE = "run.json"
 
@@ -83,7 +83,7 @@ def load_model_file(path: pathlib.Path, what: str | None = None):
     (a Lambda layer's pickled function) is refused, with the file named."""
     import keras
 
-    from tasks import models  # noqa: F401 - registers the custom layers the file may name
+    from tasks.modeling import networks  # noqa: F401 - registers the custom layers the file may name
 
     try:
         return keras.saving.load_model(path, safe_mode=True)

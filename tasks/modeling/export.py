@@ -9,7 +9,7 @@ import pathlib
 
 import tensorflow as tf
 
-from tasks import tracking
+from tasks.common import tracking
 
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"

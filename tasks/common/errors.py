@@ -7,7 +7,7 @@ Exit codes (README: When something fails):
   0  done
   1  failed: an outage (network, tracking server, disk full), a diverged training, or a bug
   2  bad input: a setting, a missing or wrong file or folder, unusable data, a folder that cannot be written
-  3  another pipeline run is working in this folder (tasks/locking.py); nothing was changed
+  3  another pipeline run is working in this folder (tasks/common/locking.py); nothing was changed
 130  interrupted (Ctrl-C)
 
 An expected failure prints only its message: the message names the file, key or value at fault and
@@ -75,7 +75,7 @@ def verbose(arguments: list[str] | None = None) -> bool:
 
 def exit_code(error: BaseException) -> int | None:
     """The exit code of an expected failure; None for a bug."""
-    from tasks import config  # here, not at import: config pulls in pydantic, this module stays cheap
+    from tasks.common import config  # here, not at import: config pulls in pydantic, this module stays cheap
 
     if isinstance(error, PipelineBusy):
         return BUSY
@@ -110,14 +110,14 @@ def describe(error: BaseException) -> str:
 def run_main(main: Callable[[list[str]], int | None], arguments: list[str] | None = None, exclusive: bool = False) -> int:
     """Calls `main(arguments)` and turns what it raises into a message on stderr and an exit code.
 
-    `exclusive`: main writes the pipeline's outputs, so it holds the folder's pipeline lock (tasks/locking.py).
+    `exclusive`: main writes the pipeline's outputs, so it holds the folder's pipeline lock (tasks/common/locking.py).
     """
     arguments = sys.argv[1:] if arguments is None else list(arguments)
     program = _program_name(main)
     try:
         if not exclusive:
             return main(arguments) or 0
-        from tasks import locking  # it imports this module
+        from tasks.common import locking  # it imports this module
 
         with locking.pipeline_lock(" ".join(["python -m", program, *arguments])):
             return main(arguments) or 0

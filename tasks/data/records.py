@@ -1,6 +1,6 @@
 """The TFRecord schema, in one place: the writer's encoder (convert) and the reader (train, evaluate).
 
-A record holds one RGB image as JPEG or PNG (tasks/images.py says which), its label (index into the
+A record holds one RGB image as JPEG or PNG (tasks/data/images.py says which), its label (index into the
 manifest's classes) and the path it came from, relative to the raw folder, so that a result can be
 traced back to its file.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tasks import files
+from tasks.common import files
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"

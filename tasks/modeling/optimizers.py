@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from tasks import config
+from tasks.common import config
 
 
 def make_optimizer(params: config.TrainParams, total_steps: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:

@@ -27,7 +27,7 @@ import pathlib
 import socket
 from collections.abc import Iterator
 
-from tasks import errors
+from tasks.common import errors
 
 LOCK_FILE = ".pipeline.lock"
 
