@@ -24,5 +24,6 @@ flow: $(VENV)/installed
 # Two workers, a test module each at a time (module fixtures such as a reference run stay in one
 # worker): most tests wait on subprocesses and servers, so two cores run the suite in about half the time.
 test: $(VENV)/installed
+	ruff check .
 	python -m pytest --numprocesses 2 --dist loadfile
 

@@ -42,7 +42,7 @@ import tensorflow as tf
 from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks import convert
-from tasks.common import config
+from tasks.common import config, contracts
 from tasks.data import inputs, records
 
 REQUIRED_RATIO = 10.0
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
         shards_dir = make_shards(pathlib.Path(folder), arguments.images)
-        train_count = records.read_manifest(shards_dir)["splits"]["train"]["count"]
+        train_count = contracts.Manifest.read(shards_dir).count("train")
         runs = measure(shards_dir, arguments.batch_size, arguments.warm_passes)
     fastest = {side: min(timings, key=lambda timing: timing.seconds / timing.images) for side, timings in runs.items()}
     anchor = fastest["anchor"].images_per_second

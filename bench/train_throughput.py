@@ -64,7 +64,7 @@ from bench import input_pipeline
 from bench import report as bench_report
 from bench.accelerator import forward_flops
 from tasks import train
-from tasks.common import config
+from tasks.common import config, contracts
 from tasks.data import inputs, records
 from tasks.modeling import networks, optimizers
 
@@ -184,7 +184,7 @@ def in_memory(shards_dir: pathlib.Path, split: str, params: config.TrainParams, 
 
 def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate) -> tuple[list[Epoch], float]:
     """Steady epochs of model.fit on in-memory arrays (`EpochEnds.epochs`), and the model's forward FLOPs per image."""
-    class_names = records.read_manifest(shards_dir)["classes"]
+    class_names = contracts.Manifest.read(shards_dir).classes
     x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
     validation = in_memory(shards_dir, "validation", params, len(class_names))
     keras.utils.set_random_seed(seed)
@@ -218,7 +218,7 @@ def measure(model: str, shards_dir: pathlib.Path, folder: pathlib.Path, epochs: 
         epochs_timed, flops = bare_fit(params.train, shards_dir, params.base.seed, matmul)
         bare_epochs += epochs_timed
         stage_epochs += train_stage(params.train, shards_dir, folder / f"{model}-{run}", params.base.seed, matmul)
-    train_images = records.read_manifest(shards_dir)["splits"]["train"]["count"]
+    train_images = contracts.Manifest.read(shards_dir).count("train")
     return Result(model, params.train.batch_size, train_images, bare_epochs, stage_epochs, flops)
 
 

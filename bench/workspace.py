@@ -9,7 +9,8 @@ import shutil
 import subprocess
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
-# What a copy needs to run the pipeline; outputs, local stores and the benchmarks stay behind.
+# What a copy needs to run the pipeline; outputs, local stores and the benchmarks stay behind. Names at
+# the repository's root only: tasks/data/ is code, data/ is data.
 NOT_COPIED = {
     ".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", "checkpoints", ".pytest_cache", "dvc.lock", "bench", "docs",
 }
@@ -25,8 +26,9 @@ def copy_repository(destination: pathlib.Path) -> pathlib.Path:
     """
 
     def ignore(folder: str, names: list[str]) -> list[str]:
+        at_root = pathlib.Path(folder).resolve() == REPOSITORY
         local = _DVC_LOCAL if pathlib.Path(folder).name == ".dvc" else set()
-        return [name for name in names if name in NOT_COPIED or name in local or name == "__pycache__"]
+        return [name for name in names if (at_root and name in NOT_COPIED) or name in local or name == "__pycache__"]
 
     shutil.copytree(REPOSITORY, destination, ignore=ignore)
     environment = {**os.environ, **_GIT_IDENTITY}

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import pathlib
 from collections import Counter
 
 import keras
 import prefect.artifacts
 
-from tasks.common import errors, tracking
-from tasks.data import records
+from tasks.common import contracts, errors
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -33,10 +31,10 @@ class TrainingProgress(keras.callbacks.Callback):
 
 def rejections(shards_dir: pathlib.Path) -> None:
     """convert's rejected files: how many, why, and the first few paths."""
-    manifest = records.read_manifest(shards_dir)
-    with (shards_dir / records.REJECTED).open(newline="") as stream:
+    manifest = contracts.Manifest.read(shards_dir)
+    with (shards_dir / contracts.REJECTED_FILE).open(newline="") as stream:
         rejected = list(csv.DictReader(stream))
-    accepted = sum(split["count"] for split in manifest["splits"].values())
+    accepted = sum(split.count for split in manifest.splits.values())
     lines = [f"### Convert: {accepted} images accepted, {len(rejected)} rejected", ""]
     if rejected:
         reasons = Counter(row["reason"].split(":")[0] for row in rejected)
@@ -47,19 +45,19 @@ def rejections(shards_dir: pathlib.Path) -> None:
 
 def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, ran: list[str]) -> str:
     """The run's test metrics, its MLflow run and the registry decision, as a markdown artifact."""
-    metrics = json.loads(metrics_path.read_text())
-    registry = json.loads(registry_path.read_text())
-    run = tracking.read_run(model_dir)
-    server = errors.without_credentials(run["tracking_uri"])  # the artifact is shown to everyone who sees the flow
+    scores = contracts.Scores.read(metrics_path)
+    registry = contracts.Decision.read(registry_path)
+    run = contracts.RunRecord.read(model_dir)
+    server = errors.without_credentials(run.tracking_uri)  # the artifact is shown to everyone who sees the flow
     if server.startswith("http"):
-        run_link = f"[{run['run_id']}]({server}/#/experiments/{run['experiment_id']}/runs/{run['run_id']})"
+        run_link = f"[{run.run_id}]({server}/#/experiments/{run.experiment_id}/runs/{run.run_id})"
     else:
-        run_link = f"`{run['run_id']}` (`mlflow ui --backend-store-uri {server}`)"
+        run_link = f"`{run.run_id}` (`mlflow ui --backend-store-uri {server}`)"
     what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
     lines = [
-        f"### {registry['model_name']} version {registry['version']}: `{registry['alias']}`",
+        f"### {registry.model_name} version {registry.version}: `{registry.alias}`",
         "",
-        f"Decision: {registry['reason']}",
+        f"Decision: {registry.reason}",
         "",
         f"Stages run: {what_ran}",
         "",
@@ -67,7 +65,7 @@ def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_d
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {key} | {value:.4g} |" for key, value in tracking.flat_metrics(metrics).items()),
+        *(f"| {key} | {value:.4g} |" for key, value in scores.flat().items()),
     ]
     markdown = "\n".join(lines)
     prefect.artifacts.create_markdown_artifact(markdown, key="run-summary", description="test metrics and registry decision")

@@ -21,23 +21,22 @@ import csv
 import dataclasses
 import functools
 import io
-import json
 import math
 import multiprocessing
 import os
 import pathlib
 import sys
 import unicodedata
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tqdm
 
-from tasks import download
+from tasks.common import config, contracts, errors, files
+from tasks.data import images, records
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
-from tasks.common import config, errors, files
-from tasks.data import images, records
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
 _POOL_CONTEXT = "fork" if sys.platform == "linux" else "spawn"
 _MIN_FILES_FOR_POOL = 32  # below this, starting processes costs more than it saves
@@ -69,13 +68,18 @@ class _Image:
     sha256: str  # of the source file
 
 
+def arguments(params: config.Params) -> dict[str, Any]:
+    """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
+    return dict(dataset=params.dataset, seed=params.base.seed, raw_dir=params.raw_dir, shards_dir=params.shards_dir)
+
+
 def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, shards_dir: pathlib.Path) -> ConvertResult:
     """Validates every file of `raw_dir`, splits the images (stratified, seeded) and writes them as shards."""
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = tuple(sorted({item.class_name for item in found}))
     if len(class_names) < 2:
-        raise ValueError(
+        raise errors.BadInput(
             f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}; "
             "a classifier needs two or more: add a folder of images for each other class (in dataset.source)"
         )
@@ -84,34 +88,36 @@ def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, sha
         accepted, rejected, encodings = _prepare_all(found, class_names, dataset.image_size, spool_path)
         rejected = sorted(outside + rejected)
         splits = _assign_splits(accepted, len(class_names), given_splits, dataset, seed)
-        manifest = {
-            "dataset": dataset.name, "classes": list(class_names), "seed": seed,
-            "image_size": list(dataset.image_size) if dataset.image_size else None,
-            "source_splits": list(given_splits), "files_seen": len(found) + len(outside),
-            "accepted": len(accepted), "rejected": len(rejected), "encodings": encodings,
-            "per_class": _per_class(accepted, class_names), "imbalance": _imbalance(accepted, class_names),
-            "duplicates": _duplicates(splits, class_names), "splits": {},
-        }
         with spool_path.open("rb") as spool:
-            for split, split_images in splits.items():
-                manifest["splits"][split] = _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
+            written = {
+                split: _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
+                for split, split_images in splits.items()
+            }
         spool_path.unlink()
-        _write_rejected(staging / records.REJECTED, rejected)
-        files.write_json(staging / records.MANIFEST, manifest)
+        manifest = contracts.Manifest(
+            dataset=dataset.name, classes=list(class_names), seed=seed,
+            image_size=list(dataset.image_size) if dataset.image_size else None,
+            source_splits=list(given_splits), files_seen=len(found) + len(outside),
+            accepted=len(accepted), rejected=len(rejected), encodings=encodings,
+            per_class=_per_class(accepted, class_names), imbalance=_imbalance(accepted, class_names),
+            duplicates=_duplicates(splits, class_names), splits=written,
+        )
+        _write_rejected(staging / contracts.REJECTED_FILE, rejected)
+        manifest.write(staging)
     counts = {split: len(split_images) for split, split_images in splits.items()}
-    return ConvertResult(shards_dir=shards_dir, counts=counts, files_seen=manifest["files_seen"], rejected_count=len(rejected))
+    return ConvertResult(shards_dir=shards_dir, counts=counts, files_seen=manifest.files_seen, rejected_count=len(rejected))
 
 
 def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
     if not raw_dir.is_dir():
-        raise FileNotFoundError(f"{raw_dir} is not a folder: run the download stage first")
-    layout_path = raw_dir / download.LAYOUT
-    if not layout_path.is_file():
+        raise errors.MissingInput(f"{raw_dir} is not a folder: run the download stage first")
+    layout = contracts.Layout.read(raw_dir)
+    if layout is None:
         return ()  # a plain class folder
-    splits = tuple(files.read_json(layout_path, "rerun the download stage").get("splits") or ())
-    unknown = [split for split in splits if split not in records.SPLITS]
+    splits = layout.splits
+    unknown = [split for split in splits if split not in contracts.SPLITS]
     if unknown or "train" not in splits and splits:
-        raise ValueError(f"{layout_path}: splits {list(splits)} must include 'train' and be among {list(records.SPLITS)}; rerun the download stage")
+        raise errors.BadInput(f"{raw_dir / contracts.LAYOUT_FILE}: splits {list(splits)} must include 'train' and be among {list(contracts.SPLITS)}; rerun the download stage")
     return splits
 
 
@@ -120,13 +126,13 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
     found, outside = [], []
     if given_splits:
         for entry in sorted(raw_dir.iterdir()):
-            if entry.name not in given_splits and entry.name != download.LAYOUT:
+            if entry.name not in given_splits and entry.name != contracts.LAYOUT_FILE:
                 outside += [(path, "not inside a split folder (train/, validation/, test/): belongs to no class") for path in _files_under(entry, raw_dir)]
     for split, folder in [(split, raw_dir / split) for split in given_splits] or [(None, raw_dir)]:
         by_name: dict[str, pathlib.Path] = {}
         for entry in sorted(folder.iterdir()):
             if entry.is_file():
-                if entry != raw_dir / download.LAYOUT:
+                if entry != raw_dir / contracts.LAYOUT_FILE:
                     outside += [(path, "not inside a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
                 continue
             if entry.name.startswith("."):  # .git, .ipynb_checkpoints, ...: tool folders, not classes
@@ -134,11 +140,11 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
                 continue
             class_name = unicodedata.normalize("NFC", entry.name)
             if class_name in by_name:
-                raise ValueError(f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one")
+                raise errors.BadInput(f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one")
             by_name[class_name] = entry
             paths = [path for path in entry.rglob("*") if path.is_file()]
             if not paths:
-                raise ValueError(f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder")
+                raise errors.BadInput(f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder")
             for path in paths:
                 found.append(_File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name))
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
@@ -184,7 +190,7 @@ def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple
     # Per class rather than sklearn's train_test_split: every class gets its exact share in each split
     # even when it has only a handful of images, and one class's images never move another's.
     random = np.random.default_rng(seed)
-    splits: dict[str, list[_Image]] = {split: [image for image in accepted if image.split == split] for split in records.SPLITS}
+    splits: dict[str, list[_Image]] = {split: [image for image in accepted if image.split == split] for split in contracts.SPLITS}
     if not given_splits:
         splits["train"] = list(accepted)
     carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
@@ -201,7 +207,7 @@ def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple
                 splits[split].append(members[index])
     for split, split_images in splits.items():
         if not split_images:
-            raise ValueError(
+            raise errors.BadInput(
                 f"the {split} split is empty: {len(accepted)} images are too few for "
                 f"validation_fraction={dataset.validation_fraction}, test_fraction={dataset.test_fraction}"
             )
@@ -210,7 +216,9 @@ def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple
     return splits
 
 
-def _write_split(folder: pathlib.Path, spool, split: str, split_images: list[_Image], shard_size_mb: float, class_names: tuple[str, ...]) -> dict:
+def _write_split(
+    folder: pathlib.Path, spool, split: str, split_images: list[_Image], shard_size_mb: float, class_names: tuple[str, ...]
+) -> contracts.Split:
     total_bytes = sum(image.size for image in split_images)
     shard_count = min(len(split_images), max(1, math.ceil(total_bytes / (shard_size_mb * 1e6))))
     shards = []
@@ -221,8 +229,8 @@ def _write_split(folder: pathlib.Path, spool, split: str, split_images: list[_Im
                 image = split_images[position]
                 spool.seek(image.offset)
                 writer.write(records.serialize(spool.read(image.size), image.label, image.source))
-        shards.append({"file": name, "records": len(positions), "sha256": files.sha256_of(folder / name)})
-    return {"count": len(split_images), "per_class": _per_class(split_images, class_names), "shards": shards}
+        shards.append(contracts.Shard(file=name, records=len(positions), sha256=files.sha256_of(folder / name)))
+    return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
 
 
 def _per_class(split_images: list[_Image], class_names: tuple[str, ...]) -> dict[str, int]:
@@ -265,40 +273,38 @@ def _write_rejected(path: pathlib.Path, rejected: list[tuple[str, str]]) -> None
     files.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
 
 
-def summary(manifest: dict, shards_dir: pathlib.Path) -> str:
+def summary(manifest: contracts.Manifest, shards_dir: pathlib.Path) -> str:
     """A few lines for people: counts per split and class, imbalance, rejections, duplicates."""
-    splits = manifest["splits"]
-    width = max(len(name) for name in manifest["classes"] + ["class"])
+    splits = manifest.splits
+    width = max(len(name) for name in manifest.classes + ["class"])
     lines = [f"  {'class':<{width}}  " + "  ".join(f"{split:>10}" for split in splits) + f"  {'total':>8}"]
-    for name in manifest["classes"]:
-        counts = [splits[split]["per_class"][name] for split in splits]
+    for name in manifest.classes:
+        counts = [splits[split].per_class[name] for split in splits]
         lines.append(f"  {name:<{width}}  " + "  ".join(f"{count:>10}" for count in counts) + f"  {sum(counts):>8}")
-    imbalance = manifest["imbalance"]
-    per_class = manifest["per_class"]
+    imbalance = manifest.imbalance
+    per_class = manifest.per_class
     ratio = "balanced" if imbalance["ratio"] == 1 else f"{imbalance['ratio']:g}x" if imbalance["ratio"] else "a class has no images"
     lines.append(f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})")
-    lines.append(f"  files seen {manifest['files_seen']} = accepted {manifest['accepted']} + rejected {manifest['rejected']}")
-    if manifest["rejected"]:
-        with (shards_dir / records.REJECTED).open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
+    lines.append(f"  files seen {manifest.files_seen} = accepted {manifest.accepted} + rejected {manifest.rejected}")
+    if manifest.rejected:
+        with (shards_dir / contracts.REJECTED_FILE).open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
             reasons = collections.Counter(row["reason"].split(":")[0] for row in csv.DictReader(stream))
-        lines += [f"    {count} x {reason}" for reason, count in reasons.most_common()] + [f"    listed in {shards_dir / records.REJECTED}"]
-    duplicates = manifest["duplicates"]
+        lines += [f"    {count} x {reason}" for reason, count in reasons.most_common()] + [f"    listed in {shards_dir / contracts.REJECTED_FILE}"]
+    duplicates = manifest.duplicates
     if duplicates["identical_groups"]:
         lines.append(
             f"  identical files: {duplicates['identical_groups']} group(s); {len(duplicates['label_conflicts'])} under different classes (label conflict), "
-            f"{len(duplicates['leakage'])} across splits (leakage); listed in {shards_dir / records.MANIFEST}"
+            f"{len(duplicates['leakage'])} across splits (leakage); listed in {shards_dir / contracts.MANIFEST_FILE}"
         )
     return "\n".join(lines)
 
 
-def main(arguments: list[str] | None = None) -> None:
-    errors.stage_parser(__doc__).parse_args(arguments)
-    params = config.load_params()
-    result = convert(params.dataset, params.base.seed, params.raw_dir, params.shards_dir)
+def main(argv: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(argv)
+    result = convert(**arguments(config.load_params()))
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     print(f"convert: {counts} images, {result.rejected_count} rejected, in {result.shards_dir}")
-    print(summary(json.loads((result.shards_dir / records.MANIFEST).read_text()), result.shards_dir))
-
+    print(summary(contracts.Manifest.read(result.shards_dir), result.shards_dir))
 
 if __name__ == "__main__":
     sys.exit(errors.run_main(main, exclusive=True))

@@ -21,19 +21,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import pathlib
 import shutil
 import sys
 import tarfile
 import zipfile
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import sklearn.datasets
 
-from tasks.common import config, errors, files
+from tasks.common import config, contracts, errors, files
 from tasks.data import fetch
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -46,7 +46,6 @@ FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE  # label byte + channel-planar RGB
 _CIFAR_BATCHES = {"train": [f"data_batch_{index}.bin" for index in range(1, 6)], "test": ["test_batch.bin"]}
-LAYOUT = "layout.json"  # in the raw folder: source, archive digest, split folders; read by convert
 _SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 # Added by macOS's archiver beside the real content: resource forks, not images of any class.
 _ARCHIVER_NOISE = {"__MACOSX"}
@@ -58,6 +57,11 @@ class DownloadResult:
     file_count: int  # files under class folders; convert decides which are images
     class_names: tuple[str, ...]
     splits: tuple[str, ...]  # split folders the source brings; empty: convert splits every class
+
+
+def arguments(params: config.Params) -> dict[str, Any]:
+    """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
+    return dict(dataset=params.dataset, raw_dir=params.raw_dir, downloads_dir=params.downloads_dir)
 
 
 def download(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir: pathlib.Path) -> DownloadResult:
@@ -76,7 +80,10 @@ def download(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir
         source, digest = dataset.source, dataset.sha256
     if not fetch.is_url(source) and pathlib.Path(source).is_dir():
         if digest is not None:
-            raise ValueError(f"dataset.sha256 checks an archive, but dataset.source {source!r} is a folder; set dataset.sha256 to null")
+            raise errors.BadInput(
+                f"dataset.sha256 checks an archive, but dataset.source {source!r} is a folder; "
+                "set dataset.sha256 to null"
+            )
         return _link_folder(pathlib.Path(source), raw_dir)
     archive = _archive(source, digest, downloads_dir)
     with files.staged_directory(raw_dir) as staging:
@@ -95,19 +102,23 @@ def _archive(source: str, sha256: str | None, downloads_dir: pathlib.Path) -> pa
         return fetch.download(source, downloads_dir / fetch.cached_name(source), sha256)
     path = pathlib.Path(source)
     if not path.exists():
-        raise FileNotFoundError(
+        raise errors.MissingInput(
             f"dataset.source {source!r} does not exist; give an existing folder with one sub-folder per class, "
             "a .zip/.tar/.tar.gz/.tgz archive of one, or an http(s):// URL"
         )
     if not path.is_file():
-        raise ValueError(f"dataset.source {source!r} is neither a folder nor a file; give a folder, an archive or an http(s):// URL")
+        raise errors.BadInput(
+            f"dataset.source {source!r} is neither a folder nor a file; give a folder, an archive or an http(s):// URL"
+        )
     if not (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
-        raise ValueError(
+        raise errors.BadInput(
             f"dataset.source {source!r} is a file but not a .zip/.tar/.tar.gz/.tgz archive; "
             "give such an archive, or the folder that holds one sub-folder per class"
         )
     if sha256 is not None and (actual := files.sha256_of(path)) != sha256:
-        raise ValueError(f"{path}: sha256 mismatch: expected {sha256} (dataset.sha256 or the built-in digest), got {actual}")
+        raise errors.BadInput(
+            f"{path}: sha256 mismatch: expected {sha256} (dataset.sha256 or the built-in digest), got {actual}"
+        )
     return path
 
 
@@ -138,7 +149,7 @@ def _write_cifar10(archive: pathlib.Path, staging: pathlib.Path) -> None:
                 contents[name] = tar.extractfile(member).read()
     missing = sorted(wanted - set(contents))
     if missing:
-        raise ValueError(f"{archive} is not the CIFAR-10 binary archive: it lacks {', '.join(missing)}")
+        raise errors.BadInput(f"{archive} is not the CIFAR-10 binary archive: it lacks {', '.join(missing)}")
     class_names = contents.pop("batches.meta.txt").decode().split()
     for split, batches in _CIFAR_BATCHES.items():
         for class_name in class_names:
@@ -146,10 +157,15 @@ def _write_cifar10(archive: pathlib.Path, staging: pathlib.Path) -> None:
         for batch in batches:
             data = contents.pop(batch)
             if len(data) % _CIFAR_RECORD:
-                raise ValueError(f"{archive}: {batch} holds {len(data)} bytes, not a whole number of {_CIFAR_RECORD}-byte records")
+                raise errors.BadInput(
+                    f"{archive}: {batch} holds {len(data)} bytes, not a whole number of {_CIFAR_RECORD}-byte records"
+                )
             rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
             if rows[:, 0].max(initial=0) >= len(class_names):
-                raise ValueError(f"{archive}: {batch} has label {rows[:, 0].max()}, but batches.meta.txt names {len(class_names)} classes")
+                raise errors.BadInput(
+                    f"{archive}: {batch} has label {rows[:, 0].max()}, "
+                    f"but batches.meta.txt names {len(class_names)} classes"
+                )
             images = rows[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE).transpose(0, 2, 3, 1)  # planes -> pixels
             stem = batch.removesuffix(".bin")
             for index, (label, image) in enumerate(zip(rows[:, 0], images)):
@@ -173,7 +189,9 @@ def _split_folders(folder: pathlib.Path) -> dict[str, str]:
     if not names or None in splits.values() or "train" not in splits.values():
         return {}
     if len(set(splits.values())) < len(splits):
-        raise ValueError(f"{folder} has two folders for the same split: {sorted(names)}; keep one of validation/ and val/")
+        raise errors.BadInput(
+            f"{folder} has two folders for the same split: {sorted(names)}; keep one of validation/ and val/"
+        )
     return splits
 
 
@@ -192,7 +210,10 @@ def _adopt(root: pathlib.Path, staging: pathlib.Path) -> tuple[str, ...]:
 def _link_folder(source: pathlib.Path, raw_dir: pathlib.Path) -> DownloadResult:
     source, target = source.resolve(), raw_dir.resolve()
     if target == source or target.is_relative_to(source) or source.is_relative_to(target):
-        raise ValueError(f"dataset.source {source} and the raw folder {target} overlap; point dataset.source at a folder outside {target.parent}")
+        raise errors.BadInput(
+            f"dataset.source {source} and the raw folder {target} overlap; "
+            f"point dataset.source at a folder outside {target.parent}"
+        )
     root = _content_root(source)
     splits = _split_folders(root)
     with files.staged_directory(raw_dir) as staging:
@@ -219,10 +240,7 @@ def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> 
 
 
 def _write_layout(staging: pathlib.Path, source: str, archive_sha256: str | None, splits: tuple[str, ...], fingerprint: str | None = None) -> None:
-    layout = {"source": source, "archive_sha256": archive_sha256, "splits": list(splits)}
-    if fingerprint is not None:
-        layout["fingerprint"] = fingerprint
-    files.write_json(staging / LAYOUT, layout)
+    contracts.Layout(source=source, archive_sha256=archive_sha256, splits=splits, fingerprint=fingerprint).write(staging)
 
 
 def folder_fingerprint(folder: pathlib.Path) -> str:
@@ -250,10 +268,10 @@ def source_changed(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloa
     if not source.is_dir():
         return False  # a local archive: its path is a setting (replacing the file in place goes unseen)
     try:
-        recorded = json.loads((raw_dir / LAYOUT).read_text()).get("fingerprint")
+        layout = contracts.Layout.read(raw_dir)
     except (OSError, ValueError):
-        return True
-    return recorded != folder_fingerprint(source.resolve())
+        return True  # unreadable: download again rather than trust it
+    return layout is None or layout.fingerprint != folder_fingerprint(source.resolve())
 
 
 def _result(raw_dir: pathlib.Path, splits: tuple[str, ...]) -> DownloadResult:
@@ -263,10 +281,9 @@ def _result(raw_dir: pathlib.Path, splits: tuple[str, ...]) -> DownloadResult:
     return DownloadResult(raw_dir=raw_dir, file_count=file_count, class_names=tuple(class_names), splits=splits)
 
 
-def main(arguments: list[str] | None = None) -> None:
-    errors.stage_parser(__doc__).parse_args(arguments)
-    params = config.load_params()
-    result = download(params.dataset, params.raw_dir, params.downloads_dir)
+def main(argv: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(argv)
+    result = download(**arguments(config.load_params()))
     splits = f", split folders {', '.join(result.splits)}" if result.splits else ""
     print(f"download: {result.file_count} files in {len(result.class_names)} classes{splits}, in {result.raw_dir}")
 

@@ -12,26 +12,21 @@ misclassified.png (the most confidently wrong test images). All of it is logged 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import sys
+from typing import Any
 
-import keras
 import mlflow
-import numpy as np
 import pandas as pd
 import sklearn.metrics
 
-from tasks import train
-from tasks.common import config, errors, files, tracking
-from tasks.data import inputs, records
-from tasks.modeling import figures
+from tasks.common import config, contracts, errors, files, tracking
+from tasks.modeling import figures, scoring
 
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "confusion_matrix.png"
 MISCLASSIFIED_FILE = "misclassified.png"
-MISCLASSIFIED_SHOWN = 16  # images in the grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,54 +36,12 @@ class EvaluateResult:
     test_images: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Predictions:
-    labels: np.ndarray  # (n,) true class indices
-    probabilities: np.ndarray  # (n, classes)
-    sources: list[str]  # each image's path relative to the raw folder
-    worst: list[tuple[float, int, np.ndarray]]  # (confidence, index, image) of the most confidently wrong
-
-
-def predict_test_split(
-    model: keras.Model, shards_dir: pathlib.Path, batch_size: int, image_size: tuple[int, int], input_size: tuple[int, int]
-) -> Predictions:
-    """Runs `model` over the test shards, keeping only the few misclassified images a report shows.
-
-    The images are prepared as in training's validation: decoded at `image_size`, centre-cropped to `input_size`.
-    """
-    test_data = inputs.evaluation_data(shards_dir, "test", image_size, input_size, batch_size, with_source=True)
-    labels, probabilities, sources, worst = [], [], [], []
-    seen = 0  # images before this batch
-    for images, batch_labels, batch_sources in test_data:
-        batch_probabilities = np.asarray(model.predict_on_batch(images))
-        predicted = batch_probabilities.argmax(axis=1)
-        for position in np.flatnonzero(predicted != batch_labels.numpy()):
-            worst.append((float(batch_probabilities[position].max()), seen + int(position), images[position].numpy()))
-        seen += len(batch_probabilities)
-        worst = sorted(worst, key=lambda item: -item[0])[:MISCLASSIFIED_SHOWN]
-        labels.append(batch_labels.numpy())
-        probabilities.append(batch_probabilities)
-        sources.extend(os.fsdecode(source) for source in batch_sources.numpy())
-    return Predictions(np.concatenate(labels), np.concatenate(probabilities), sources, worst)
-
-
-def score(labels: np.ndarray, probabilities: np.ndarray, class_count: int) -> dict:
-    """The headline metrics of metrics.json, from true labels and predicted class probabilities."""
-    all_labels = list(range(class_count))
-    predicted = probabilities.argmax(axis=1)
-    metrics = {
-        "precision_at_1": float(sklearn.metrics.accuracy_score(labels, predicted)),
-        "loss": float(sklearn.metrics.log_loss(labels, probabilities, labels=all_labels)),
-        "images": int(len(labels)),
-    }
-    if class_count > 5:
-        metrics["top_5"] = float(sklearn.metrics.top_k_accuracy_score(labels, probabilities, k=5, labels=all_labels))
-    for average in ("macro", "weighted"):
-        precision, recall, f1, _ = sklearn.metrics.precision_recall_fscore_support(
-            labels, predicted, labels=all_labels, average=average, zero_division=0
-        )
-        metrics[f"{average}_avg"] = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
-    return metrics
+def arguments(params: config.Params) -> dict[str, Any]:
+    """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
+    return dict(
+        params=params.evaluate, shards_dir=params.shards_dir, model_dir=params.model_dir,
+        metrics_path=params.metrics_path, evaluation_dir=params.evaluation_dir,
+    )
 
 
 def evaluate(
@@ -99,14 +52,29 @@ def evaluate(
     evaluation_dir: pathlib.Path,
 ) -> EvaluateResult:
     """Scores the model of `model_dir` on the test shards of `shards_dir` and logs it all to its run."""
-    run = tracking.read_run(model_dir)
-    model = tracking.load_model_file(model_dir / train.MODEL_FILE)
-    class_names = files.read_json(model_dir / train.LABELS_FILE, "run the train stage first")
-    image_size, input_size = inputs.read_preprocessing(model_dir)
-    predictions = predict_test_split(model, shards_dir, params.batch_size, image_size, input_size)
-    metrics = score(predictions.labels, predictions.probabilities, len(class_names))
-    predicted = predictions.probabilities.argmax(axis=1)
+    run = contracts.RunRecord.read(model_dir)
+    model = tracking.load_model_file(model_dir / contracts.MODEL_FILE)
+    class_names = contracts.read_labels(model_dir)
+    preprocessing = contracts.Preprocessing.read(model_dir)
+    predictions = scoring.predict_test_split(model, shards_dir, params.batch_size, preprocessing.image_size, preprocessing.input_size)
+    scores = scoring.score(predictions.labels, predictions.probabilities, len(class_names))
+    per_class = _write_reports(predictions, class_names, evaluation_dir)
+    scores.write(metrics_path)
 
+    tracking.connect(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.log_metrics({f"test_{key}": value for key, value in scores.flat().items()})
+        mlflow.log_artifact(str(metrics_path), "evaluation")
+        mlflow.log_artifacts(str(evaluation_dir), "evaluation")
+        mlflow.log_table(per_class, "evaluation/per_class.json")
+        for name in (contracts.MANIFEST_FILE, contracts.REJECTED_FILE):
+            mlflow.log_artifact(str(shards_dir / name), "dataset")
+    return EvaluateResult(metrics_path=metrics_path, precision_at_1=scores.precision_at_1, test_images=scores.images)
+
+
+def _write_reports(predictions: scoring.Predictions, class_names: list[str], evaluation_dir: pathlib.Path) -> pd.DataFrame:
+    """per_class.csv, predictions.csv and the two pictures, written whole into `evaluation_dir`; returns the per-class table."""
+    predicted = predictions.probabilities.argmax(axis=1)
     with files.staged_directory(evaluation_dir) as staging:
         precision, recall, f1, support = sklearn.metrics.precision_recall_fscore_support(
             predictions.labels, predicted, labels=list(range(len(class_names))), zero_division=0
@@ -129,23 +97,12 @@ def evaluate(
             ],
             staging / MISCLASSIFIED_FILE,
         )
-    files.write_json(metrics_path, metrics)
-
-    mlflow.set_tracking_uri(run["tracking_uri"])
-    with mlflow.start_run(run_id=run["run_id"]):
-        mlflow.log_metrics({f"test_{key}": value for key, value in tracking.flat_metrics(metrics).items()})
-        mlflow.log_artifact(str(metrics_path), "evaluation")
-        mlflow.log_artifacts(str(evaluation_dir), "evaluation")
-        mlflow.log_table(per_class, "evaluation/per_class.json")
-        for name in (records.MANIFEST, records.REJECTED):
-            mlflow.log_artifact(str(shards_dir / name), "dataset")
-    return EvaluateResult(metrics_path=metrics_path, precision_at_1=metrics["precision_at_1"], test_images=metrics["images"])
+    return per_class
 
 
-def main(arguments: list[str] | None = None) -> None:
-    errors.stage_parser(__doc__).parse_args(arguments)
-    params = config.load_params()
-    result = evaluate(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir)
+def main(argv: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(argv)
+    result = evaluate(**arguments(config.load_params()))
     print(f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, in {result.metrics_path}")
 
 

@@ -23,7 +23,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from tasks import train
-from tasks.common import errors, files, tracking
+from tasks.common import contracts, errors, files, tracking
 from tasks.data import inputs
 
 BATCH_SIZE = 64  # images per model call
@@ -43,11 +43,11 @@ def load(model: str) -> tuple[keras.Model, list[str], tuple[int, int] | None]:
         image_size = metadata.get("preprocessing", {}).get("image_size")
         return tracking.load_logged_model(model), list(metadata["class_names"]), tuple(image_size) if image_size else None
     path = pathlib.Path(model)
-    model_file = path / train.MODEL_FILE if path.is_dir() else path
+    model_file = path / contracts.MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} is not a model file: give models/, a .keras file or a models:/ URI")
-    class_names = files.read_json(model_file.parent / train.LABELS_FILE, "the class names written beside the model")
-    image_size = inputs.read_preprocessing(model_file.parent)[0] if (model_file.parent / inputs.PREPROCESSING_FILE).is_file() else None
+    class_names = files.read_json(model_file.parent / contracts.LABELS_FILE, "the class names written beside the model")
+    image_size = inputs.read_preprocessing(model_file.parent)[0] if (model_file.parent / contracts.PREPROCESSING_FILE).is_file() else None
     return tracking.load_model_file(model_file), class_names, image_size
 
 

@@ -23,12 +23,13 @@ import math
 import pathlib
 import sys
 import tempfile
+from typing import Any
 
 import mlflow
 import mlflow.entities
 import mlflow.exceptions
 
-from tasks.common import config, errors, files, tracking
+from tasks.common import config, contracts, errors, tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,6 +45,14 @@ class RegisterResult:
     reason: str
 
 
+def arguments(params: config.Params) -> dict[str, Any]:
+    """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
+    return dict(
+        params=params.registration, model_name=params.registered_model_name, model_dir=params.model_dir,
+        shards_dir=params.shards_dir, metrics_path=params.metrics_path, registry_path=params.registry_path,
+    )
+
+
 def register(
     params: config.RegisterParams,
     model_name: str,
@@ -53,49 +62,48 @@ def register(
     registry_path: pathlib.Path,
 ) -> RegisterResult:
     """Registers the run of `model_dir` as a version of `model_name` and decides its alias."""
-    run = tracking.read_run(model_dir)
-    metrics = files.read_json(metrics_path, "run the evaluate stage first")
-    precision = metrics.get("precision_at_1")
-    if not isinstance(precision, float) or not math.isfinite(precision):
-        raise ValueError(f"{metrics_path}: precision_at_1 is {precision!r}; nothing registered")
+    run = contracts.RunRecord.read(model_dir)
+    scores = contracts.Scores.read(metrics_path)
+    precision = scores.precision_at_1
+    if not math.isfinite(precision):
+        raise errors.BadInput(f"{metrics_path}: precision_at_1 is {precision!r}; nothing registered")
 
-    mlflow.set_tracking_uri(run["tracking_uri"])
+    tracking.connect(run.tracking_uri)
     client = mlflow.MlflowClient()
-    model_id = run["model_uri"].removeprefix("models:/")
+    model_id = run.model_uri.removeprefix("models:/")
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
-        raise RuntimeError(f"the model of run {run['run_id']} was not completely uploaded; rerun the train stage")
+        raise errors.Outage(f"the model of run {run.run_id} was not completely uploaded; rerun the train stage")
     champion = _current(client, model_name, CHAMPION)
-    registered = _version_of_run(client, model_name, run["run_id"])
-    if champion is not None and champion.run_id == run["run_id"]:
+    registered = _version_of_run(client, model_name, run.run_id)
+    if champion is not None and champion.run_id == run.run_id:
         version, alias, reason = str(champion.version), CHAMPION, champion.tags.get("decision", "already the champion")
     else:
         champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
         alias, reason = _decide(params, precision, champion, champion_precision)
         tags = {
-            "run_id": run["run_id"],
-            "dataset": run["dataset"],
-            "manifest_sha256": run["manifest_sha256"],
+            "run_id": run.run_id,
+            "dataset": run.dataset,
+            "manifest_sha256": run.manifest_sha256,
             "decision": reason,
-            **{f"test_{key}": str(value) for key, value in tracking.flat_metrics(metrics).items()},
-            **{key: value for key, value in client.get_run(run["run_id"]).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
+            **{f"test_{key}": str(value) for key, value in scores.flat().items()},
+            **{key: value for key, value in client.get_run(run.run_id).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
             REGISTRATION_TAG: "unfinished",  # until its alias is set
         }
         if registered is None:
-            version = str(mlflow.register_model(run["model_uri"], model_name, tags=tags).version)
+            version = str(mlflow.register_model(run.model_uri, model_name, tags=tags).version)
         else:
             version = str(registered.version)
             for key, value in tags.items():
                 client.set_model_version_tag(model_name, version, key, value)
         if alias == CHAMPION:
-            _attach_exports(run["run_id"], model_dir, params.tflite_float16)
+            _attach_exports(run.run_id, model_dir, params.tflite_float16)
         client.set_registered_model_alias(model_name, alias, version)
     if alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
         client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
-    files.write_json(
-        registry_path,
-        {"model_name": model_name, "version": version, "alias": alias, "reason": reason, "run_id": run["run_id"], "model_uri": run["model_uri"]},
-    )
+    contracts.Decision(
+        model_name=model_name, version=version, alias=alias, reason=reason, run_id=run.run_id, model_uri=run.model_uri
+    ).write(registry_path)
     return RegisterResult(model_name=model_name, version=version, alias=alias, reason=reason)
 
 
@@ -116,25 +124,25 @@ def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -
     return max(versions, key=lambda version: int(version.version)) if versions else None
 
 
-def _champion_precision(client: mlflow.MlflowClient, champion, run: dict, shards_dir: pathlib.Path) -> float:
+def _champion_precision(client: mlflow.MlflowClient, champion, run: contracts.RunRecord, shards_dir: pathlib.Path) -> float:
     """The champion's precision@1 on this run's test set: from its tags, or measured now."""
-    measured_tag = f"test_precision_at_1_on_{run['manifest_sha256'][:16]}"
-    if champion.tags.get("manifest_sha256") == run["manifest_sha256"]:
+    measured_tag = f"test_precision_at_1_on_{run.manifest_sha256[:16]}"
+    if champion.tags.get("manifest_sha256") == run.manifest_sha256:
         return float(champion.tags["test_precision_at_1"])
     if measured_tag in champion.tags:
         return float(champion.tags[measured_tag])
     # The test set changed (new images, another split): comparing the old number would be meaningless.
     import mlflow.models
 
-    from tasks import evaluate  # TensorFlow is only needed on this path
+    from tasks.modeling import scoring  # TensorFlow is only needed on this path
 
     champion_uri = f"models:/{champion.name}/{champion.version}"
     model = tracking.load_logged_model(champion_uri)
     input_size = tuple(model.input_shape[1:3])
     preprocessing = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing", {})
     image_size = tuple(preprocessing.get("image_size", input_size))
-    predictions = evaluate.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE, image_size, input_size)
-    precision = evaluate.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1])["precision_at_1"]
+    predictions = scoring.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE, image_size, input_size)
+    precision = scoring.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]).precision_at_1
     client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
     return precision
 
@@ -152,22 +160,18 @@ def _decide(params: config.RegisterParams, precision: float, champion, champion_
 
 
 def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) -> None:
-    from tasks import train  # TensorFlow is only needed for a champion
-    from tasks.modeling import export
+    from tasks.modeling import export  # TensorFlow is only needed for a champion
 
     with tempfile.TemporaryDirectory() as folder:
-        exported = export.export_model(model_dir / train.MODEL_FILE, pathlib.Path(folder), tflite_float16)
+        exported = export.export_model(model_dir / contracts.MODEL_FILE, pathlib.Path(folder), tflite_float16)
         with mlflow.start_run(run_id=run_id):
             for path in exported:
                 (mlflow.log_artifacts(str(path), f"export/{path.name}") if path.is_dir() else mlflow.log_artifact(str(path), "export"))
 
 
-def main(arguments: list[str] | None = None) -> None:
-    errors.stage_parser(__doc__).parse_args(arguments)
-    params = config.load_params()
-    result = register(
-        params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
-    )
+def main(argv: list[str] | None = None) -> None:
+    errors.stage_parser(__doc__).parse_args(argv)
+    result = register(**arguments(config.load_params()))
     print(f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}")
 
 

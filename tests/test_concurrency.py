@@ -83,7 +83,7 @@ def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(workdir):
-    holding = "from tasks import locking; import time\nwith locking.pipeline_lock('a run about to be killed'):\n    print('held', flush=True); time.sleep(60)"
+    holding = "from tasks.common import locking; import time\nwith locking.pipeline_lock('a run about to be killed'):\n    print('held', flush=True); time.sleep(60)"
     process = subprocess.Popen([sys.executable, "-c", holding], cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "held"

@@ -6,7 +6,7 @@ import PIL.Image
 import pytest
 
 from tasks import convert
-from tasks.common import config
+from tasks.common import config, contracts
 from tasks.data import records
 from tests.conftest import REPOSITORY, make_image_folder
 
@@ -45,7 +45,7 @@ def test_shards_manifest_and_rejections(raw, workdir):
     assert manifest["splits"]["validation"]["per_class"] == {"class_0": 2, "class_1": 2, "class_2": 2}
     names = sorted(path.name for path in shards.glob("*.tfrecord"))
     assert names == ["test-00000-of-00001.tfrecord", "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord", "validation-00000-of-00001.tfrecord"]
-    for split in records.SPLITS:
+    for split in contracts.SPLITS:
         listed = manifest["splits"][split]["shards"]
         assert sum(shard["records"] for shard in listed) == manifest["splits"][split]["count"]
         for shard in listed:
@@ -224,7 +224,7 @@ def test_a_messy_folder_converts_with_exactly_the_broken_files_rejected(messy, w
     assert [sorted(member["path"] for member in group["files"]) for group in conflict] == [
         sorted(["class_0/same-photo.jpg", f"{unicodedata.normalize('NFD', 'Éclair')}/日本語の写真.jpg"])
     ]
-    for split in records.SPLITS:
+    for split in contracts.SPLITS:
         for image, label in records.read_split(workdir / "shards", split, (16, 16)).as_numpy_iterator():
             assert image.shape == (16, 16, 3) and 0 <= label < 3
 
@@ -232,7 +232,7 @@ def test_a_messy_folder_converts_with_exactly_the_broken_files_rejected(messy, w
 def test_the_summary_shows_classes_imbalance_rejections_and_duplicates(messy, workdir):
     folder, _ = messy
     convert.convert(_dataset(), seed=3, raw_dir=folder, shards_dir=workdir / "shards")
-    text = convert.summary(json.loads((workdir / "shards" / "manifest.json").read_text()), workdir / "shards")
+    text = convert.summary(contracts.Manifest.read(workdir / "shards"), workdir / "shards")
     assert "Éclair" in text and "imbalance: largest 'class_0' 15, smallest 'Éclair' 13" in text
     assert "1 x empty file (0 bytes)" in text and "1 x decompression bomb" in text
     assert "1 under different classes (label conflict)" in text
@@ -284,7 +284,7 @@ def test_records_are_the_same_bytes_in_every_process():
     import subprocess
     import sys
 
-    code = "from tasks import records; print(records.serialize(b'image', 1, 'class_1/a.png').hex())"
+    code = "from tasks.data import records; print(records.serialize(b'image', 1, 'class_1/a.png').hex())"
     processes = [
         subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONHASHSEED": seed},
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

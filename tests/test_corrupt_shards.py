@@ -15,8 +15,9 @@ import keras
 import pytest
 
 from tasks import convert, evaluate, train
-from tasks.common import config, files
+from tasks.common import config, contracts, files
 from tasks.data import records
+from tasks.modeling import scoring
 from bench.workspace import copy_repository
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
@@ -67,7 +68,7 @@ def test_evaluate_refuses_a_truncated_test_shard_and_names_it(converted, shards)
     _truncate(shards / "test-00000-of-00001.tfrecord")
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
     with pytest.raises(ValueError, match="test-00000-of-00001.tfrecord does not match its sha256"):
-        evaluate.predict_test_split(model, shards, 16, (8, 8), (8, 8))
+        scoring.predict_test_split(model, shards, 16, (8, 8), (8, 8))
 
 
 def test_a_shard_listed_but_missing_is_named(converted, shards, workdir):
@@ -102,5 +103,5 @@ def test_dvc_sees_the_damaged_shard_and_repro_brings_it_back(tmp_path):
     assert "Stage 'convert' is cached - skipping run, checking out outputs" in restored
     assert "Running stage" not in restored
     assert shard.read_bytes() == good
-    manifest = json.loads((shard.parent / records.MANIFEST).read_text())
+    manifest = json.loads((shard.parent / contracts.MANIFEST_FILE).read_text())
     assert files.sha256_of(shard) == manifest["splits"]["train"]["shards"][0]["sha256"]

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from tasks.common import config
-from tasks.modeling import networks
+from tasks.modeling import architectures, networks
 
 
 def _vgg_parameters(name: str, side: int, classes: int) -> int:
     """VGG's count from its definition: 3x3 convs, five 2x2 poolings, fc 4096, 4096, classes."""
     total, channels = 0, 3
-    for item in networks.VGG_CONFIGURATIONS[name]:
+    for item in architectures.VGG_CONFIGURATIONS[name]:
         if item != "pool":
             total += 3 * 3 * channels * item + item
             channels = item
@@ -97,7 +97,7 @@ def test_fine_tuning_unfreezes_only_the_top_inception_blocks():
     model = networks.build_model("inception_v3", (75, 75, 3), 2)
     base = model.get_layer("inception_v3")
     assert not base.trainable and len(model.trainable_weights) == 2, "phase 1: only the new head trains"
-    networks.set_fine_tuning(model)
+    networks.set_fine_tuning(model, "inception_v3")
     names = [layer.name for layer in base.layers if layer.trainable and layer.weights]
     assert names and all(base.layers.index(base.get_layer(name)) > base.layers.index(base.get_layer("mixed8")) for name in names)
     assert not any(layer.trainable for layer in base.layers[:20] if layer.weights), "the bottom stays frozen"

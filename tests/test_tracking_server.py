@@ -5,7 +5,7 @@ import os
 import urllib.parse
 import urllib.request
 
-from tasks.common import tracking
+from tasks.common import contracts
 from tests.conftest import make_image_folder
 from tests.test_register import LEARNS
 from tests.test_secrets import PASSWORD
@@ -28,7 +28,7 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
     params, result = run_stages(workdir, LEARNS)
     registered = register_in(workdir, params, name="served", min_precision=0.0)
 
-    assert tracking.read_run(workdir / "models")["tracking_uri"] == mlflow_server
+    assert contracts.RunRecord.read(workdir / "models").tracking_uri == mlflow_server
     assert [path for path in workdir.rglob("*") if path.is_file() and PASSWORD.encode() in path.read_bytes()] == []
     printed = capfd.readouterr()
     assert PASSWORD not in printed.out + printed.err, "not even in MLflow's 'View run at' links"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tasks import convert, evaluate, register, train
-from tasks.common import config, tracking
+from tasks.common import config, contracts
 from tests.conftest import FAST, REPOSITORY, make_image_folder
 
 
@@ -61,11 +61,11 @@ def test_train_saves_the_model_and_logs_one_mlflow_run(inside):
     assert result.model_path.is_file()
     assert json.loads((folder / "models" / "labels.json").read_text()) == ["class_0", "class_1", "class_2"]
     assert (folder / "models" / "history.csv").read_text().splitlines()[0].startswith("epoch,")
-    run_file = tracking.read_run(folder / "models")
-    assert run_file["run_id"] == result.run_id
-    assert run_file["tracking_uri"] == f"sqlite:///{folder / 'mlflow.db'}"
+    run_file = contracts.RunRecord.read(folder / "models")
+    assert run_file.run_id == result.run_id
+    assert run_file.tracking_uri == f"sqlite:///{folder / 'mlflow.db'}"
 
-    client = mlflow.MlflowClient(run_file["tracking_uri"])
+    client = mlflow.MlflowClient(run_file.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.run_name.startswith("digits-mnist_cnn-")
     assert run.data.params["train.epochs"] == "3"
@@ -93,7 +93,7 @@ def test_evaluate_writes_reports_and_logs_them_to_the_training_run(inside):
     for picture in ("confusion_matrix.png", "misclassified.png"):
         assert (evaluation / picture).read_bytes().startswith(b"\x89PNG")
 
-    client = mlflow.MlflowClient(tracking.read_run(folder / "models")["tracking_uri"])
+    client = mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.metrics["test_precision_at_1"] == pytest.approx(metrics["precision_at_1"])
     assert run.data.metrics["test_macro_avg_f1"] == pytest.approx(metrics["macro_avg"]["f1"])
@@ -106,12 +106,17 @@ def test_evaluate_writes_reports_and_logs_them_to_the_training_run(inside):
 def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
     folder, params, result = inside
     bad_metrics = tmp_path / "metrics.json"
-    bad_metrics.write_text('{"precision_at_1": NaN}')
+    bad_metrics.write_text('{"precision_at_1": NaN, "loss": 0.1, "images": 5, '
+                           '"macro_avg": {"precision": 1, "recall": 1, "f1": 1}, "weighted_avg": {"precision": 1, "recall": 1, "f1": 1}}')
     with pytest.raises(ValueError, match="precision_at_1 is nan; nothing registered"):
         register.register(params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json")
     assert not (tmp_path / "registry.json").exists()
-    client = mlflow.MlflowClient(tracking.read_run(folder / "models")["tracking_uri"])
+    client = mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
     assert not client.search_registered_models(filter_string="name = 'never'")
+
+    bad_metrics.write_text('{"precision_at_1": 0.9}')
+    with pytest.raises(ValueError, match=r"metrics.json does not hold what it should \(loss: Field required.*run the evaluate stage first"):
+        register.register(params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json")
 
 
 def test_stages_name_the_missing_input(workdir):

@@ -19,8 +19,9 @@ import mlflow
 import pytest
 
 from tasks import convert, evaluate, train
-from tasks.common import config, tracking
+from tasks.common import config, contracts, tracking
 from tasks.data import records
+from tasks.modeling import checkpoints
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
@@ -176,7 +177,7 @@ def test_the_same_params_and_seed_train_the_same_model(workdir):
 def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_steps(workdir):
     # One iterator serves the whole run, and Keras runs whole calls of steps: none may run into the next epoch.
     params = _prepare(workdir, {**FAST, "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 4})
-    train_count = records.read_manifest(workdir / params.shards_dir)["splits"]["train"]["count"]
+    train_count = contracts.Manifest.read(workdir / params.shards_dir).count("train")
     steps_per_epoch = math.ceil(train_count / 8)
     assert steps_per_epoch % 4, f"the fixture's {steps_per_epoch} steps per epoch must not be a multiple of log_every_steps"
     train.train(params.train, 7, workdir / params.shards_dir, workdir / "models")
@@ -223,7 +224,7 @@ def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, mon
 
     monkeypatch.setattr(keras.Model, "save_weights", cut_off_at_the_second)
     model = tiny_model()
-    backup = train.WholeBackupAndRestore(str(tmp_path / "backup"))
+    backup = checkpoints.WholeBackupAndRestore(str(tmp_path / "backup"))
     with pytest.raises(RuntimeError, match="power cut"):
         model.fit(features, targets, epochs=3, callbacks=[keep, backup], verbose=0)
     monkeypatch.undo()
@@ -233,7 +234,7 @@ def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, mon
     restored.load_weights(backup._weights_path)
     for weights, expected in zip(restored.get_weights(), after_epoch_1, strict=True):
         np.testing.assert_array_equal(weights, expected)
-    resumed = tiny_model().fit(features, targets, epochs=3, callbacks=[train.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0)
+    resumed = tiny_model().fit(features, targets, epochs=3, callbacks=[checkpoints.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0)
     assert len(resumed.history["loss"]) == 2, "resumed after epoch 1: epochs 2 and 3"
     assert not (tmp_path / "backup").exists(), "a finished fit leaves no backup, nor any half-written file"
 
@@ -248,7 +249,7 @@ def test_backups_wait_for_their_interval(tmp_path):
     features, targets = np.zeros((16, 4)), np.zeros((16, 2))
     written = []
     for every_seconds in (0, 3600):
-        backup = train.WholeBackupAndRestore(str(tmp_path / f"backup-{every_seconds}"), every_seconds)
+        backup = checkpoints.WholeBackupAndRestore(str(tmp_path / f"backup-{every_seconds}"), every_seconds)
         watch = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs, folder=backup.backup_dir: written.append(pathlib.Path(folder, "training_metadata.json").is_file())
         )

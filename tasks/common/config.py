@@ -16,17 +16,15 @@ import pydantic
 import yaml
 
 from tasks.common import errors
+from tasks.modeling import networks, optimizers, strategies
 
 DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
-MODELS = ("mnist_cnn", "cifar10_tutorial", "keras_cnn", "vgg16", "vgg19", "vgg16_bn", "resnet", "inception_v3")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adagrad", "adadelta")
-SCHEDULES = ("constant", "exponential", "piecewise", "cosine")
+# The names a user picks come from the registries that build them.
+MODELS = tuple(networks.NETWORKS)
+OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
+SCHEDULES = tuple(optimizers.SCHEDULES)
+STRATEGIES = tuple(strategies.STRATEGIES)
 AUGMENTATIONS = ("flip", "crop", "shift", "brightness", "contrast")
-STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
-# The smallest network input (side, pixels) each model's pooling can take; InceptionV3's own limit is 75.
-MIN_INPUT_SIDE = {"mnist_cnn": 4, "cifar10_tutorial": 4, "keras_cnn": 10, "vgg16": 32, "vgg19": 32, "vgg16_bn": 32, "resnet": 4, "inception_v3": 75}
-# The models that start from a pretrained base and can fine-tune it (train.pretrained_weights, train.fine_tune_*).
-PRETRAINED_MODELS = ("inception_v3",)
 
 
 def _integer_as_float(value: Any) -> Any:
@@ -38,7 +36,7 @@ def _integer_as_float(value: Any) -> Any:
 Real = Annotated[float, pydantic.BeforeValidator(_integer_as_float)]
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.BadInput):
     """params.yaml (or an override of it) holds a key or value the pipeline cannot use."""
 
 
@@ -176,14 +174,16 @@ class TrainParams(_Section):
         input_size = self.input_size
         if input_size[0] > self.image_size[0] or input_size[1] > self.image_size[1]:
             raise ValueError(f"crop_size {list(input_size)} must fit in image_size {list(self.image_size)}")
-        smallest = MIN_INPUT_SIDE[self.model]
+        network = networks.NETWORKS[self.model]
+        smallest = network.min_input_side
         if min(input_size) < smallest:
             raise ValueError(f"{self.model} needs an input of at least {smallest}x{smallest} pixels, got {list(input_size)} (crop_size, else image_size)")
         if self.schedule == "piecewise" and (not self.boundaries or list(self.boundaries) != sorted(set(self.boundaries)) or self.boundaries[0] < 1):
             raise ValueError(f"the piecewise schedule needs boundaries: increasing positive steps, got {list(self.boundaries)}")
-        if self.model not in PRETRAINED_MODELS and (self.pretrained_weights != "none" or self.fine_tune_epochs):
+        if not network.pretrained and (self.pretrained_weights != "none" or self.fine_tune_epochs):
+            pretrained = [name for name, entry in networks.NETWORKS.items() if entry.pretrained]
             raise ValueError(
-                f"pretrained_weights and fine_tune_epochs apply to {', '.join(PRETRAINED_MODELS)} only; "
+                f"pretrained_weights and fine_tune_epochs apply to {', '.join(pretrained)} only; "
                 f"{self.model} needs pretrained_weights: none and fine_tune_epochs: 0"
             )
         if "crop" in self.augment and input_size == self.image_size and not self.crop_padding:

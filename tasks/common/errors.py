@@ -39,8 +39,46 @@ _BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Fi
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class PipelineBusy(RuntimeError):
-    """Another pipeline run holds this folder's lock."""
+class PipelineError(Exception):
+    """A failure the pipeline raised on purpose: its class says what it means, and so how it ends.
+
+    Raised only where the code knows the cause. Anything else that escapes a stage is a bug.
+    """
+
+    exit_code = FAILED
+    retried = False  # whether the Prefect flow tries the stage again: only when waiting may help
+
+
+class BadInput(PipelineError, ValueError):
+    """A setting, file, folder or data set the user must fix; a retry would fail the same way."""
+
+    exit_code = BAD_INPUT
+
+
+class MissingInput(PipelineError, FileNotFoundError):
+    """Bad input too: a file or folder that should be there is not (a stage not run yet, a wrong path)."""
+
+    exit_code = BAD_INPUT
+
+
+class Outage(PipelineError, ConnectionError):
+    """Something outside the pipeline is not answering or not ready (network, tracking server, an
+    unfinished upload); the same run may succeed later."""
+
+    retried = True
+
+
+class Diverged(PipelineError, FloatingPointError):
+    """Training produced NaN or infinite losses: the settings, not the weather; retrying repeats it."""
+
+
+class Busy(PipelineError, RuntimeError):
+    """Another pipeline run holds this folder's lock; nothing was changed."""
+
+    exit_code = BUSY
+
+
+PipelineBusy = Busy  # the name earlier releases raised
 
 
 def redact(text: str) -> str:
@@ -74,18 +112,32 @@ def verbose(arguments: list[str] | None = None) -> bool:
 
 
 def exit_code(error: BaseException) -> int | None:
-    """The exit code of an expected failure; None for a bug."""
-    from tasks.common import config  # here, not at import: config pulls in pydantic, this module stays cheap
+    """The exit code of an expected failure; None for a bug.
 
-    if isinstance(error, PipelineBusy):
-        return BUSY
-    if isinstance(error, (config.ConfigError, ValueError, *_BAD_PATH_ERRORS)):
+    Expected: what the pipeline raised on purpose (PipelineError), what the operating system reports
+    about a path (a missing file or a folder that cannot be written: bad input; disk full, I/O:
+    failed), and MLflow's own errors (its server or store: failed). Nothing else: a ValueError from
+    inside Keras or NumPy is a bug, not the user's fault.
+    """
+    if isinstance(error, PipelineError):
+        return error.exit_code
+    if isinstance(error, _BAD_PATH_ERRORS):
         return BAD_INPUT
     if isinstance(error, OSError):
         return BAD_INPUT if error.errno in _NOT_WRITABLE else FAILED
-    if isinstance(error, FloatingPointError) or _is_mlflow_error(error):
+    if _is_mlflow_error(error):
         return FAILED
     return None
+
+
+def worth_retrying(error: BaseException) -> bool:
+    """Whether running the stage again later may succeed: an outage, an I/O failure or an MLflow
+    server error; never bad input, a diverged training, a busy folder or a bug."""
+    if isinstance(error, PipelineError):
+        return error.retried
+    if isinstance(error, OSError):
+        return exit_code(error) == FAILED
+    return _is_mlflow_error(error)
 
 
 def describe(error: BaseException) -> str:

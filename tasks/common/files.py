@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from tasks.common import errors
+
 
 def make_folder(path: pathlib.Path) -> None:
     """`mkdir -p path`, naming the file that stands where one of its folders should be."""
@@ -26,7 +28,7 @@ def make_folder(path: pathlib.Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocking = next((folder for folder in (path, *path.parents) if folder.exists() and not folder.is_dir()), path)
-        raise NotADirectoryError(
+        raise errors.BadInput(
             f"{blocking} is a file where a folder is expected (to hold {path}); move the file away, or point the path's setting in params.yaml (paths.*) elsewhere"
         ) from None
 
@@ -55,9 +57,9 @@ def read_json(path: pathlib.Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: {what}") from None
+        raise errors.MissingInput(f"{path} is missing: {what}") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): {what}") from None
+        raise errors.BadInput(f"{path} is not valid JSON ({error}): {what}") from None
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ LOCK_FILE = ".pipeline.lock"
 
 @contextlib.contextmanager
 def pipeline_lock(what: str, folder: pathlib.Path | str = ".") -> Iterator[pathlib.Path]:
-    """Holds the folder's pipeline lock while the block runs; raises errors.PipelineBusy if another run holds it."""
+    """Holds the folder's pipeline lock while the block runs; raises errors.Busy if another run holds it."""
     path = pathlib.Path(folder) / LOCK_FILE
     # "a+": opening must not truncate the file, which tells who holds the lock.
     with open(path, "a+", encoding="utf-8") as stream:
@@ -42,7 +42,7 @@ def pipeline_lock(what: str, folder: pathlib.Path | str = ".") -> Iterator[pathl
             fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             stream.seek(0)
-            raise errors.PipelineBusy(
+            raise errors.Busy(
                 f"another pipeline run is working in this folder: {_holder(stream.read())}; nothing was changed. "
                 f"Run again when it has finished (the lock, {path}, is released when that process ends, even if it is killed)"
             ) from None

@@ -2,8 +2,9 @@
 
 With no MLFLOW_TRACKING_URI, runs go to mlflow.db (SQLite) and mlartifacts/ in the working folder:
 no server needed, and `mlflow ui --backend-store-uri sqlite:///mlflow.db` browses them.
-The train stage starts the run and writes its id to <paths.models>/run.json; evaluate and register,
-whether in other processes (dvc repro) or in the same one (the Prefect flow), read it from there.
+The train stage starts the run and writes its id to <paths.models>/run.json (contracts.RunRecord);
+evaluate and register, whether in other processes (dvc repro) or in the same one (the Prefect flow),
+read it from there and `connect` to its store.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ import os
 import pathlib
 import subprocess
 import urllib.parse
-from typing import Any
 
 import mlflow
 import yaml
 
-from tasks.common import config, errors, files
-
-RUN_FILE = "run.json"
+from tasks.common import errors
 
 
 def tracking_uri() -> str:
@@ -54,11 +52,6 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """{"macro_avg": {"f1": 0.9}} -> {"macro_avg_f1": 0.9}: MLflow metrics are flat."""
-    return {key: float(value) for key, value in config.flatten(metrics, separator="_").items()}
-
-
 def load_logged_model(model_uri: str):
     """The Keras model logged at `model_uri` (models:/NAME@ALIAS, runs:/..., ...), loaded in Keras' safe mode.
 
@@ -74,7 +67,7 @@ def load_logged_model(model_uri: str):
     flavor = flavors.get("tensorflow") or flavors.get("keras")
     model_file = local / (flavor or {}).get("data", "data") / "model.keras"
     if flavor is None or not model_file.is_file():
-        raise ValueError(f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?")
+        raise errors.BadInput(f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?")
     return load_model_file(model_file, what=model_uri)
 
 
@@ -83,28 +76,23 @@ def load_model_file(path: pathlib.Path, what: str | None = None):
     (a Lambda layer's pickled function) is refused, with the file named."""
     import keras
 
-    from tasks.modeling import networks  # noqa: F401 - registers the custom layers the file may name
+    from tasks.modeling import architectures  # noqa: F401 - registers the custom layers the file may name
 
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise
-        raise ValueError(
+        raise errors.BadInput(
             f"{what or path}: refused to load: it holds code that loading would run (e.g. a Lambda layer), which Keras' safe mode does "
             "not allow; models this pipeline trains hold none: retrain it, or use a model from a source you trust"
         ) from None
 
 
-def write_run(model_dir: pathlib.Path, run: dict[str, Any]) -> None:
-    # run.json is a DVC output (cached, pushed to remotes): never with a password (see tracking_uri).
-    files.write_json(model_dir / RUN_FILE, {**run, "tracking_uri": errors.without_credentials(run["tracking_uri"])})
-
-
-def read_run(model_dir: pathlib.Path) -> dict[str, Any]:
-    run = files.read_json(model_dir / RUN_FILE, "run the train stage first")
-    tracking_uri()  # hands MLFLOW_TRACKING_URI's credentials, if any, to MLflow in this process too
-    return run
+def connect(uri: str) -> None:
+    """Points MLflow at the store `uri` (a run record's), with MLFLOW_TRACKING_URI's credentials if any."""
+    tracking_uri()  # hands MLFLOW_TRACKING_URI's user name and password, if any, to MLflow in this process
+    mlflow.set_tracking_uri(uri)
 
 
 def dvc_tags(shards_dir: pathlib.Path) -> dict[str, str]:

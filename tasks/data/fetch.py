@@ -42,8 +42,17 @@ _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 NETRC_HINT = "~/.netrc (or the file named by NETRC), one line per host: machine <host> login <user> password <password>"
 
 
-class DownloadError(OSError):
-    """A download that failed for a reason retrying would not fix, or that kept failing."""
+class DownloadError(errors.PipelineError, OSError):
+    """A download that failed; the subclass says whether a later run may succeed."""
+
+
+class DownloadOutage(DownloadError, errors.Outage):
+    """The network or the server kept failing (dropped connections, timeouts, 5xx, 429): waiting may help."""
+
+
+class DownloadRefused(DownloadError, errors.BadInput):
+    """The server refused the request or has no such file (401, 403, 404, any status not known to be
+    transient), or the netrc file is broken: dataset.source or the credentials must change."""
 
 
 def is_url(source: str) -> bool:
@@ -79,15 +88,19 @@ def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib
         except DownloadError:
             raise
         except (OSError, http.client.HTTPException) as error:
+            if _local(error):
+                raise  # the downloads folder, not the network: a full disk or a file that cannot be written
             if attempt == ATTEMPTS:
-                raise DownloadError(f"{errors.redact(url)}: gave up after {ATTEMPTS} attempts: {_describe(error)}") from None
+                raise DownloadOutage(
+                    f"{errors.redact(url)}: gave up after {ATTEMPTS} attempts: {_describe(error)}"
+                ) from None
             wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
             print(f"download: {errors.redact(url)}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})", file=sys.stderr)
             time.sleep(wait)
     actual = files.sha256_of(partial)
     if sha256 is not None and actual != sha256:
         partial.unlink()  # resuming a wrong file would only repeat the mismatch
-        raise ValueError(
+        raise errors.BadInput(
             f"{errors.redact(url)}: sha256 mismatch: expected {sha256}, got {actual}; the download was discarded. "
             "Check dataset.source and dataset.sha256 (a mirror may serve another version)."
         )
@@ -134,7 +147,8 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
         if error.code in _TRANSIENT_STATUS:
             raise
         hint = f"; the server wants credentials it accepts: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
-        raise DownloadError(f"{errors.redact(url)}: HTTP {error.code} {error.reason}{hint}") from None
+        # Not a transient status: the same request would get the same answer, now or tomorrow.
+        raise DownloadRefused(f"{errors.redact(url)}: HTTP {error.code} {error.reason}{hint}") from None
     with response:
         resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
         validators = {key: value for key, value in (("etag", response.headers.get("ETag")), ("last_modified", response.headers.get("Last-Modified"))) if value}
@@ -192,10 +206,17 @@ class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
             hosts = netrc.netrc(str(path) if named else None)
         except netrc.NetrcParseError as error:
             # Not error.msg: it quotes the token it stumbled on, which may be a password.
-            raise DownloadError(f"{path}, line {error.lineno}: not valid netrc; fix the file ({NETRC_HINT})") from None
+            raise DownloadRefused(
+                f"{path}, line {error.lineno}: not valid netrc; fix the file ({NETRC_HINT})"
+            ) from None
         host = (urllib.parse.urlsplit(authuri).hostname or "").lower()
         entry = next((entry for name, entry in hosts.hosts.items() if name.lower() == host), None) or hosts.authenticators("default")
         return (entry[0], entry[2]) if entry else (None, None)
+
+
+def _local(error: BaseException) -> bool:
+    """Whether `error` concerns a file on this machine (it names one) rather than the connection."""
+    return isinstance(error, OSError) and error.filename is not None and not isinstance(error, urllib.error.URLError)
 
 
 def _describe(error: BaseException) -> str:
@@ -213,11 +234,11 @@ def extract(archive: pathlib.Path, target: pathlib.Path) -> None:
     elif tarfile.is_tarfile(archive):
         _extract_tar(archive, target)
     else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive (.zip, .tar, .tar.gz, .tgz)")
+        raise errors.BadInput(f"{archive} is neither a zip nor a tar archive (.zip, .tar, .tar.gz, .tgz)")
 
 
-def _refuse(archive: pathlib.Path, member: str, why: str) -> ValueError:
-    return ValueError(f"{archive}: refused to extract member {member!r}: {why}; nothing was extracted")
+def _refuse(archive: pathlib.Path, member: str, why: str) -> errors.BadInput:
+    return errors.BadInput(f"{archive}: refused to extract member {member!r}: {why}; nothing was extracted")
 
 
 def _check_name(archive: pathlib.Path, name: str) -> None:
@@ -230,7 +251,8 @@ def _check_name(archive: pathlib.Path, name: str) -> None:
 
 def _extract_tar(archive: pathlib.Path, target: pathlib.Path) -> None:
     if not hasattr(tarfile, "data_filter"):
-        raise RuntimeError("safe tar extraction needs Python 3.10.12+, 3.11.4+ or 3.12 (tarfile.data_filter)")
+        # Not the input's fault, and no retry installs another Python: a plain failure (exit 1).
+        raise errors.PipelineError("safe tar extraction needs Python 3.10.12+, 3.11.4+ or 3.12 (tarfile.data_filter)")
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:  # all checked before anything is written

@@ -14,10 +14,9 @@ import pathlib
 
 import tensorflow as tf
 
-from tasks.common import files
+from tasks.common import contracts
 from tasks.data import records
 
-PREPROCESSING_FILE = "preprocessing.json"
 # The seeds' distortion strengths: the Keras CIFAR-10 example's 10% shifts, the tutorial's brightness
 # (max_delta 63 of 255) and contrast (x0.2..1.8).
 SHIFT_FRACTION = 0.1
@@ -41,7 +40,7 @@ def training_data(
 
     `drop_remainder` keeps every batch whole, which several workers need to take the same number of steps.
     """
-    count = records.read_manifest(shards_dir)["splits"]["train"]["count"]
+    count = contracts.Manifest.read(shards_dir).count("train")
     data = records.read_split(shards_dir, "train", image_size)
     if count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20:
         data = data.cache()  # decoding and resizing happen once, not once per epoch
@@ -76,17 +75,6 @@ def channel_mean(shards_dir: pathlib.Path, image_size: tuple[int, int]) -> list[
     )
     total, count = per_image.reduce((tf.zeros(3, tf.float64), tf.constant(0.0, tf.float64)), lambda state, mean: (state[0] + mean, state[1] + 1.0))
     return [float(value) for value in (total / count).numpy()]
-
-
-def write_preprocessing(model_dir: pathlib.Path, image_size: tuple[int, int], input_size: tuple[int, int]) -> None:
-    """Records how the model's images were prepared, for evaluate (the model itself only knows `input_size`)."""
-    files.write_json(model_dir / PREPROCESSING_FILE, {"image_size": list(image_size), "input_size": list(input_size)})
-
-
-def read_preprocessing(model_dir: pathlib.Path) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(image_size, input_size) the model in `model_dir` was trained with."""
-    recorded = files.read_json(model_dir / PREPROCESSING_FILE, "run the train stage first")
-    return tuple(recorded["image_size"]), tuple(recorded["input_size"])
 
 
 @functools.cache  # one function per setting, so that every pipeline of a process shares its compiled programs

@@ -1,5 +1,6 @@
 """The TFRecord schema, in one place: the writer's encoder (convert) and the reader (train, evaluate).
 
+The shards folder's manifest (classes, counts, each shard's sha256) is tasks/common/contracts.py's.
 A record holds one RGB image as JPEG or PNG (tasks/data/images.py says which), its label (index into the
 manifest's classes) and the path it came from, relative to the raw folder, so that a result can be
 traced back to its file.
@@ -9,15 +10,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
 
 import tensorflow as tf
 
-from tasks.common import files
-
-SPLITS = ("train", "validation", "test")
-MANIFEST = "manifest.json"
-REJECTED = "rejected.csv"
+from tasks.common import contracts, errors, files
 
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -41,16 +37,12 @@ def serialize(encoded: bytes, label: int, source: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
-def read_manifest(shards_dir: pathlib.Path) -> dict[str, Any]:
-    return files.read_json(shards_dir / MANIFEST, "run the convert stage first")
-
-
 # Shards already checked by this process, by (path, size, modification time, inode): train reads its
 # training split twice (the images and a preview); hashing costs ~0.2 s per 100 MB shard.
 _verified: set[tuple[str, int, int, int]] = set()
 
 
-def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str) -> list[pathlib.Path]:
+def verify_shards(shards_dir: pathlib.Path, manifest: contracts.Manifest, split: str) -> list[pathlib.Path]:
     """The split's shard paths, each checked against the manifest's sha256 before anything reads it.
 
     A flipped bit or a cut-off shard would otherwise surface, if at all, as a TFRecord CRC error
@@ -58,15 +50,15 @@ def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str
     """
     remedy = "run `dvc repro` (it restores the shards from the DVC cache, or runs convert again) or `python -m tasks.convert`"
     paths = []
-    for shard in manifest["splits"][split]["shards"]:
-        path = shards_dir / shard["file"]
+    for shard in manifest.splits[split].shards:
+        path = shards_dir / shard.file
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {shards_dir / MANIFEST} is missing; {remedy}")
+            raise errors.MissingInput(f"shard {path} listed in {shards_dir / contracts.MANIFEST_FILE} is missing; {remedy}")
         status = path.stat()
         identity = (str(path.resolve()), status.st_size, status.st_mtime_ns, status.st_ino)
         if identity not in _verified:
-            if files.sha256_of(path) != shard["sha256"]:
-                raise ValueError(f"shard {path} does not match its sha256 in {shards_dir / MANIFEST}: it is corrupted or cut off; {remedy}")
+            if files.sha256_of(path) != shard.sha256:
+                raise errors.BadInput(f"shard {path} does not match its sha256 in {shards_dir / contracts.MANIFEST_FILE}: it is corrupted or cut off; {remedy}")
             _verified.add(identity)
         paths.append(path)
     return paths
@@ -74,7 +66,7 @@ def verify_shards(shards_dir: pathlib.Path, manifest: dict[str, Any], split: str
 
 def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], with_source: bool = False) -> tf.data.Dataset:
     """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written."""
-    manifest = read_manifest(shards_dir)
+    manifest = contracts.Manifest.read(shards_dir)
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
     height, width = image_size
 
@@ -94,7 +86,7 @@ def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int]
         return image, example["image/class/label"]
 
     # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.
-    records_count = manifest["splits"][split]["count"]
+    records_count = manifest.count(split)
     return (
         tf.data.TFRecordDataset(paths, num_parallel_reads=len(paths) if len(paths) > 1 else None)
         .apply(tf.data.experimental.assert_cardinality(records_count))

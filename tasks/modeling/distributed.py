@@ -18,31 +18,6 @@ import numpy as np
 import tensorflow as tf
 
 
-def make_strategy(name: str, cpu_devices: int) -> tf.distribute.Strategy:
-    """The strategy `name` (auto, mirrored, multi_worker, one_device); call before any other TensorFlow op."""
-    if cpu_devices > 1:
-        _split_cpu(cpu_devices)
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "auto":
-        if os.environ.get("TF_CONFIG"):
-            name = "multi_worker"
-        elif len(gpus) > 1 or cpu_devices > 1:
-            name = "mirrored"
-        else:
-            return tf.distribute.get_strategy()
-    if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise ValueError("train.strategy = 'multi_worker' needs the TF_CONFIG environment variable (cluster and task); it is not set")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "mirrored":
-        # Without GPUs, mirror over the logical CPU devices (train.cpu_devices) instead of CPU:0 alone.
-        devices = None if gpus else [device.name for device in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    raise ValueError(f"train.strategy = {name!r}; expected auto, mirrored, multi_worker or one_device")
-
-
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
@@ -59,32 +34,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
-
-
-def is_chief_process() -> bool:
-    """is_chief, before any strategy exists: from TF_CONFIG alone (the command line decides on the lock with it)."""
-    try:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    except ValueError:
-        return True  # make_strategy names the broken variable
-    task = cluster.get("task") or {}
-    if not task.get("type"):
-        return True
-    has_chief = "chief" in (cluster.get("cluster") or {})
-    return task["type"] == "chief" or (not has_chief and task["type"] == "worker" and int(task.get("index", 0)) == 0)
-
-
-def _split_cpu(count: int) -> None:
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
-    except RuntimeError:
-        existing = len(tf.config.list_logical_devices("CPU"))
-        if existing != count:
-            raise ValueError(
-                f"train.cpu_devices = {count}, but TensorFlow has already started with {existing} CPU device(s) in this "
-                "process; logical devices can only be set before: run the stage in a fresh process (python -m tasks.train)"
-            ) from None
 
 
 def fit_multi_worker(

@@ -1,71 +1,57 @@
-"""The networks of the seed articles, built by name.
+"""The registry of networks: each one `train.model` can name, declared once.
 
-Every model takes uint8 RGB images of its input size and scales (and, where its seed does, whitens or
-centres) them itself, so a saved or registered model classifies raw pixels with no code from this
-repository beyond the two small layers below. Each builder returns logits; `build_model` adds one
-float32 softmax, so that mixed precision never computes the probabilities in float16.
+An entry says how to build the network (its builder in tasks/modeling/architectures.py), the smallest
+input side its pooling can take, whether it starts from pretrained weights (`train.pretrained_weights`)
+and which layers its fine-tuning phase unfreezes, and the preprocessing it needs beyond scaling to
+[0, 1] (ResNet subtracts the training images' channel mean). The settings' allowed values and checks
+(tasks/common/config.py) come from here. Adding a network: a builder function, an entry, a test.
+
+This module imports no Keras at the top, so that reading the registry to check params.yaml does not
+wait for TensorFlow (about 6 s); the builders are only imported to build.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:
+    import keras
 
-# The tutorial's norm1/norm2 constants: tf.nn.lrn(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75).
-LRN_SETTINGS = {"depth_radius": 4, "bias": 1.0, "alpha": 0.001 / 9.0, "beta": 0.75}
-# Configurations D (VGG-16) and E (VGG-19): filters per conv, "pool" after each block.
-VGG_CONFIGURATIONS = {
-    "vgg16": [64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512, "pool"],
-    "vgg19": [64, 64, "pool", 128, 128, "pool", 256, 256, 256, 256, "pool", 512, 512, 512, 512, "pool", 512, 512, 512, 512, "pool"],
+
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+    """Phase 2 of transfer learning: the pretrained base (a nested model named `base`) becomes trainable
+    from the layer after `frozen_up_to` on; its earlier layers stay frozen."""
+
+    base: str
+    frozen_up_to: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    builder: str  # the function of tasks/modeling/architectures.py that builds it
+    min_input_side: int  # pixels: below this its pooling runs out of image
+    fine_tuning: FineTuning | None = None  # set for networks that start from pretrained weights
+    subtracts_channel_mean: bool = False  # its seed centres the images on the training split's mean
+
+    @property
+    def pretrained(self) -> bool:
+        return self.fine_tuning is not None
+
+
+NETWORKS = {
+    "mnist_cnn": Network("mnist_cnn", min_input_side=4),
+    "cifar10_tutorial": Network("cifar10_tutorial", min_input_side=4),
+    "keras_cnn": Network("keras_cnn", min_input_side=10),
+    "vgg16": Network("vgg", min_input_side=32),
+    "vgg19": Network("vgg", min_input_side=32),
+    "vgg16_bn": Network("vgg16_bn", min_input_side=32),
+    "resnet": Network("resnet", min_input_side=4, subtracts_channel_mean=True),
+    # InceptionV3's own limit is 75 pixels. The top two blocks (mixed9, mixed10) fine-tune, as in
+    # Keras' fine-tuning example.
+    "inception_v3": Network("inception_v3", min_input_side=75, fine_tuning=FineTuning(base="inception_v3", frozen_up_to="mixed8")),
 }
-# The seed's PaddlePaddle CIFAR VGG: (filters, dropout after each conv of the group; none after the last).
-VGG_BN_GROUPS = [(64, [0.3, 0.0]), (128, [0.4, 0.0]), (256, [0.4, 0.4, 0.0]), (512, [0.4, 0.4, 0.0]), (512, [0.4, 0.4, 0.0])]
-# InceptionV3 layers up to and including this one stay frozen while fine-tuning: the top two blocks
-# (mixed9, mixed10) train, as in Keras' fine-tuning example.
-INCEPTION_FROZEN_UP_TO = "mixed8"
-
-
-@keras.saving.register_keras_serializable(package="tasks")
-class LocalResponseNormalization(keras.layers.Layer):
-    """The tutorial's LRN: Keras 3 has no such layer (the VGG authors dropped it as costly and useless)."""
-
-    def __init__(self, depth_radius: int = 4, bias: float = 1.0, alpha: float = 0.001 / 9.0, beta: float = 0.75, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.depth_radius, self.bias, self.alpha, self.beta = depth_radius, bias, alpha, beta
-
-    def call(self, inputs):
-        import tensorflow as tf  # the op exists in TensorFlow only; the import is free once Keras runs on it
-
-        return tf.nn.local_response_normalization(inputs, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "depth_radius": self.depth_radius, "bias": self.bias, "alpha": self.alpha, "beta": self.beta}
-
-
-@keras.saving.register_keras_serializable(package="tasks")
-class ParameterFreeShortcut(keras.layers.Layer):
-    """ResNet option A: subsample by taking every `stride`-th pixel and zero-pad the new channels.
-
-    Strided slicing, not a 1x1 pooling with stride 2, which TensorFlow refuses ("kernel smaller than stride").
-    """
-
-    def __init__(self, filters: int, stride: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.filters, self.stride = filters, stride
-
-    def call(self, inputs):
-        subsampled = inputs[:, :: self.stride, :: self.stride, :]
-        extra = self.filters - inputs.shape[-1]
-        return keras.ops.pad(subsampled, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
-
-    def compute_output_shape(self, input_shape):
-        batch, height, width, _ = input_shape
-        shrink = lambda side: None if side is None else -(-side // self.stride)  # noqa: E731 - ceil division
-        return (batch, shrink(height), shrink(width), self.filters)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
 def build_model(
@@ -80,157 +66,46 @@ def build_model(
 ) -> keras.Model:
     """The network `name` for uint8 images of `input_shape`; `weight_decay` puts an L2 penalty on its kernels.
 
-    `channel_mean` (per-channel mean of the training images, in [0, 1]) is subtracted by the models whose
-    seed does so (resnet); `pretrained_weights` (imagenet, none, a file) initialises inception_v3's base.
+    `channel_mean` (per-channel mean of the training images, in [0, 1]) is subtracted by the networks
+    that say so; `pretrained_weights` (imagenet, none, a file) initialises a pretrained network's base.
+    The model scales the pixels itself and ends in one float32 softmax, so that mixed precision never
+    computes the probabilities in float16.
     """
-    builders = {
-        "mnist_cnn": _mnist_cnn, "cifar10_tutorial": _cifar10_tutorial, "keras_cnn": _keras_cnn,
-        "vgg16": _vgg, "vgg19": _vgg, "vgg16_bn": _vgg16_bn, "resnet": _resnet, "inception_v3": _inception_v3,
-    }
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(builders)}")
+    import keras
+
+    from tasks.common import errors
+    from tasks.modeling import architectures
+
+    if name not in NETWORKS:
+        raise errors.BadInput(f"unknown model {name!r}; known: {', '.join(NETWORKS)}")
+    builder = getattr(architectures, NETWORKS[name].builder)
     options = {
         "name": name, "regularizer": keras.regularizers.L2(weight_decay) if weight_decay else None,
         "resnet_n": resnet_n, "channel_mean": channel_mean, "pretrained_weights": pretrained_weights,
     }
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
     scaled = keras.layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
-    logits = builders[name](scaled, num_classes, **options)
+    logits = builder(scaled, num_classes, **options)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)
 
 
-def set_fine_tuning(model: keras.Model) -> None:
-    """Makes the top blocks of a pretrained base trainable (phase 2 of transfer learning); recompile after."""
-    base = model.get_layer("inception_v3")
+def fine_tuned_layers(model: keras.Model, name: str) -> list[str]:
+    """The layers of the pretrained base that phase 2 unfreezes, in order."""
+    fine_tuning = NETWORKS[name].fine_tuning
+    if fine_tuning is None:
+        return []
+    names = [layer.name for layer in model.get_layer(fine_tuning.base).layers]
+    return names[names.index(fine_tuning.frozen_up_to) + 1 :]
+
+
+def set_fine_tuning(model: keras.Model, name: str) -> None:
+    """Makes the top of the pretrained base trainable (phase 2 of transfer learning); recompile after."""
+    fine_tuning = NETWORKS[name].fine_tuning
+    if fine_tuning is None:
+        return
+    base = model.get_layer(fine_tuning.base)
     base.trainable = True
-    frozen_count = [layer.name for layer in base.layers].index(INCEPTION_FROZEN_UP_TO) + 1
-    for layer in base.layers[:frozen_count]:
-        layer.trainable = False
-
-
-def _conv(filters: int, kernel_size: int, regularizer, **kwargs: Any) -> keras.layers.Conv2D:
-    return keras.layers.Conv2D(filters, kernel_size, kernel_regularizer=regularizer, **kwargs)
-
-
-def _dense(units: int, regularizer, **kwargs: Any) -> keras.layers.Dense:
-    return keras.layers.Dense(units, kernel_regularizer=regularizer, **kwargs)
-
-
-def _mnist_cnn(x, num_classes: int, regularizer, **_: Any):
-    """The seed's tf.layers MNIST network: conv 5x5x32, pool, conv 5x5x64, pool, dense 1024, dropout 0.4."""
-    x = _conv(32, 5, regularizer, padding="same", activation="relu", name="conv1")(x)
-    x = keras.layers.MaxPooling2D(2, strides=2, name="pool1")(x)
-    x = _conv(64, 5, regularizer, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D(2, strides=2, name="pool2")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = _dense(1024, regularizer, activation="relu", name="dense")(x)
-    x = keras.layers.Dropout(0.4, name="dropout")(x)
-    return _dense(num_classes, regularizer, name="logits")(x)
-
-
-def _cifar10_tutorial(x, num_classes: int, regularizer, **_: Any):
-    """The TensorFlow CIFAR-10 tutorial's model, in its order: conv1, pool1, norm1, conv2, norm2, pool2, local3, local4.
-
-    1,068,298 parameters on 24x24x3 crops and 10 classes ('same' pooling keeps 6x6x64 = 2304 features).
-    """
-    # Per-image whitening (tf.image.per_image_standardization): mean 0 and variance 1 over each image.
-    x = keras.layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1e-6, name="whiten")(x)
-    conv_init = lambda: keras.initializers.TruncatedNormal(stddev=5e-2)  # noqa: E731 - the tutorial's initialisers
-    x = _conv(64, 5, regularizer, padding="same", activation="relu", kernel_initializer=conv_init(), name="conv1")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
-    x = LocalResponseNormalization(**LRN_SETTINGS, name="norm1")(x)
-    x = _conv(64, 5, regularizer, padding="same", activation="relu", kernel_initializer=conv_init(),
-              bias_initializer=keras.initializers.Constant(0.1), name="conv2")(x)
-    x = LocalResponseNormalization(**LRN_SETTINGS, name="norm2")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    for units, name in ((384, "local3"), (192, "local4")):
-        x = _dense(units, regularizer, activation="relu", kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.04),
-                   bias_initializer=keras.initializers.Constant(0.1), name=name)(x)
-    return _dense(num_classes, regularizer, kernel_initializer=keras.initializers.TruncatedNormal(stddev=1 / 192.0), name="logits")(x)
-
-
-def _keras_cnn(x, num_classes: int, regularizer, **_: Any):
-    """The seed's Keras CIFAR-10 CNN: two conv pairs (32, 64) with pooling and dropout 0.25, dense 512, dropout 0.5."""
-    for block, filters in enumerate((32, 64), start=1):
-        x = _conv(filters, 3, regularizer, padding="same", activation="relu", name=f"conv{block}a")(x)
-        x = _conv(filters, 3, regularizer, activation="relu", name=f"conv{block}b")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"pool{block}")(x)
-        x = keras.layers.Dropout(0.25, name=f"dropout{block}")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = _dense(512, regularizer, activation="relu", name="dense")(x)
-    x = keras.layers.Dropout(0.5, name="dropout3")(x)
-    return _dense(num_classes, regularizer, name="logits")(x)
-
-
-def _vgg(x, num_classes: int, regularizer, name: str, **_: Any):
-    """VGG configuration D (vgg16) or E (vgg19): 3x3 convs, 2x2 pooling, fc 4096, 4096 with dropout 0.5."""
-    block, index = 1, 1
-    for item in VGG_CONFIGURATIONS[name]:
-        if item == "pool":
-            x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
-            block, index = block + 1, 1
-        else:
-            x = _conv(item, 3, regularizer, padding="same", activation="relu", name=f"block{block}_conv{index}")(x)
-            index += 1
-    x = keras.layers.Flatten(name="flatten")(x)
-    for layer in (6, 7):
-        x = _dense(4096, regularizer, activation="relu", name=f"fc{layer}")(x)
-        x = keras.layers.Dropout(0.5, name=f"dropout{layer}")(x)
-    return _dense(num_classes, regularizer, name="fc8")(x)
-
-
-def _vgg16_bn(x, num_classes: int, regularizer, **_: Any):
-    """The seed's CIFAR VGG-16 with batch norm: conv-BN-ReLU(-dropout) groups, then fc 512, fc 512."""
-    for group, (filters, dropouts) in enumerate(VGG_BN_GROUPS, start=1):
-        for index, rate in enumerate(dropouts, start=1):
-            x = _conv(filters, 3, regularizer, padding="same", use_bias=False, name=f"group{group}_conv{index}")(x)
-            x = keras.layers.BatchNormalization(name=f"group{group}_bn{index}")(x)
-            x = keras.layers.ReLU(name=f"group{group}_relu{index}")(x)
-            if rate:
-                x = keras.layers.Dropout(rate, name=f"group{group}_dropout{index}")(x)
-        x = keras.layers.MaxPooling2D(2, strides=2, name=f"group{group}_pool")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dropout(0.5, name="fc1_dropout")(x)
-    x = _dense(512, regularizer, use_bias=False, name="fc1")(x)
-    x = keras.layers.BatchNormalization(name="fc1_bn")(x)
-    x = keras.layers.ReLU(name="fc1_relu")(x)
-    x = keras.layers.Dropout(0.5, name="fc2_dropout")(x)
-    x = _dense(512, regularizer, name="fc2")(x)
-    return _dense(num_classes, regularizer, name="logits")(x)
-
-
-def _resnet(x, num_classes: int, regularizer, resnet_n: int, channel_mean: list[float] | None, **_: Any):
-    """CIFAR ResNet of depth 6n+2: conv 16, three stages of n full pre-activation blocks (16, 32, 64), pooling."""
-    if channel_mean is not None:  # the seed subtracts the per-channel mean of the training images
-        x = keras.layers.Normalization(mean=channel_mean, variance=[1.0] * len(channel_mean), name="subtract_mean")(x)
-    x = _conv(16, 3, regularizer, padding="same", use_bias=False, name="conv1")(x)
-    for stage, filters in enumerate((16, 32, 64), start=1):
-        for block in range(1, resnet_n + 1):
-            stride = 2 if stage > 1 and block == 1 else 1
-            prefix = f"stage{stage}_block{block}"
-            shortcut = x if stride == 1 and x.shape[-1] == filters else ParameterFreeShortcut(filters, stride, name=f"{prefix}_shortcut")(x)
-            y = keras.layers.BatchNormalization(name=f"{prefix}_bn1")(x)
-            y = keras.layers.ReLU(name=f"{prefix}_relu1")(y)
-            y = _conv(filters, 3, regularizer, strides=stride, padding="same", use_bias=False, name=f"{prefix}_conv1")(y)
-            y = keras.layers.BatchNormalization(name=f"{prefix}_bn2")(y)
-            y = keras.layers.ReLU(name=f"{prefix}_relu2")(y)
-            y = _conv(filters, 3, regularizer, padding="same", use_bias=False, name=f"{prefix}_conv2")(y)
-            x = keras.layers.Add(name=f"{prefix}_add")([shortcut, y])
-    x = keras.layers.BatchNormalization(name="final_bn")(x)
-    x = keras.layers.ReLU(name="final_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return _dense(num_classes, regularizer, name="logits")(x)
-
-
-def _inception_v3(x, num_classes: int, regularizer, pretrained_weights: str, **_: Any):
-    """Transfer learning: Keras' InceptionV3 without its top, frozen, under a new softmax head."""
-    weights = None if pretrained_weights == "none" else pretrained_weights
-    base = keras.applications.InceptionV3(include_top=False, weights=weights, input_shape=tuple(x.shape[1:]), pooling="avg")
-    base.trainable = False
-    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_inception_range")(x)  # InceptionV3 was trained on [-1, 1]
-    # training=False keeps its batch norm on the pretrained statistics, also once the top blocks fine-tune.
-    x = base(x, training=False)
-    x = keras.layers.Dropout(0.2, name="head_dropout")(x)
-    return _dense(num_classes, regularizer, name="logits")(x)
+    unfrozen = set(fine_tuned_layers(model, name))
+    for layer in base.layers:
+        layer.trainable = layer.name in unfrozen

@@ -1,0 +1,213 @@
+"""What the stages hand each other on disk: each file typed here, with one writer and one reader.
+
+    raw folder      layout.json         download writes, convert reads         Layout
+    shards folder   manifest.json       convert writes; train, evaluate read   Manifest
+    model folder    run.json, labels.json, preprocessing.json, model.keras
+                                        train writes; evaluate, register,
+                                        predict and the flow read              RunRecord, Preprocessing, MODEL_FILE ...
+    metrics file    metrics.json        evaluate writes; register reads        Scores
+    registry file   registry.json       register writes; the flow reads        Decision
+
+The JSON keys are the ones `dvc metrics show`, MLflow and earlier releases know; a file that does not
+hold what its reader needs stops the stage with a message naming it and the stage that writes it.
+No stage imports another stage: what they share is here.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, TypeVar
+
+import pydantic
+
+from tasks.common import errors, files
+
+# The raw folder (download -> convert).
+LAYOUT_FILE = "layout.json"
+# The shards folder (convert -> train, evaluate, register).
+MANIFEST_FILE = "manifest.json"
+REJECTED_FILE = "rejected.csv"
+SPLITS = ("train", "validation", "test")
+# The model folder (train -> evaluate, register, predict).
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+PREPROCESSING_FILE = "preprocessing.json"
+HISTORY_FILE = "history.csv"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILE = "run.json"
+
+
+class _Contract(pydantic.BaseModel):
+    # Extra keys are kept, not refused: a file written by a newer release still reads.
+    model_config = pydantic.ConfigDict(frozen=True, extra="allow")
+
+
+Contract = TypeVar("Contract", bound=_Contract)
+
+
+def _read(kind: type[Contract], path: pathlib.Path, remedy: str) -> Contract:
+    value = files.read_json(path, remedy)
+    try:
+        return kind.model_validate(value)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()[:3])
+        raise errors.BadInput(f"{path} does not hold what it should ({problems}): {remedy}") from None
+
+
+def _write(value: _Contract, path: pathlib.Path) -> None:
+    files.write_json(path, value.model_dump(mode="json", exclude_none=True))
+
+
+class Layout(_Contract):
+    """Where the raw data came from and which split folders it brings."""
+
+    source: str
+    archive_sha256: str | None = None
+    splits: tuple[str, ...] = ()
+    fingerprint: str | None = None  # of a user's folder: download reruns when it changes
+
+    def write(self, raw_dir: pathlib.Path) -> None:
+        _write(self, raw_dir / LAYOUT_FILE)
+
+    @classmethod
+    def read(cls, raw_dir: pathlib.Path) -> Layout | None:
+        """The layout, or None for a plain folder of class folders that no download stage wrote."""
+        path = raw_dir / LAYOUT_FILE
+        return _read(cls, path, "rerun the download stage") if path.is_file() else None
+
+
+class Shard(_Contract):
+    file: str
+    records: int
+    sha256: str
+
+
+class Split(_Contract):
+    count: int
+    per_class: dict[str, int]
+    shards: list[Shard]
+
+
+class Manifest(_Contract):
+    """The data set as convert wrote it: classes, counts, shards with their checksums, data checks."""
+
+    dataset: str
+    classes: list[str]
+    seed: int
+    image_size: list[int] | None
+    source_splits: list[str]
+    files_seen: int
+    accepted: int
+    rejected: int
+    encodings: dict[str, int]
+    per_class: dict[str, int]
+    imbalance: dict[str, Any]
+    duplicates: dict[str, Any]
+    splits: dict[str, Split]
+
+    def write(self, shards_dir: pathlib.Path) -> None:
+        # image_size null means "each image's own size": written even when None.
+        files.write_json(shards_dir / MANIFEST_FILE, self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls, shards_dir: pathlib.Path) -> Manifest:
+        return _read(cls, shards_dir / MANIFEST_FILE, "run the convert stage first")
+
+    def count(self, split: str) -> int:
+        return self.splits[split].count
+
+
+class Preprocessing(_Contract):
+    """How training prepared an image: decoded at `image_size` (height, width), centre-cropped to `input_size`."""
+
+    image_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    def write(self, model_dir: pathlib.Path) -> None:
+        _write(self, model_dir / PREPROCESSING_FILE)
+
+    @classmethod
+    def read(cls, model_dir: pathlib.Path) -> Preprocessing:
+        return _read(cls, model_dir / PREPROCESSING_FILE, "run the train stage first")
+
+
+class RunRecord(_Contract):
+    """The MLflow run of the model in the model folder; written last by train, so that a folder without
+    it is never taken for a finished model."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str  # never with a password: the file is a DVC output, cached and pushed
+    model_uri: str
+    dataset: str
+    manifest_sha256: str
+
+    def write(self, model_dir: pathlib.Path) -> None:
+        _write(self.model_copy(update={"tracking_uri": errors.without_credentials(self.tracking_uri)}), model_dir / RUN_FILE)
+
+    @classmethod
+    def read(cls, model_dir: pathlib.Path) -> RunRecord:
+        return _read(cls, model_dir / RUN_FILE, "run the train stage first")
+
+
+def write_labels(model_dir: pathlib.Path, class_names: list[str]) -> None:
+    files.write_json(model_dir / LABELS_FILE, list(class_names))
+
+
+def read_labels(model_dir: pathlib.Path) -> list[str]:
+    labels = files.read_json(model_dir / LABELS_FILE, "the class names written beside the model by the train stage")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise errors.BadInput(f"{model_dir / LABELS_FILE} must hold a list of class names; rerun the train stage")
+    return labels
+
+
+class Averages(_Contract):
+    precision: float
+    recall: float
+    f1: float
+
+
+class Scores(_Contract):
+    """metrics.json: the headline test metrics (`dvc metrics show` reads the same file)."""
+
+    precision_at_1: float
+    loss: float
+    images: int
+    top_5: float | None = None  # only with more than 5 classes
+    macro_avg: Averages
+    weighted_avg: Averages
+
+    def write(self, metrics_path: pathlib.Path) -> None:
+        _write(self, metrics_path)
+
+    @classmethod
+    def read(cls, metrics_path: pathlib.Path) -> Scores:
+        return _read(cls, metrics_path, "run the evaluate stage first")
+
+    def flat(self) -> dict[str, float]:
+        """{"macro_avg_f1": 0.9, ...}: MLflow metrics and tags are flat."""
+        flat: dict[str, float] = {}
+        for key, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, dict):
+                flat.update({f"{key}_{name}": float(item) for name, item in value.items()})
+            else:
+                flat[key] = float(value)
+        return flat
+
+
+class Decision(_Contract):
+    """registry.json: which version the run became and why it got its alias."""
+
+    model_name: str
+    version: str
+    alias: str
+    reason: str
+    run_id: str
+    model_uri: str
+
+    def write(self, registry_path: pathlib.Path) -> None:
+        _write(self, registry_path)
+
+    @classmethod
+    def read(cls, registry_path: pathlib.Path) -> Decision:
+        return _read(cls, registry_path, "run the register stage first")
