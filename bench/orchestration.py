@@ -99,32 +99,24 @@ def _children_cpu_seconds() -> float:
 def run_plain() -> dict:
     """The flow's five stage calls without Prefect, in the working folder: seconds per stage, its DVC share apart.
 
-    The arguments are those flows/pipeline.py passes to each task; keep the two alike.
+    Each stage is called as the flow's task calls it: tasks.stages.call.
     """
     start = time.perf_counter()
     from flows import dvc_stages
-    from tasks import convert, download, evaluate, register, train
+    from tasks import convert, download, evaluate, register, train  # noqa: F401 - imported as the flow does, timed apart
+    from tasks import stages as pipeline_stages
     from tasks.common import config
 
     imported = time.perf_counter()
     params = config.load_params("params.yaml")
     tracked = dvc_stages.tracked("params.yaml", None)
-    calls = {
-        "download": lambda: download.download(params.dataset, params.raw_dir, params.downloads_dir),
-        "convert": lambda: convert.convert(params.dataset, params.base.seed, params.raw_dir, params.shards_dir),
-        "train": lambda: train.train(params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir),
-        "evaluate": lambda: evaluate.evaluate(params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir),
-        "register": lambda: register.register(
-            params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
-        ),
-    }
     stages = {}
-    for name, call in calls.items():
+    for name in pipeline_stages.STAGES:
         begun = time.perf_counter()
         if tracked and dvc_stages.up_to_date(name):
             raise RuntimeError(f"{name} is up to date: the plain run needs a clean copy")
         checked = time.perf_counter()
-        call()
+        pipeline_stages.call(name, params)
         ran = time.perf_counter()
         if tracked:
             dvc_stages.commit(name)

@@ -16,7 +16,6 @@ import argparse
 import logging
 import pathlib
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import prefect
@@ -27,67 +26,21 @@ import prefect.states
 import yaml
 
 from flows import dvc_stages, reports
-from tasks import convert, download, evaluate, register, train
+from tasks import download, stages
 from tasks.common import config, errors, locking
 
-STAGES = ("download", "convert", "train", "evaluate", "register")
+STAGES = stages.STAGES
 
-
-def _stage_task(
-    name: str,
-    function: Callable,
-    after: Callable[[Any], None] | None = None,
-    changed_outside: Callable[..., bool] | None = None,
-    **options,
-) -> prefect.Task:
-    """A Prefect task that runs `function` unless DVC says the stage is up to date.
-
-    `after(result)` runs once the stage has run; `changed_outside(*arguments)` tells of input changes
-    DVC cannot see (a user's image folder).
-    """
-
-    def run(tracked: bool, *arguments, **keyword_arguments):
-        outside = changed_outside is not None and changed_outside(*arguments, **keyword_arguments)
-        if tracked and not outside and dvc_stages.up_to_date(name):
-            return prefect.states.Completed(name="Skipped", message=f"{name}: code, params, inputs and outputs unchanged since its last run")
-        result = function(*arguments, **keyword_arguments)
-        if tracked:
-            dvc_stages.commit(name)
-        if after is not None:
-            after(result)
-        return result
-
-    run.__doc__ = function.__doc__
-    # Tasks pass paths and settings; caching by input hash would be wrong (the files behind them change).
-    return prefect.task(run, name=name, cache_policy=prefect.cache_policies.NO_CACHE, **options)
-
-
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry what a busy network or server causes, not what a retry cannot change."""
-    error = state.result(raise_on_failure=False)
-    # ValueError: a checksum mismatch, bad data or settings; FileNotFoundError: a missing input.
-    return not isinstance(error, (ValueError, FileNotFoundError))
-
-
-# Downloads and registry calls fail for transient reasons (network, a busy server): retry them.
-download_task = _stage_task(
-    "download", download.download, changed_outside=download.source_changed,
-    retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_worth_retrying,
-)
-convert_task = _stage_task("convert", convert.convert, after=lambda result: reports.rejections(result.shards_dir))
-# A Prefect concurrency limit on the "training" tag keeps GPU jobs to one at a time.
-train_task = _stage_task("train", train.train, tags=["training"])
-evaluate_task = _stage_task("evaluate", evaluate.evaluate)
-register_task = _stage_task(
-    "register", register.register, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_worth_retrying
-)
-
-
-@prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
-def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list) -> str:
-    """The test metrics, MLflow run and registry decision, as a markdown artifact."""
-    ran = [stage for stage, result in zip(STAGES, results) if result is not None]
-    return reports.run_summary(metrics_path, registry_path, model_dir, ran)
+# Task options, in one place. Downloads and registry calls meet networks and servers that fail for a
+# while: retried, when the error is an outage (errors.worth_retrying). A Prefect concurrency limit on
+# the "training" tag keeps GPU jobs to one at a time. Timeouts come from flow.timeout_minutes.
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "download": {"retries": 3, "retry_delay_seconds": [5, 30, 120]},
+    "convert": {},
+    "train": {"tags": ["training"]},
+    "evaluate": {},
+    "register": {"retries": 2, "retry_delay_seconds": [10, 60]},
+}
 
 
 @prefect.flow(name="image-classification", log_prints=True)
@@ -97,28 +50,66 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
     # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
     with locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"), dvc_stages.exclusive():
-        return _stages(params, params_file, overrides)
+        tracked = dvc_stages.tracked(params_file, overrides)  # DVC keeps the books of ./params.yaml only
+        progress = reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)
+        # Each stage is skipped (shown as Skipped) when DVC says its code, params, inputs and outputs are unchanged.
+        results = [
+            skipped("download") if up_to_date("download", params, tracked) else run("download", params, tracked),
+            skipped("convert") if up_to_date("convert", params, tracked) else run("convert", params, tracked),
+            skipped("train") if up_to_date("train", params, tracked) else run("train", params, tracked, extra_callbacks=[progress]),
+            skipped("evaluate") if up_to_date("evaluate", params, tracked) else run("evaluate", params, tracked),
+            skipped("register") if up_to_date("register", params, tracked) else run("register", params, tracked),
+        ]
+        return summary_task(params.metrics_path, params.registry_path, params.model_dir, results)
 
 
-def _stages(params: config.Params, params_file: str, overrides: dict[str, Any] | None) -> str:
-    """The five stage tasks in dvc.yaml's order, then the summary."""
-    tracked = dvc_stages.tracked(params_file, overrides)
-    minutes = params.flow.timeout_minutes
-    downloaded = download_task.with_options(timeout_seconds=60 * minutes.download)(tracked, params.dataset, params.raw_dir, params.downloads_dir)
-    converted = convert_task.with_options(timeout_seconds=60 * minutes.convert)(
-        tracked, params.dataset, params.base.seed, params.raw_dir, params.shards_dir
-    )
-    trained = train_task.with_options(timeout_seconds=60 * minutes.train)(
-        tracked, params.train, params.base.seed, params.shards_dir, params.model_dir, config.as_dict(params), params.checkpoints_dir,
-        extra_callbacks=[reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)],
-    )
-    evaluated = evaluate_task.with_options(timeout_seconds=60 * minutes.evaluate)(
-        tracked, params.evaluate, params.shards_dir, params.model_dir, params.metrics_path, params.evaluation_dir
-    )
-    registered = register_task.with_options(timeout_seconds=60 * minutes.registration)(
-        tracked, params.registration, params.registered_model_name, params.model_dir, params.shards_dir, params.metrics_path, params.registry_path
-    )
-    return summary_task(params.metrics_path, params.registry_path, params.model_dir, [downloaded, converted, trained, evaluated, registered])
+def up_to_date(stage: str, params: config.Params, tracked: bool) -> bool:
+    """Whether DVC's books say `stage` need not run. A user's image folder is outside DVC's sight:
+    download also runs when the folder changed since the raw copy was made."""
+    if not tracked:
+        return False
+    if stage == "download" and download.source_changed(**download.arguments(params)):
+        return False
+    return dvc_stages.up_to_date(stage)
+
+
+def run(stage: str, params: config.Params, tracked: bool, **extra: Any) -> Any:
+    """The stage's task, with its options: its result."""
+    timeout = 60 * params.flow.timeout_minutes.model_dump(by_alias=True)[stage]
+    return stage_task.with_options(name=stage, timeout_seconds=timeout, **TASK_OPTIONS[stage])(stage, params, tracked, **extra)
+
+
+def skipped(stage: str) -> None:
+    """A task shown as Skipped in the UI, for a stage DVC found up to date: None, as the stage did not run."""
+    return skip_task.with_options(name=stage)(stage)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    return errors.worth_retrying(state.result(raise_on_failure=False))
+
+
+# Tasks pass paths and settings; caching by input hash would be wrong (the files behind them change).
+@prefect.task(cache_policy=prefect.cache_policies.NO_CACHE, retry_condition_fn=_worth_retrying)
+def stage_task(stage: str, params: config.Params, tracked: bool, **extra: Any) -> Any:
+    """Runs one stage on the arguments its module chooses, then records it in dvc.lock as `dvc repro` would."""
+    result = stages.call(stage, params, **extra)
+    if tracked:
+        dvc_stages.commit(stage)
+    if stage == "convert":
+        reports.rejections(result.shards_dir)
+    return result
+
+
+@prefect.task(cache_policy=prefect.cache_policies.NO_CACHE)
+def skip_task(stage: str) -> prefect.states.State:
+    return prefect.states.Completed(name="Skipped", message=f"{stage}: code, params, inputs and outputs unchanged since its last run")
+
+
+@prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
+def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list) -> str:
+    """The test metrics, MLflow run and registry decision, as a markdown artifact."""
+    ran = [stage for stage, result in zip(STAGES, results) if result is not None]
+    return reports.run_summary(metrics_path, registry_path, model_dir, ran)
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
