@@ -138,10 +138,12 @@ def _champion_precision(client: mlflow.MlflowClient, champion, run: contracts.Ru
 
     champion_uri = f"models:/{champion.name}/{champion.version}"
     model = tracking.load_logged_model(champion_uri)
-    input_size = tuple(model.input_shape[1:3])
-    preprocessing = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing", {})
-    image_size = tuple(preprocessing.get("image_size", input_size))
-    predictions = scoring.predict_test_split(model, shards_dir, REEVALUATION_BATCH_SIZE, image_size, input_size)
+    recorded = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing")
+    fixed = tuple(model.input_shape[1:3])  # a model registered before its metadata said how to prepare images
+    preprocessing = contracts.Preprocessing.model_validate(recorded) if recorded else contracts.Preprocessing(image_size=fixed, input_size=fixed)
+    predictions = scoring.predict_test_split(
+        model, shards_dir, REEVALUATION_BATCH_SIZE, preprocessing.image_size, preprocessing.input_size
+    )
     precision = scoring.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]).precision_at_1
     client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
     return precision

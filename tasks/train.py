@@ -29,6 +29,7 @@ import keras
 import mlflow
 import mlflow.models
 import mlflow.tensorflow
+import mlflow.types
 import numpy as np
 import tensorflow as tf
 
@@ -82,8 +83,8 @@ def train(
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
         if not devices.chief:
             return TrainResult(None, None, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
-        _save(model, params, data, work, model_dir)
-        run_id = _log(model, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy)
+        serving = _save(model, params, data, work, model_dir)
+        run_id = _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy)
     checkpoints.remove(work)  # finished: nothing left to resume
     return TrainResult(run_id, model_dir / contracts.MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
 
@@ -274,35 +275,45 @@ def _final_weights(model, params, data, work, raw_scores) -> tuple[float, float 
     return validation_accuracy, raw_scores.get("accuracy") if params.ema_momentum is not None else None
 
 
-def _save(model: keras.Model, params: config.TrainParams, data: Data, work: pathlib.Path, model_dir: pathlib.Path) -> None:
-    """The model folder, but for run.json (see _log)."""
+def _save(model: keras.Model, params: config.TrainParams, data: Data, work: pathlib.Path, model_dir: pathlib.Path) -> keras.Model:
+    """The model folder, but for run.json (see _log); returns the saved model: the network behind its preparation."""
+    serving = networks.serving_model(model, params.image_size, params.input_size)
     model_dir.mkdir(parents=True, exist_ok=True)
     # run.json is written last and read first: without it the folder never passes for a finished
     # model while the files below are being replaced (a kill mid-save leaves it visibly unfinished).
     (model_dir / contracts.RUN_FILE).unlink(missing_ok=True)
-    model.save(model_dir / contracts.MODEL_FILE)
+    serving.save(model_dir / contracts.MODEL_FILE)
     contracts.write_labels(model_dir, data.manifest.classes)
-    contracts.Preprocessing(image_size=params.image_size, input_size=params.input_size).write(model_dir)
+    _preprocessing(params, data).write(model_dir)
     shutil.copyfile(work / contracts.HISTORY_FILE, model_dir / contracts.HISTORY_FILE)
     shutil.rmtree(model_dir / contracts.TENSORBOARD_DIR, ignore_errors=True)
     shutil.copytree(work / contracts.TENSORBOARD_DIR, model_dir / contracts.TENSORBOARD_DIR)
+    return serving
 
 
-def _log(model, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy) -> str:
-    """The model and its last figures to the open MLflow run; then run.json, which marks the model folder finished."""
+def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preprocessing:
+    stored_size = tuple(data.manifest.image_size) if data.manifest.image_size else None
+    return contracts.Preprocessing(stored_size=stored_size, image_size=params.image_size, input_size=params.input_size)
+
+
+def _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy) -> str:
+    """The saved model and its last figures to the open MLflow run; then run.json, which marks the model folder finished."""
     mlflow.log_metric("validation_accuracy_final", validation_accuracy)
     if raw_accuracy is not None:
         mlflow.log_metric("validation_accuracy_raw", raw_accuracy)  # what the moving averages gained
     mlflow.log_text("\n".join(summary), "model_summary.txt")
     mlflow.log_artifacts(str(work / contracts.TENSORBOARD_DIR), contracts.TENSORBOARD_DIR)
-    example = next(iter(data.validation.unbatch().batch(4).take(1)))[0].numpy()
-    signature = mlflow.models.infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
-    # Two of our layers (LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles every
-    # registered object with any model: the tasks package travels with it, so it loads anywhere.
-    preprocessing = {"image_size": list(params.image_size), "input_size": list(params.input_size)}
+    # Uncropped validation images: the model prepares them itself, and takes any size.
+    example = next(iter(inputs.evaluation_data(data.pipeline["shards_dir"], "validation", params.image_size, params.image_size, 4)))[0].numpy()
+    signature = mlflow.models.ModelSignature(
+        inputs=mlflow.types.Schema([mlflow.types.TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "image")]),
+        outputs=mlflow.types.Schema([mlflow.types.TensorSpec(np.dtype(np.float32), (-1, len(data.manifest.classes)), "probabilities")]),
+    )
+    # Three of our layers (preparation, LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles
+    # every registered object with any model: the tasks package travels with it, so it loads anywhere.
     model_info = mlflow.tensorflow.log_model(
-        model, name="model", signature=signature, input_example=example,
-        metadata={"class_names": data.manifest.classes, "preprocessing": preprocessing},
+        serving, name="model", signature=signature, input_example=example,
+        metadata={"class_names": data.manifest.classes, "preprocessing": _preprocessing(params, data).model_dump(mode="json")},
         code_paths=[str(pathlib.Path(networks.__file__).parents[1])],  # the whole tasks package
     )
     mlflow.log_text(json.dumps(data.manifest.classes), "labels.json")

@@ -118,8 +118,11 @@ class Manifest(_Contract):
 
 
 class Preprocessing(_Contract):
-    """How training prepared an image: decoded at `image_size` (height, width), centre-cropped to `input_size`."""
+    """How an image reaches the network: convert resized it to `stored_size` ([height, width]; None: kept
+    its size), then it is resized to `image_size` and centre-cropped to `input_size`. The saved model does
+    the last two itself; predict does the first as convert did."""
 
+    stored_size: tuple[int, int] | None = None
     image_size: tuple[int, int]
     input_size: tuple[int, int]
 

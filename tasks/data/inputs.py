@@ -15,7 +15,7 @@ import pathlib
 import tensorflow as tf
 
 from tasks.common import contracts
-from tasks.data import records
+from tasks.data import preprocessing, records
 
 # The seeds' distortion strengths: the Keras CIFAR-10 example's 10% shifts, the tutorial's brightness
 # (max_delta 63 of 255) and contrast (x0.2..1.8).
@@ -60,11 +60,10 @@ def evaluation_data(
 ) -> tf.data.Dataset:
     """Batches of (uint8 images, labels[, source paths]) of one split in stored order: decoded at `image_size`,
     centre-cropped to `input_size`."""
-    height, width = input_size
     return (
         records.read_split(shards_dir, split, image_size, with_source=with_source)
         .batch(batch_size)
-        .map(lambda images, *rest: (tf.image.resize_with_crop_or_pad(images, height, width), *rest), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(lambda images, *rest: (preprocessing.centre_crop(images, input_size), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     )
 
 

@@ -14,6 +14,7 @@ import pathlib
 import tensorflow as tf
 
 from tasks.common import contracts, errors, files
+from tasks.data import preprocessing
 
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -73,14 +74,8 @@ def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int]
     def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_single_example(serialized, _FEATURES)
         image = tf.io.decode_image(example["image/encoded"], channels=3, expand_animations=False)
-        # Resampled once (then cached) when the stored size is not the fed size; skipped when it is, where
-        # it would compute the same pixels and cost a third of the decoding time (bench/input_pipeline.py).
-        image = tf.cond(
-            tf.reduce_all(tf.shape(image)[:2] == [height, width]),
-            lambda: image,
-            lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (height, width), antialias=True)), 0, 255), tf.uint8),
-        )
-        image = tf.ensure_shape(image, (height, width, 3))
+        # Resampled once (then cached) when the stored size is not the fed size.
+        image = tf.ensure_shape(preprocessing.resize(image, (height, width)), (height, width, 3))
         if with_source:
             return image, example["image/class/label"], example["image/source"]
         return image, example["image/class/label"]

@@ -65,6 +65,29 @@ class ParameterFreeShortcut(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
+@keras.saving.register_keras_serializable(package="tasks")
+class PrepareImages(keras.layers.Layer):
+    """The saved model's first layer: uint8 RGB images of any size, resized to `image_size` and
+    centre-cropped to `input_size` exactly as training's validation prepares them
+    (tasks/data/preprocessing.py), so that a served model needs no preparation from its caller."""
+
+    def __init__(self, image_size: tuple[int, int], input_size: tuple[int, int], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.image_size, self.input_size = tuple(image_size), tuple(input_size)
+
+    def call(self, images):
+        from tasks.data import preprocessing  # TensorFlow ops, like the LRN above
+
+        prepared = preprocessing.centre_crop(preprocessing.resize(images, self.image_size), self.input_size)
+        return keras.ops.reshape(prepared, (-1, *self.input_size, 3))  # a static shape for the network after it
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.input_size, 3)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "image_size": list(self.image_size), "input_size": list(self.input_size)}
+
+
 def _conv(filters: int, kernel_size: int, regularizer, **kwargs: Any) -> keras.layers.Conv2D:
     return keras.layers.Conv2D(filters, kernel_size, kernel_regularizer=regularizer, **kwargs)
 

@@ -1,15 +1,20 @@
 """Serving formats of a trained model: a TensorFlow SavedModel and a TFLite file.
 
-Both take the same uint8 images as the Keras model and return class probabilities.
+The SavedModel is the whole saved model: uint8 RGB images of any size in, class probabilities out,
+prepared inside (tasks/data/preprocessing.py). The TFLite file holds the network alone, taking uint8
+images of its input size: TFLite has no kernel for the antialiased resize, and apps on phones resize
+with their own image APIs; the model's MLflow metadata (`preprocessing`) says how.
 """
 
 from __future__ import annotations
 
 import pathlib
+import tempfile
 
 import tensorflow as tf
 
 from tasks.common import tracking
+from tasks.modeling import networks
 
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -20,10 +25,13 @@ def export_model(model_path: pathlib.Path, export_dir: pathlib.Path, tflite_floa
     model = tracking.load_model_file(model_path)
     saved_model = export_dir / SAVED_MODEL_DIR
     model.export(str(saved_model), format="tf_saved_model", verbose=False)
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if tflite_float16:
-        # Halves the file; TFLite computes in float32 on CPUs that lack float16 arithmetic.
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    (export_dir / TFLITE_FILE).write_bytes(converter.convert())
+    with tempfile.TemporaryDirectory() as folder:
+        # Through a SavedModel of the network alone: the checked path from a Keras 3 model to TFLite.
+        networks.network_of(model).export(folder, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        if tflite_float16:
+            # Halves the file; TFLite computes in float32 on CPUs that lack float16 arithmetic.
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        (export_dir / TFLITE_FILE).write_bytes(converter.convert())
     return [saved_model, export_dir / TFLITE_FILE]

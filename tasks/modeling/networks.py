@@ -109,3 +109,25 @@ def set_fine_tuning(model: keras.Model, name: str) -> None:
     unfrozen = set(fine_tuned_layers(model, name))
     for layer in base.layers:
         layer.trainable = layer.name in unfrozen
+
+
+def serving_model(network: keras.Model, image_size: tuple[int, int], input_size: tuple[int, int]) -> keras.Model:
+    """`network` behind its preparation (architectures.PrepareImages): the model that is saved, registered
+    and exported, taking uint8 RGB images of any size. It shares the network's weights."""
+    import keras
+
+    from tasks.modeling import architectures
+
+    images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    prepared = architectures.PrepareImages(image_size, input_size, name="prepare")(images)
+    return keras.Model(images, network(prepared), name=f"{network.name}_serving")
+
+
+def network_of(model: keras.Model) -> keras.Model:
+    """The network inside a serving model (what takes images of the input size), or `model` itself when it
+    is one already (as models saved before the preparation moved into the model are)."""
+    from tasks.modeling import architectures
+
+    if len(model.layers) == 3 and isinstance(model.layers[1], architectures.PrepareImages):
+        return model.layers[2]
+    return model

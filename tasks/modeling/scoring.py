@@ -34,9 +34,12 @@ def predict_test_split(
 ) -> Predictions:
     """Runs `model` over the test shards, keeping only the few misclassified images a report shows.
 
-    The images are prepared as in training's validation: decoded at `image_size`, centre-cropped to `input_size`.
+    The images are decoded at `image_size`; the model centre-crops them to `input_size` itself, or, for a
+    model saved before the preparation moved into it, they are cropped here as training's validation does.
     """
-    test_data = inputs.evaluation_data(shards_dir, "test", image_size, input_size, batch_size, with_source=True)
+    takes_any_size = tuple(model.input_shape[1:3]) == (None, None)
+    crop = image_size if takes_any_size else input_size
+    test_data = inputs.evaluation_data(shards_dir, "test", image_size, crop, batch_size, with_source=True)
     labels, probabilities, sources, worst = [], [], [], []
     seen = 0  # images before this batch
     for images, batch_labels, batch_sources in test_data:
