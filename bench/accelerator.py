@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from bench import report as bench_report
-from tasks.modeling import networks
+from tasks.modeling import architectures
 
 # Batch sizes a GPU is usually fed with for these 32x32 networks; each the largest of the seeds' that
 # keeps the device busy.
@@ -78,9 +78,13 @@ def fit_throughput(
     name: str, batch_size: int, images: np.ndarray, labels: np.ndarray, epochs: int, steps_per_execution: int
 ) -> tuple[float, float, float]:
     """(images/s of the fastest epoch after the first, first epoch's seconds, forward FLOPs per image)."""
-    model = networks.build_model(name, images.shape[1:], 10)
+    model = architectures.build_model(name, images.shape[1:], 10)
     model.compile(
-        optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=True, steps_per_execution=steps_per_execution
+        optimizer="adam",
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=True,
+        steps_per_execution=steps_per_execution,
     )
     timer = EpochTimes()
     model.fit(images, labels, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[timer])
@@ -90,8 +94,12 @@ def fit_throughput(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=51200, help="training images per epoch (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per model, the first not timed (default: %(default)s)")
-    parser.add_argument("--steps-per-execution", type=int, default=1, help="training steps per compiled call (default: %(default)s)")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs per model, the first not timed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps-per-execution", type=int, default=1, help="training steps per compiled call (default: %(default)s)"
+    )
     parser.add_argument("--models", nargs="+", default=list(MODEL_BATCHES), choices=list(MODEL_BATCHES))
     arguments = parser.parse_args(argv)
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -102,19 +110,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Keras {keras.__version__} on {keras.backend.backend()}; float16 matmul: {matmul_rate / 1e12:.1f} TFLOP/s")
     rows, results = [], {}
     for name in arguments.models:
-        images_per_second, first_epoch, flops = fit_throughput(name, MODEL_BATCHES[name], images, labels, arguments.epochs, arguments.steps_per_execution)
+        images_per_second, first_epoch, flops = fit_throughput(
+            name, MODEL_BATCHES[name], images, labels, arguments.epochs, arguments.steps_per_execution
+        )
         fraction = 3 * flops * images_per_second / matmul_rate
         rows.append([name, MODEL_BATCHES[name], images_per_second, first_epoch, 3 * flops / 1e6, f"{fraction:.1%}"])
         results[name] = {
-            "batch_size": MODEL_BATCHES[name], "images_per_second": round(images_per_second), "first_epoch_seconds": round(first_epoch, 2),
-            "training_flops_per_image": 3 * flops, "matmul_fraction": round(fraction, 4),
+            "batch_size": MODEL_BATCHES[name],
+            "images_per_second": round(images_per_second),
+            "first_epoch_seconds": round(first_epoch, 2),
+            "training_flops_per_image": 3 * flops,
+            "matmul_fraction": round(fraction, 4),
         }
-    bench_report.print_table(["model", "batch", "images/s", "first epoch s", "training MFLOP/image", "of float16 matmul rate"], rows)
+    bench_report.print_table(
+        ["model", "batch", "images/s", "first epoch s", "training MFLOP/image", "of float16 matmul rate"], rows
+    )
     print(f"steps per execution: {arguments.steps_per_execution}")
-    bench_report.write("accelerator", {
-        "backend": keras.backend.backend(), "keras": keras.__version__, "policy": "mixed_float16", "jit_compile": True, "steps_per_execution": arguments.steps_per_execution,
-        "images": arguments.images, "epochs": arguments.epochs, "float16_matmul_flops_per_second": matmul_rate, "models": results,
-    })
+    bench_report.write(
+        "accelerator",
+        {
+            "backend": keras.backend.backend(),
+            "keras": keras.__version__,
+            "policy": "mixed_float16",
+            "jit_compile": True,
+            "steps_per_execution": arguments.steps_per_execution,
+            "images": arguments.images,
+            "epochs": arguments.epochs,
+            "float16_matmul_flops_per_second": matmul_rate,
+            "models": results,
+        },
+    )
     return 0
 
 

@@ -49,7 +49,9 @@ class Timing:
         return self.images / self.seconds
 
 
-def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg") -> pathlib.Path:
+def make_folder(
+    root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg"
+) -> pathlib.Path:
     """Photo-like images (smooth gradients plus sensor-like noise, a colour per class), one folder per class:
     JPEGs of quality 90, or PNGs with `extension=".png"` (Pillow's PNG writer ignores the quality)."""
     random = np.random.default_rng(0)
@@ -58,7 +60,9 @@ def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 
         label = index % classes
         folder = root / f"class_{label:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        base = np.stack([np.outer(ramp, ramp) * 255, np.outer(ramp[::-1], ramp) * 200, np.full((side, side), 25.0 * label)], axis=2)
+        base = np.stack(
+            [np.outer(ramp, ramp) * 255, np.outer(ramp[::-1], ramp) * 200, np.full((side, side), 25.0 * label)], axis=2
+        )
         pixels = np.clip(base + random.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
         PIL.Image.fromarray(pixels).save(folder / f"{index:05d}{extension}", quality=90)
     return root
@@ -66,7 +70,9 @@ def make_folder(root: pathlib.Path, image_count: int, side: int, classes: int = 
 
 def plain_loop(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, int] | None) -> Timing:
     paths = sorted(path for path in raw_dir.rglob("*.jpg"))
-    labels = {name: label for label, name in enumerate(sorted(path.name for path in raw_dir.iterdir() if path.is_dir()))}
+    labels = {
+        name: label for label, name in enumerate(sorted(path.name for path in raw_dir.iterdir() if path.is_dir()))
+    }
     start = time.perf_counter()
     with tf.io.TFRecordWriter(str(output)) as writer:
         for path in paths:
@@ -76,8 +82,12 @@ def plain_loop(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[in
             if image_size is None:
                 rgb.save(buffer, format="PNG")
             else:
-                rgb.resize((image_size[1], image_size[0]), PIL.Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=95)
-            writer.write(records.serialize(buffer.getvalue(), labels[path.parent.name], path.relative_to(raw_dir).as_posix()))
+                rgb.resize((image_size[1], image_size[0]), PIL.Image.Resampling.BILINEAR).save(
+                    buffer, format="JPEG", quality=95
+                )
+            writer.write(
+                records.serialize(buffer.getvalue(), labels[path.parent.name], path.relative_to(raw_dir).as_posix())
+            )
     seconds = time.perf_counter() - start
     encoding = "PNG" if image_size is None else "resize, JPEG 95"
     return Timing(f"loop: decode, RGB, {encoding}, write", len(paths), seconds, output.stat().st_size / 1e6)
@@ -91,7 +101,9 @@ def convert_stage(raw_dir: pathlib.Path, shards_dir: pathlib.Path, dataset: conf
     return Timing("convert stage (tasks.convert)", sum(result.counts.values()), seconds, written)
 
 
-def measure(raw_dir: pathlib.Path, work: pathlib.Path, dataset: config.DatasetParams) -> tuple[Timing, Timing, list, list]:
+def measure(
+    raw_dir: pathlib.Path, work: pathlib.Path, dataset: config.DatasetParams
+) -> tuple[Timing, Timing, list, list]:
     loops, stages = [], []
     for attempt in range(2):  # alternating, so that a burst of other work hits both alike
         loops.append(plain_loop(raw_dir, work / f"loop-{attempt}.tfrecord", dataset.image_size))
@@ -106,8 +118,13 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=128, help="their width and height in pixels (default: %(default)s)")
     arguments = parser.parse_args()
     dataset = config.DatasetParams(
-        name="imagefolder", source="bench", sha256=None, image_size=None,
-        validation_fraction=0.1, test_fraction=0.2, shard_size_mb=100.0,
+        name="imagefolder",
+        source="bench",
+        sha256=None,
+        image_size=None,
+        validation_fraction=0.1,
+        test_fraction=0.2,
+        shard_size_mb=100.0,
     )
     half = (arguments.side // 2, arguments.side // 2)
     cases = {"keep size": dataset, f"resize to {half[0]}x{half[1]}": dataset.model_copy(update={"image_size": half})}
@@ -124,13 +141,22 @@ def main() -> int:
     for case, (loop, stage, loops, stages) in results.items():
         ratio = stage.images_per_second / loop.images_per_second
         for timing, shown in ((loop, None), (stage, f"{ratio:.2f}x")):
-            rows.append([case, timing.method, timing.seconds, timing.images_per_second, timing.megabytes_written, shown])
+            rows.append(
+                [case, timing.method, timing.seconds, timing.images_per_second, timing.megabytes_written, shown]
+            )
         report["cases"][case] = {
-            "loop_images_per_second": round(loop.images_per_second, 1), "convert_images_per_second": round(stage.images_per_second, 1),
-            "ratio": round(ratio, 3), "runs": {"loop": [dataclasses.asdict(t) for t in loops], "convert": [dataclasses.asdict(t) for t in stages]},
+            "loop_images_per_second": round(loop.images_per_second, 1),
+            "convert_images_per_second": round(stage.images_per_second, 1),
+            "ratio": round(ratio, 3),
+            "runs": {
+                "loop": [dataclasses.asdict(t) for t in loops],
+                "convert": [dataclasses.asdict(t) for t in stages],
+            },
         }
     bench_report.print_table(["case", "method", "seconds", "images/s", "MB written", "ratio"], rows)
-    report["passed"] = bench_report.check("convert stage over the loop (keep size)", report["cases"]["keep size"]["ratio"], REQUIRED_RATIO)
+    report["passed"] = bench_report.check(
+        "convert stage over the loop (keep size)", report["cases"]["keep size"]["ratio"], REQUIRED_RATIO
+    )
     bench_report.write("convert", report)
     return 0 if report["passed"] else 1
 

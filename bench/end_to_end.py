@@ -28,7 +28,11 @@ MIN_PRECISION = 0.99
 
 def stage_seconds(lines: list[tuple[float, str]], total: float) -> dict[str, float]:
     """Seconds from each "Running stage '<name>':" line to the next one (the last one: to the end)."""
-    starts = [(arrived, match["name"]) for arrived, line in lines if (match := re.match(r"Running stage '(?P<name>[^']+)'", line))]
+    starts = [
+        (arrived, match["name"])
+        for arrived, line in lines
+        if (match := re.match(r"Running stage '(?P<name>[^']+)'", line))
+    ]
     ends = [arrived for arrived, _ in starts[1:]] + [total]
     return {name: end - begun for (begun, name), end in zip(starts, ends)}
 
@@ -63,9 +67,15 @@ def main() -> int:
     rows.append(["total (CPU, every process)", report["cpu_seconds"], ""])
     bench_report.print_table(["stage", "seconds", "share"], rows)
     registry = report["registry"]
-    print(f"registry: {registry['model_name']} version {registry['version']}, alias {registry['alias']}: {registry['reason']}")
-    time_met = bench_report.check("end to end wall time", report["seconds"], MAX_SECONDS, higher_is_better=False, unit=" s")
-    precision_met = bench_report.check(f"test precision@1 ({report['test_images']} images)", report["precision_at_1"], MIN_PRECISION, unit="")
+    print(
+        f"registry: {registry['model_name']} version {registry['version']}, alias {registry['alias']}: {registry['reason']}"
+    )
+    time_met = bench_report.check(
+        "end to end wall time", report["seconds"], MAX_SECONDS, higher_is_better=False, unit=" s"
+    )
+    precision_met = bench_report.check(
+        f"test precision@1 ({report['test_images']} images)", report["precision_at_1"], MIN_PRECISION, unit=""
+    )
     bench_report.write("end_to_end", report)
     return 0 if time_met and precision_met else 1
 

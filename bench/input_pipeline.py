@@ -37,7 +37,6 @@ import time
 import warnings
 
 import numpy as np
-import tensorflow as tf
 
 from bench import convert as bench_convert
 from bench import report as bench_report
@@ -72,7 +71,13 @@ def make_shards(folder: pathlib.Path, image_count: int, side: int = SIDE) -> pat
     """`image_count` CIFAR-like PNGs (gradients plus noise, a colour per class) converted by the convert stage."""
     raw_dir = bench_convert.make_folder(folder / "raw", image_count, side, CLASSES, extension=".png")
     dataset = config.DatasetParams(
-        name="imagefolder", source="bench", sha256=None, image_size=None, validation_fraction=0.1, test_fraction=0.2, shard_size_mb=100.0,
+        name="imagefolder",
+        source="bench",
+        sha256=None,
+        image_size=None,
+        validation_fraction=0.1,
+        test_fraction=0.2,
+        shard_size_mb=100.0,
     )
     shards_dir = folder / "shards"
     convert.convert(dataset, seed=0, raw_dir=raw_dir, shards_dir=shards_dir)
@@ -109,8 +114,15 @@ def image_data_generator(images: np.ndarray, labels: np.ndarray, batch_size: int
 def training_pipeline(shards_dir: pathlib.Path, batch_size: int, warm_passes: int) -> tuple[Timing, Timing]:
     """(the cold first pass, the warm passes after it) of the train stage's input pipeline, on a fresh dataset."""
     data = inputs.training_data(
-        shards_dir, image_size=(SIDE, SIDE), input_size=(SIDE, SIDE), crop_padding=CROP_PADDING, augment=AUGMENT,
-        batch_size=batch_size, shuffle_buffer=20000, cache_mb=4096, seed=0,
+        shards_dir,
+        image_size=(SIDE, SIDE),
+        input_size=(SIDE, SIDE),
+        crop_padding=CROP_PADDING,
+        augment=AUGMENT,
+        batch_size=batch_size,
+        shuffle_buffer=20000,
+        cache_mb=4096,
+        seed=0,
     )
     timings = []
     for passes in (1, warm_passes):
@@ -138,9 +150,18 @@ def measure(shards_dir: pathlib.Path, batch_size: int, warm_passes: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=7200, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch, both sides (default: %(default)s)")
-    parser.add_argument("--warm-passes", type=int, default=10, help="passes over the cached split timed as warm (default: %(default)s)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=7200,
+        help="32x32 images to convert; 70%% form the training split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="images per batch, both sides (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warm-passes", type=int, default=10, help="passes over the cached split timed as warm (default: %(default)s)"
+    )
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
         shards_dir = make_shards(pathlib.Path(folder), arguments.images)
@@ -151,21 +172,40 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {side: fastest[side].images_per_second / anchor for side in ("cold", "warm")}
     cheapest = {side: max(timing.images_per_cpu_second for timing in timings) for side, timings in runs.items()}
     cpu_ratios = {side: cheapest[side] / cheapest["anchor"] for side in ("cold", "warm")}
-    print(f"{train_count} training images of {SIDE}x{SIDE}, batches of {arguments.batch_size}; faster of two alternating runs each")
+    print(
+        f"{train_count} training images of {SIDE}x{SIDE}, batches of {arguments.batch_size}; faster of two alternating runs each"
+    )
     bench_report.print_table(
         ["method", "images", "seconds", "images/s", "ratio", "images/CPU s", "CPU ratio"],
-        [[timing.method, timing.images, timing.seconds, timing.images_per_second, None if side == "anchor" else f"{ratios[side]:.1f}x",
-          cheapest[side], None if side == "anchor" else f"{cpu_ratios[side]:.1f}x"] for side, timing in fastest.items()],
+        [
+            [
+                timing.method,
+                timing.images,
+                timing.seconds,
+                timing.images_per_second,
+                None if side == "anchor" else f"{ratios[side]:.1f}x",
+                cheapest[side],
+                None if side == "anchor" else f"{cpu_ratios[side]:.1f}x",
+            ]
+            for side, timing in fastest.items()
+        ],
     )
     report = {
-        "images": arguments.images, "train_images": train_count, "side": SIDE, "batch_size": arguments.batch_size,
-        "augment": list(AUGMENT), "warm_passes": arguments.warm_passes, "required_ratio": REQUIRED_RATIO,
+        "images": arguments.images,
+        "train_images": train_count,
+        "side": SIDE,
+        "batch_size": arguments.batch_size,
+        "augment": list(AUGMENT),
+        "warm_passes": arguments.warm_passes,
+        "required_ratio": REQUIRED_RATIO,
         "image_data_generator_images_per_second": round(anchor, 1),
         "pipeline_cold_images_per_second": round(fastest["cold"].images_per_second, 1),
         "pipeline_warm_images_per_second": round(fastest["warm"].images_per_second, 1),
-        "ratio_cold": round(ratios["cold"], 2), "ratio_warm": round(ratios["warm"], 2),
+        "ratio_cold": round(ratios["cold"], 2),
+        "ratio_warm": round(ratios["warm"], 2),
         "images_per_cpu_second": {side: round(value, 1) for side, value in cheapest.items()},
-        "cpu_ratio_cold": round(cpu_ratios["cold"], 2), "cpu_ratio_warm": round(cpu_ratios["warm"], 2),
+        "cpu_ratio_cold": round(cpu_ratios["cold"], 2),
+        "cpu_ratio_warm": round(cpu_ratios["warm"], 2),
         "runs": {side: [dataclasses.asdict(timing) for timing in timings] for side, timings in runs.items()},
     }
     report["passed"] = bench_report.check("warm pipeline over ImageDataGenerator", ratios["warm"], REQUIRED_RATIO)

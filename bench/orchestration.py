@@ -73,14 +73,18 @@ def environment() -> dict[str, str]:
     return variables
 
 
-def run_timed(command: list[str], cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, float, list[tuple[float, str]]]:
+def run_timed(
+    command: list[str], cwd: pathlib.Path, variables: dict[str, str]
+) -> tuple[float, float, list[tuple[float, str]]]:
     """Wall seconds of `command`, CPU seconds (user + system) of it and every process it waited for (the flow's
     API server included: unlike wall time, hardly changed by other work sharing the cores), and each line of
     its output with the second it arrived; raises if it fails."""
     cpu_before = _children_cpu_seconds()
     start = time.perf_counter()
     lines = []
-    with subprocess.Popen(command, cwd=cwd, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    with subprocess.Popen(
+        command, cwd=cwd, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
         for line in process.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
     seconds = time.perf_counter() - start
@@ -147,7 +151,12 @@ def run_flow() -> dict:
     except SystemExit as exit:  # a main() that ends with sys.exit(0) has succeeded too
         if exit.code not in (None, 0):
             raise
-    return {"import": imported - start, "startup": started - imported, "startup_cpu": startup_cpu, "run": time.perf_counter() - started}
+    return {
+        "import": imported - start,
+        "startup": started - imported,
+        "startup_cpu": startup_cpu,
+        "run": time.perf_counter() - started,
+    }
 
 
 def _own_cpu_seconds() -> float:
@@ -161,7 +170,9 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run_in_child(mode: str, cwd: pathlib.Path, variables: dict[str, str]) -> tuple[float, float, dict, list[tuple[float, str]]]:
+def _run_in_child(
+    mode: str, cwd: pathlib.Path, variables: dict[str, str]
+) -> tuple[float, float, dict, list[tuple[float, str]]]:
     """`python -m bench.orchestration --<mode>` in `cwd`: its wall and CPU seconds, the result it printed, its output."""
     seconds, cpu_seconds, lines = run_timed([sys.executable, "-m", "bench.orchestration", f"--{mode}"], cwd, variables)
     result = next(line for _, line in reversed(lines) if line.startswith(RESULT_MARK))
@@ -194,8 +205,20 @@ def flow_task_seconds(lines: list[tuple[float, str]]) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml setting for every run")
-    parser.add_argument("--repeats", type=int, default=2, help="plain and flow runs each, alternating; the fastest counts (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml setting for every run",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="plain and flow runs each, alternating; the fastest counts (default: %(default)s)",
+    )
     # The child processes the benchmark starts in each copy.
     for mode in ("plain", "flow"):
         parser.add_argument(f"--{mode}", action="store_true", help=argparse.SUPPRESS)
@@ -232,14 +255,18 @@ def measure(folder: pathlib.Path, settings: dict, repeats: int = 2, repro_attemp
     variables = {**environment(), "PREFECT_HOME": str(folder / "prefect-home")}
     plain_runs, flow_runs = [], []
     for attempt in range(repeats):  # alternating, so that a burst of other work hits both alike
-        seconds, cpu_seconds, child, _ = _run_in_child("plain", _fresh_copy(folder / f"plain-{attempt}", settings), variables)
+        seconds, cpu_seconds, child, _ = _run_in_child(
+            "plain", _fresh_copy(folder / f"plain-{attempt}", settings), variables
+        )
         plain_runs.append({"wall": seconds, "cpu": cpu_seconds, **child})
         flow_copy = _fresh_copy(folder / f"flow-{attempt}", settings)
         seconds, cpu_seconds, child, lines = _run_in_child("flow", flow_copy, variables)
         flow_runs.append({"wall": seconds, "cpu": cpu_seconds, **child, "tasks": flow_task_seconds(lines)})
     repro = measure_noop_repro(flow_copy, variables, repro_attempts)
     report = summarise(settings, plain_runs, flow_runs, repro)
-    report["precision_at_1"] = round(json.loads((flow_copy / "reports" / "metrics.json").read_text())["precision_at_1"], 4)
+    report["precision_at_1"] = round(
+        json.loads((flow_copy / "reports" / "metrics.json").read_text())["precision_at_1"], 4
+    )
     return report
 
 
@@ -260,7 +287,11 @@ def summarise(settings: dict, plain_runs: list[dict], flow_runs: list[dict], rep
         # The first flow's start-up also creates and migrates Prefect's database (once per PREFECT_HOME).
         "api_first_start_new_database": round(flow_runs[0]["startup"], 2),
         "noop_repro_seconds": round(min(repro), 2),
-        "runs": {"plain": [_rounded(run) for run in plain_runs], "flow": [_rounded(run) for run in flow_runs], "noop_repro": [round(value, 2) for value in repro]},
+        "runs": {
+            "plain": [_rounded(run) for run in plain_runs],
+            "flow": [_rounded(run) for run in flow_runs],
+            "noop_repro": [round(value, 2) for value in repro],
+        },
         "max_overhead_seconds": MAX_OVERHEAD_SECONDS,
         "max_noop_repro_seconds": MAX_NOOP_REPRO_SECONDS,
         "passed": overhead <= MAX_OVERHEAD_SECONDS and min(repro) <= MAX_NOOP_REPRO_SECONDS,
@@ -279,19 +310,71 @@ def print_report(report: dict) -> None:
     plain, flow = report["plain"], report["flow"]
     dvc_share = sum(parts["dvc"] for parts in plain["stages"].values())
     rows = [
-        ["plain: five stage functions, one process", plain["wall"], plain["cpu"], plain["import"], plain["run"], f"DVC bookkeeping {dvc_share:.1f} s of the run"],
-        ["flow: python -m flows.pipeline", flow["wall"], flow["cpu"], flow["import"], flow["run"], f"API start-up {flow['startup']:.1f} s apart"],
-        ["Prefect API start-up, in the flow's process", flow["startup"], flow.get("startup_cpu"), None, None, "server import, launch, first /health"],
-        ["Prefect API first start, new database", report["api_first_start_new_database"], None, None, None, "first flow run: once per PREFECT_HOME"],
-        ["overhead: flow - start-up - plain", report["overhead_seconds"], report["overhead_cpu_seconds"], None, None, "CPU: every process, the server's included"],
-        ["no-op dvc repro (best)", report["noop_repro_seconds"], None, None, None, " ".join(f"{value:.2f}" for value in report["runs"]["noop_repro"])],
+        [
+            "plain: five stage functions, one process",
+            plain["wall"],
+            plain["cpu"],
+            plain["import"],
+            plain["run"],
+            f"DVC bookkeeping {dvc_share:.1f} s of the run",
+        ],
+        [
+            "flow: python -m flows.pipeline",
+            flow["wall"],
+            flow["cpu"],
+            flow["import"],
+            flow["run"],
+            f"API start-up {flow['startup']:.1f} s apart",
+        ],
+        [
+            "Prefect API start-up, in the flow's process",
+            flow["startup"],
+            flow.get("startup_cpu"),
+            None,
+            None,
+            "server import, launch, first /health",
+        ],
+        [
+            "Prefect API first start, new database",
+            report["api_first_start_new_database"],
+            None,
+            None,
+            None,
+            "first flow run: once per PREFECT_HOME",
+        ],
+        [
+            "overhead: flow - start-up - plain",
+            report["overhead_seconds"],
+            report["overhead_cpu_seconds"],
+            None,
+            None,
+            "CPU: every process, the server's included",
+        ],
+        [
+            "no-op dvc repro (best)",
+            report["noop_repro_seconds"],
+            None,
+            None,
+            None,
+            " ".join(f"{value:.2f}" for value in report["runs"]["noop_repro"]),
+        ],
     ]
     bench_report.print_table(["measured", "wall s", "CPU s", "import s", "run s", "note"], rows)
     stages = [[name, parts["stage"], parts["dvc"], flow["tasks"].get(name)] for name, parts in plain["stages"].items()]
-    bench_report.print_table(["stage", "plain: stage s", "plain: DVC s", "flow: s since the previous task ended"], stages)
+    bench_report.print_table(
+        ["stage", "plain: stage s", "plain: DVC s", "flow: s since the previous task ended"], stages
+    )
     print(f"test precision@1 of the flow's model: {report['precision_at_1']:.4f}")
-    bench_report.check("orchestration overhead beyond the API start-up", report["overhead_seconds"], MAX_OVERHEAD_SECONDS, higher_is_better=False, unit=" s")
-    bench_report.check("no-op dvc repro", report["noop_repro_seconds"], MAX_NOOP_REPRO_SECONDS, higher_is_better=False, unit=" s")
+    bench_report.check(
+        "orchestration overhead beyond the API start-up",
+        report["overhead_seconds"],
+        MAX_OVERHEAD_SECONDS,
+        higher_is_better=False,
+        unit=" s",
+    )
+    bench_report.check(
+        "no-op dvc repro", report["noop_repro_seconds"], MAX_NOOP_REPRO_SECONDS, higher_is_better=False, unit=" s"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ REPORT_DIR = pathlib.Path("reports/bench")
 def machine() -> dict:
     """The facts that limit a figure: cores this process may use, processor, Python and TensorFlow versions."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    facts = {"cores": cores, "processor": _processor_name(), "python": platform.python_version(), "load_average": _load_average()}
+    facts = {
+        "cores": cores,
+        "processor": _processor_name(),
+        "python": platform.python_version(),
+        "load_average": _load_average(),
+    }
     try:
         import tensorflow as tf
 
@@ -29,7 +34,9 @@ def machine() -> dict:
     except ImportError:
         pass
     if shutil.which("nvidia-smi"):  # also where TensorFlow is not installed
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
+        )
         facts["nvidia_gpus"] = query.stdout.strip().splitlines()
     return facts
 
@@ -52,8 +59,13 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     """A plain text table, columns as wide as their widest cell; numbers right-aligned."""
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max(len(header), *(len(row[index]) for row in cells)) for index, header in enumerate(headers)]
-    numeric = [all(isinstance(row[index], (int, float)) or row[index] in ("", None) for row in rows) for index in range(len(headers))]
-    line = lambda values: "  ".join(value.rjust(width) if right else value.ljust(width) for value, width, right in zip(values, widths, numeric))  # noqa: E731
+    numeric = [
+        all(isinstance(row[index], (int, float)) or row[index] in ("", None) for row in rows)
+        for index in range(len(headers))
+    ]
+    line = lambda values: "  ".join(
+        value.rjust(width) if right else value.ljust(width) for value, width, right in zip(values, widths, numeric)
+    )  # noqa: E731
     print(line(headers))
     for row in cells:
         print(line(row))

@@ -10,7 +10,7 @@ the same work faster or slower from one minute to the next, and alternating give
 share of each; each run also costs a model build, tracing and (for the stage) a saved model, so two
 long runs time more epochs (ten per side) in the same three minutes than three short ones (six)
 (docs/benchmarks.md, train_throughput):
-- bare fit: the same network (`tasks.modeling.networks.build_model`), loss, optimizer (with its moving averages)
+- bare fit: the same network (`tasks.modeling.architectures.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on NumPy arrays of the training split held in memory (decoded once,
   centre-cropped to the input size, no distortion), validating on the validation split as NumPy.
 - train stage: `tasks.train.train` on the shards with its defaults from params.yaml and the seed's
@@ -65,8 +65,8 @@ from bench import report as bench_report
 from bench.accelerator import forward_flops
 from tasks import train
 from tasks.common import config, contracts
-from tasks.data import inputs, records
-from tasks.modeling import networks, optimizers
+from tasks.data import inputs
+from tasks.modeling import architectures, optimizers
 
 PARAMS = pathlib.Path(__file__).resolve().parents[1] / "params.yaml"  # the defaults the stage runs with
 REQUIRED_RATIO = 0.95
@@ -75,9 +75,16 @@ REQUIRED_FLOP_FRACTION = 0.40  # for cifar10_tutorial on CPU
 MODEL_SETTINGS = {
     "keras_cnn": {"train.augment": ["shift"], "train.batch_size": 32},
     "cifar10_tutorial": {
-        "train.crop_size": [24, 24], "train.augment": ["crop", "brightness", "contrast"], "train.batch_size": 128,
-        "train.optimizer": "sgd", "train.learning_rate": 0.1, "train.schedule": "exponential", "train.decay_steps": 500,
-        "train.decay_rate": 0.1, "train.staircase": True, "train.weight_decay": 0.0001,
+        "train.crop_size": [24, 24],
+        "train.augment": ["crop", "brightness", "contrast"],
+        "train.batch_size": 128,
+        "train.optimizer": "sgd",
+        "train.learning_rate": 0.1,
+        "train.schedule": "exponential",
+        "train.decay_steps": 500,
+        "train.decay_rate": 0.1,
+        "train.staircase": True,
+        "train.weight_decay": 0.0001,
     },
 }
 
@@ -172,7 +179,9 @@ class Result:
         return max(epoch[2 if per == "wall" else 3] for epoch in self.bare_epochs + self.stage_epochs)
 
 
-def in_memory(shards_dir: pathlib.Path, split: str, params: config.TrainParams, class_count: int) -> tuple[np.ndarray, np.ndarray]:
+def in_memory(
+    shards_dir: pathlib.Path, split: str, params: config.TrainParams, class_count: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A split as NumPy arrays, centre-cropped to the input size, with one-hot labels: what a plain script would feed."""
     images, labels = [], []
     data = inputs.evaluation_data(shards_dir, split, params.image_size, params.input_size, batch_size=1024)
@@ -182,33 +191,63 @@ def in_memory(shards_dir: pathlib.Path, split: str, params: config.TrainParams, 
     return np.concatenate(images), keras.utils.to_categorical(np.concatenate(labels), class_count)
 
 
-def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate) -> tuple[list[Epoch], float]:
+def bare_fit(
+    params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate
+) -> tuple[list[Epoch], float]:
     """Steady epochs of model.fit on in-memory arrays (`EpochEnds.epochs`), and the model's forward FLOPs per image."""
     class_names = contracts.Manifest.read(shards_dir).classes
     x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
     validation = in_memory(shards_dir, "validation", params, len(class_names))
     keras.utils.set_random_seed(seed)
-    model = networks.build_model(params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay)
+    model = architectures.build_model(
+        params.model, (*params.input_size, 3), len(class_names), weight_decay=params.weight_decay
+    )
     steps = -(-len(x_train) // params.batch_size)
     model.compile(
-        optimizer=optimizers.make_optimizer(params, steps * params.epochs), metrics=["accuracy"],
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing), jit_compile=False,
+        optimizer=optimizers.make_optimizer(params, steps * params.epochs),
+        metrics=["accuracy"],
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        jit_compile=False,
     )
     epoch_ends = EpochEnds(matmul)
-    model.fit(x_train, y_train, batch_size=params.batch_size, epochs=params.epochs, validation_data=validation,
-              callbacks=[epoch_ends], verbose=0)
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=params.batch_size,
+        epochs=params.epochs,
+        validation_data=validation,
+        callbacks=[epoch_ends],
+        verbose=0,
+    )
     return epoch_ends.steady_epochs(), forward_flops(model)
 
 
-def train_stage(params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, matmul: MatmulRate) -> list[Epoch]:
+def train_stage(
+    params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, matmul: MatmulRate
+) -> list[Epoch]:
     """Steady epochs of the train stage, everything on (the MLflow store and outputs in `folder`)."""
     epoch_ends = EpochEnds(matmul)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress lines
-        train.train(params, seed, shards_dir, folder / "models", checkpoints_dir=folder / "checkpoints", extra_callbacks=[epoch_ends])
+        train.train(
+            params,
+            seed,
+            shards_dir,
+            folder / "models",
+            checkpoints_dir=folder / "checkpoints",
+            extra_callbacks=[epoch_ends],
+        )
     return epoch_ends.steady_epochs()
 
 
-def measure(model: str, shards_dir: pathlib.Path, folder: pathlib.Path, epochs: int, batch_size: int | None, runs: int, matmul: MatmulRate) -> Result:
+def measure(
+    model: str,
+    shards_dir: pathlib.Path,
+    folder: pathlib.Path,
+    epochs: int,
+    batch_size: int | None,
+    runs: int,
+    matmul: MatmulRate,
+) -> Result:
     overrides = {"train.model": model, "train.image_size": [32, 32], "train.epochs": epochs, **MODEL_SETTINGS[model]}
     if batch_size:
         overrides["train.batch_size"] = batch_size
@@ -224,10 +263,22 @@ def measure(model: str, shards_dir: pathlib.Path, folder: pathlib.Path, epochs: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4000, help="32x32 images to convert; 70%% form the training split (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=7, help="per run; the first and last are not timed, at least 3 (default: %(default)s)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=4000,
+        help="32x32 images to convert; 70%% form the training split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=7,
+        help="per run; the first and last are not timed, at least 3 (default: %(default)s)",
+    )
     parser.add_argument("--runs", type=int, default=2, help="of each side, alternating (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)"
+    )
     parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
     arguments = parser.parse_args(argv)
     if arguments.epochs < 3:
@@ -240,13 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
         shards_dir = input_pipeline.make_shards(folder, arguments.images)
         for model in arguments.models:
-            results.append(measure(model, shards_dir, folder, arguments.epochs, arguments.batch_size, arguments.runs, matmul))
+            results.append(
+                measure(model, shards_dir, folder, arguments.epochs, arguments.batch_size, arguments.runs, matmul)
+            )
         del os.environ["MLFLOW_TRACKING_URI"]
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    print(f"{results[0].train_images} training images of 32x32; fp32 matmul: "
-          f"{max(result.matmul_rate() for result in results) / 1e9:.1f} GFLOP/s on {device} "
-          f"({max(result.matmul_rate('cpu') for result in results) / 1e9:.1f} per CPU second), the fastest after an epoch; "
-          f"images/s and CPU of the median epoch")
+    print(
+        f"{results[0].train_images} training images of 32x32; fp32 matmul: "
+        f"{max(result.matmul_rate() for result in results) / 1e9:.1f} GFLOP/s on {device} "
+        f"({max(result.matmul_rate('cpu') for result in results) / 1e9:.1f} per CPU second), the fastest after an epoch; "
+        f"images/s and CPU of the median epoch"
+    )
     rows, report_models, passed = [], {}, True
     for result in results:
         bare, stage = result.images_per_second("bare"), result.images_per_second("stage")
@@ -259,32 +314,93 @@ def main(argv: list[str] | None = None) -> int:
         fraction = training_flops * result.fastest_images_per_second("stage") / result.matmul_rate()
         # The same per CPU second of this process: what the model gets out of the cycles it is given.
         cpu_fraction = training_flops / result.least_cpu_seconds_per_image("stage") / result.matmul_rate("cpu")
-        rows.append([result.model, "bare model.fit (NumPy)", result.batch_size, bare, 1000 * result.cpu_seconds_per_image("bare"),
-                     None, None, None, None, None, None])
-        rows.append([result.model, "train stage", result.batch_size, stage, 1000 * result.cpu_seconds_per_image("stage"),
-                     f"{ratio:.3f}x", f"{throughput_ratio:.3f}x", f"{fastest_ratio:.3f}x", f"{cpu_ratio:.3f}x", f"{fraction:.1%}", f"{cpu_fraction:.1%}"])
+        rows.append(
+            [
+                result.model,
+                "bare model.fit (NumPy)",
+                result.batch_size,
+                bare,
+                1000 * result.cpu_seconds_per_image("bare"),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            ]
+        )
+        rows.append(
+            [
+                result.model,
+                "train stage",
+                result.batch_size,
+                stage,
+                1000 * result.cpu_seconds_per_image("stage"),
+                f"{ratio:.3f}x",
+                f"{throughput_ratio:.3f}x",
+                f"{fastest_ratio:.3f}x",
+                f"{cpu_ratio:.3f}x",
+                f"{fraction:.1%}",
+                f"{cpu_fraction:.1%}",
+            ]
+        )
         report_models[result.model] = {
-            "batch_size": result.batch_size, "bare_images_per_second": round(bare, 1), "stage_images_per_second": round(stage, 1),
-            "ratio": round(ratio, 3), "throughput_ratio": round(throughput_ratio, 3), "fastest_epoch_ratio": round(fastest_ratio, 3), "cpu_ratio": round(cpu_ratio, 3),
-            "forward_flops_per_image": result.forward_flops_per_image, "training_flops_per_image": training_flops,
-            "matmul_flops_per_second": result.matmul_rate(), "matmul_flops_per_cpu_second": result.matmul_rate("cpu"),
-            "flop_fraction": round(fraction, 4), "cpu_flop_fraction": round(cpu_fraction, 4),
-            "bare_epochs_wall_cpu_matmul": result.bare_epochs, "stage_epochs_wall_cpu_matmul": result.stage_epochs,
+            "batch_size": result.batch_size,
+            "bare_images_per_second": round(bare, 1),
+            "stage_images_per_second": round(stage, 1),
+            "ratio": round(ratio, 3),
+            "throughput_ratio": round(throughput_ratio, 3),
+            "fastest_epoch_ratio": round(fastest_ratio, 3),
+            "cpu_ratio": round(cpu_ratio, 3),
+            "forward_flops_per_image": result.forward_flops_per_image,
+            "training_flops_per_image": training_flops,
+            "matmul_flops_per_second": result.matmul_rate(),
+            "matmul_flops_per_cpu_second": result.matmul_rate("cpu"),
+            "flop_fraction": round(fraction, 4),
+            "cpu_flop_fraction": round(cpu_fraction, 4),
+            "bare_epochs_wall_cpu_matmul": result.bare_epochs,
+            "stage_epochs_wall_cpu_matmul": result.stage_epochs,
         }
     bench_report.print_table(
-        ["model", "method", "batch", "images/s", "CPU ms/image", "ratio", "all epochs", "fastest epochs", "CPU ratio", "of FLOP limit", "per CPU s"], rows
+        [
+            "model",
+            "method",
+            "batch",
+            "images/s",
+            "CPU ms/image",
+            "ratio",
+            "all epochs",
+            "fastest epochs",
+            "CPU ratio",
+            "of FLOP limit",
+            "per CPU s",
+        ],
+        rows,
     )
     for result in results:
-        passed &= bench_report.check(f"{result.model}: train stage over bare fit", report_models[result.model]["ratio"], REQUIRED_RATIO)
+        passed &= bench_report.check(
+            f"{result.model}: train stage over bare fit", report_models[result.model]["ratio"], REQUIRED_RATIO
+        )
     if "cifar10_tutorial" in report_models and device == "CPU":
         passed &= bench_report.check(
-            "cifar10_tutorial: fraction of the fp32 FLOP limit", report_models["cifar10_tutorial"]["flop_fraction"] * 100, REQUIRED_FLOP_FRACTION * 100, unit="%"
+            "cifar10_tutorial: fraction of the fp32 FLOP limit",
+            report_models["cifar10_tutorial"]["flop_fraction"] * 100,
+            REQUIRED_FLOP_FRACTION * 100,
+            unit="%",
         )
-    bench_report.write("train_throughput", {
-        "images": arguments.images, "train_images": results[0].train_images, "epochs": arguments.epochs, "device": device,
-        "required_ratio": REQUIRED_RATIO, "required_flop_fraction": REQUIRED_FLOP_FRACTION,
-        "models": report_models, "passed": passed,
-    })
+    bench_report.write(
+        "train_throughput",
+        {
+            "images": arguments.images,
+            "train_images": results[0].train_images,
+            "epochs": arguments.epochs,
+            "device": device,
+            "required_ratio": REQUIRED_RATIO,
+            "required_flop_fraction": REQUIRED_FLOP_FRACTION,
+            "models": report_models,
+            "passed": passed,
+        },
+    )
     return 0 if passed else 1
 
 

@@ -12,11 +12,28 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 # What a copy needs to run the pipeline; outputs, local stores and the benchmarks stay behind. Names at
 # the repository's root only: tasks/data/ is code, data/ is data.
 NOT_COPIED = {
-    ".git", ".venv", "data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns", "checkpoints", ".pytest_cache", "dvc.lock", "bench", "docs",
+    ".git",
+    ".venv",
+    "data",
+    "models",
+    "reports",
+    "mlflow.db",
+    "mlartifacts",
+    "mlruns",
+    "checkpoints",
+    ".pytest_cache",
+    "dvc.lock",
+    "bench",
+    "docs",
 }
 # DVC's local cache, temporary files and machine-local config belong to a checkout, not to the code.
 _DVC_LOCAL = {"cache", "tmp", "config.local"}
-_GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+_GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@localhost",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@localhost",
+}
 
 
 def copy_repository(destination: pathlib.Path) -> pathlib.Path:

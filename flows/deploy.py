@@ -23,7 +23,9 @@ def main(arguments: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
     parser.add_argument("--cron", help="when to run, as a cron expression (default: flow.cron of the params file)")
     parser.add_argument("--name", default="nightly", help="the deployment's name (default: %(default)s)")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
     options = errors.add_verbose_option(parser).parse_args(arguments)
     overrides = pipeline.parse_overrides(options.assignments) or None
     params = config.load_params(options.params, overrides)  # a bad setting stops here, not at 2 a.m.

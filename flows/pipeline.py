@@ -49,14 +49,19 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
     # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
     # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
-    with locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"), dvc_stages.exclusive():
+    with (
+        locking.pipeline_lock(f"Prefect flow run {prefect.runtime.flow_run.name!r} of {params_file}"),
+        dvc_stages.exclusive(),
+    ):
         tracked = dvc_stages.tracked(params_file, overrides)  # DVC keeps the books of ./params.yaml only
         progress = reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)
         # Each stage is skipped (shown as Skipped) when DVC says its code, params, inputs and outputs are unchanged.
         results = [
             skipped("download") if up_to_date("download", params, tracked) else run("download", params, tracked),
             skipped("convert") if up_to_date("convert", params, tracked) else run("convert", params, tracked),
-            skipped("train") if up_to_date("train", params, tracked) else run("train", params, tracked, extra_callbacks=[progress]),
+            skipped("train")
+            if up_to_date("train", params, tracked)
+            else run("train", params, tracked, extra_callbacks=[progress]),
             skipped("evaluate") if up_to_date("evaluate", params, tracked) else run("evaluate", params, tracked),
             skipped("register") if up_to_date("register", params, tracked) else run("register", params, tracked),
         ]
@@ -76,7 +81,9 @@ def up_to_date(stage: str, params: config.Params, tracked: bool) -> bool:
 def run(stage: str, params: config.Params, tracked: bool, **extra: Any) -> Any:
     """The stage's task, with its options: its result."""
     timeout = 60 * params.flow.timeout_minutes.model_dump(by_alias=True)[stage]
-    return stage_task.with_options(name=stage, timeout_seconds=timeout, **TASK_OPTIONS[stage])(stage, params, tracked, **extra)
+    return stage_task.with_options(name=stage, timeout_seconds=timeout, **TASK_OPTIONS[stage])(
+        stage, params, tracked, **extra
+    )
 
 
 def skipped(stage: str) -> None:
@@ -102,11 +109,15 @@ def stage_task(stage: str, params: config.Params, tracked: bool, **extra: Any) -
 
 @prefect.task(cache_policy=prefect.cache_policies.NO_CACHE)
 def skip_task(stage: str) -> prefect.states.State:
-    return prefect.states.Completed(name="Skipped", message=f"{stage}: code, params, inputs and outputs unchanged since its last run")
+    return prefect.states.Completed(
+        name="Skipped", message=f"{stage}: code, params, inputs and outputs unchanged since its last run"
+    )
 
 
 @prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
-def summary_task(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list) -> str:
+def summary_task(
+    metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list
+) -> str:
     """The test metrics, MLflow run and registry decision, as a markdown artifact."""
     ran = [stage for stage, result in zip(STAGES, results) if result is not None]
     return reports.run_summary(metrics_path, registry_path, model_dir, ran)
@@ -126,7 +137,9 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
 def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the image-classification pipeline as a Prefect flow.")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
     options = errors.add_verbose_option(parser).parse_args(arguments)
     overrides = parse_overrides(options.assignments) or None
     config.load_params(options.params, overrides)  # a bad setting stops here, before Prefect starts a server

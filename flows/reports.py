@@ -21,12 +21,16 @@ class TrainingProgress(keras.callbacks.Callback):
         self.artifact_id = None
 
     def on_train_begin(self, logs=None):
-        self.artifact_id = prefect.artifacts.create_progress_artifact(0.0, key="training-progress", description=f"epoch 0 of {self.epochs}")
+        self.artifact_id = prefect.artifacts.create_progress_artifact(
+            0.0, key="training-progress", description=f"epoch 0 of {self.epochs}"
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         # BackupAndRestore may resume past epoch 0: progress is the epoch number, not a count of calls.
         done = epoch + 1
-        prefect.artifacts.update_progress_artifact(self.artifact_id, 100.0 * done / self.epochs, description=f"epoch {done} of {self.epochs}")
+        prefect.artifacts.update_progress_artifact(
+            self.artifact_id, 100.0 * done / self.epochs, description=f"epoch {done} of {self.epochs}"
+        )
 
 
 def rejections(shards_dir: pathlib.Path) -> None:
@@ -38,12 +42,20 @@ def rejections(shards_dir: pathlib.Path) -> None:
     lines = [f"### Convert: {accepted} images accepted, {len(rejected)} rejected", ""]
     if rejected:
         reasons = Counter(row["reason"].split(":")[0] for row in rejected)
-        lines += ["| reason | files |", "|---|---|", *(f"| {reason} | {count} |" for reason, count in reasons.most_common())]
+        lines += [
+            "| reason | files |",
+            "|---|---|",
+            *(f"| {reason} | {count} |" for reason, count in reasons.most_common()),
+        ]
         lines += ["", "First rejected files:", "", *(f"- `{row['path']}`: {row['reason']}" for row in rejected[:20])]
-    prefect.artifacts.create_markdown_artifact("\n".join(lines), key="convert-rejections", description="files convert did not write")
+    prefect.artifacts.create_markdown_artifact(
+        "\n".join(lines), key="convert-rejections", description="files convert did not write"
+    )
 
 
-def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, ran: list[str]) -> str:
+def run_summary(
+    metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, ran: list[str]
+) -> str:
     """The run's test metrics, its MLflow run and the registry decision, as a markdown artifact."""
     scores = contracts.Scores.read(metrics_path)
     registry = contracts.Decision.read(registry_path)
@@ -68,5 +80,7 @@ def run_summary(metrics_path: pathlib.Path, registry_path: pathlib.Path, model_d
         *(f"| {key} | {value:.4g} |" for key, value in scores.flat().items()),
     ]
     markdown = "\n".join(lines)
-    prefect.artifacts.create_markdown_artifact(markdown, key="run-summary", description="test metrics and registry decision")
+    prefect.artifacts.create_markdown_artifact(
+        markdown, key="run-summary", description="test metrics and registry decision"
+    )
     return markdown

@@ -95,17 +95,26 @@ def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, sha
             }
         spool_path.unlink()
         manifest = contracts.Manifest(
-            dataset=dataset.name, classes=list(class_names), seed=seed,
+            dataset=dataset.name,
+            classes=list(class_names),
+            seed=seed,
             image_size=list(dataset.image_size) if dataset.image_size else None,
-            source_splits=list(given_splits), files_seen=len(found) + len(outside),
-            accepted=len(accepted), rejected=len(rejected), encodings=encodings,
-            per_class=_per_class(accepted, class_names), imbalance=_imbalance(accepted, class_names),
-            duplicates=_duplicates(splits, class_names), splits=written,
+            source_splits=list(given_splits),
+            files_seen=len(found) + len(outside),
+            accepted=len(accepted),
+            rejected=len(rejected),
+            encodings=encodings,
+            per_class=_per_class(accepted, class_names),
+            imbalance=_imbalance(accepted, class_names),
+            duplicates=_duplicates(splits, class_names),
+            splits=written,
         )
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         manifest.write(staging)
     counts = {split: len(split_images) for split, split_images in splits.items()}
-    return ConvertResult(shards_dir=shards_dir, counts=counts, files_seen=manifest.files_seen, rejected_count=len(rejected))
+    return ConvertResult(
+        shards_dir=shards_dir, counts=counts, files_seen=manifest.files_seen, rejected_count=len(rejected)
+    )
 
 
 def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
@@ -117,7 +126,9 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
     splits = layout.splits
     unknown = [split for split in splits if split not in contracts.SPLITS]
     if unknown or "train" not in splits and splits:
-        raise errors.BadInput(f"{raw_dir / contracts.LAYOUT_FILE}: splits {list(splits)} must include 'train' and be among {list(contracts.SPLITS)}; rerun the download stage")
+        raise errors.BadInput(
+            f"{raw_dir / contracts.LAYOUT_FILE}: splits {list(splits)} must include 'train' and be among {list(contracts.SPLITS)}; rerun the download stage"
+        )
     return splits
 
 
@@ -127,26 +138,41 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
     if given_splits:
         for entry in sorted(raw_dir.iterdir()):
             if entry.name not in given_splits and entry.name != contracts.LAYOUT_FILE:
-                outside += [(path, "not inside a split folder (train/, validation/, test/): belongs to no class") for path in _files_under(entry, raw_dir)]
+                outside += [
+                    (path, "not inside a split folder (train/, validation/, test/): belongs to no class")
+                    for path in _files_under(entry, raw_dir)
+                ]
     for split, folder in [(split, raw_dir / split) for split in given_splits] or [(None, raw_dir)]:
         by_name: dict[str, pathlib.Path] = {}
         for entry in sorted(folder.iterdir()):
             if entry.is_file():
                 if entry != raw_dir / contracts.LAYOUT_FILE:
-                    outside += [(path, "not inside a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
+                    outside += [
+                        (path, "not inside a class folder: belongs to no class")
+                        for path in _files_under(entry, raw_dir)
+                    ]
                 continue
             if entry.name.startswith("."):  # .git, .ipynb_checkpoints, ...: tool folders, not classes
-                outside += [(path, f"in hidden folder {entry.name!r}, not a class folder: belongs to no class") for path in _files_under(entry, raw_dir)]
+                outside += [
+                    (path, f"in hidden folder {entry.name!r}, not a class folder: belongs to no class")
+                    for path in _files_under(entry, raw_dir)
+                ]
                 continue
             class_name = unicodedata.normalize("NFC", entry.name)
             if class_name in by_name:
-                raise errors.BadInput(f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one")
+                raise errors.BadInput(
+                    f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one"
+                )
             by_name[class_name] = entry
             paths = [path for path in entry.rglob("*") if path.is_file()]
             if not paths:
-                raise errors.BadInput(f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder")
+                raise errors.BadInput(
+                    f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder"
+                )
             for path in paths:
-                found.append(_File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name))
+                found.append(
+                    _File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name)
+                )
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
     found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
     return found, outside
@@ -157,7 +183,9 @@ def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
     return [path.relative_to(raw_dir).as_posix() for path in paths]
 
 
-def _prepare_all(found: list[_File], class_names: tuple[str, ...], image_size: tuple[int, int] | None, spool_path: pathlib.Path):
+def _prepare_all(
+    found: list[_File], class_names: tuple[str, ...], image_size: tuple[int, int] | None, spool_path: pathlib.Path
+):
     """Decodes every file on all cores; appends accepted images to the spool, in `found` order."""
     worker = functools.partial(images.prepare, image_size=image_size)
     paths = [str(item.path) for item in found]
@@ -169,8 +197,14 @@ def _prepare_all(found: list[_File], class_names: tuple[str, ...], image_size: t
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
     try:
         # map keeps the input order whatever order the workers finish in: the shards stay deterministic.
-        results = pool.map(worker, paths, chunksize=max(1, min(64, len(paths) // (workers * 8)))) if pool else map(worker, paths)
-        progress = tqdm.tqdm(results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False)
+        results = (
+            pool.map(worker, paths, chunksize=max(1, min(64, len(paths) // (workers * 8))))
+            if pool
+            else map(worker, paths)
+        )
+        progress = tqdm.tqdm(
+            results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
+        )
         with spool_path.open("wb") as spool:
             for item, result in zip(found, progress):
                 if isinstance(result, images.Rejected):
@@ -179,18 +213,31 @@ def _prepare_all(found: list[_File], class_names: tuple[str, ...], image_size: t
                 offset = spool.tell()
                 spool.write(result.encoded)
                 encodings[result.encoding] += 1
-                accepted.append(_Image(item.source, item.split, labels[item.class_name], offset, len(result.encoded), result.source_sha256))
+                accepted.append(
+                    _Image(
+                        item.source,
+                        item.split,
+                        labels[item.class_name],
+                        offset,
+                        len(result.encoded),
+                        result.source_sha256,
+                    )
+                )
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
     return accepted, rejected, dict(sorted(encodings.items()))
 
 
-def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple[str, ...], dataset: config.DatasetParams, seed: int) -> dict[str, list[_Image]]:
+def _assign_splits(
+    accepted: list[_Image], class_count: int, given_splits: tuple[str, ...], dataset: config.DatasetParams, seed: int
+) -> dict[str, list[_Image]]:
     # Per class rather than sklearn's train_test_split: every class gets its exact share in each split
     # even when it has only a handful of images, and one class's images never move another's.
     random = np.random.default_rng(seed)
-    splits: dict[str, list[_Image]] = {split: [image for image in accepted if image.split == split] for split in contracts.SPLITS}
+    splits: dict[str, list[_Image]] = {
+        split: [image for image in accepted if image.split == split] for split in contracts.SPLITS
+    }
     if not given_splits:
         splits["train"] = list(accepted)
     carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
@@ -203,7 +250,13 @@ def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple
             test_count = round(len(members) * carved.get("test", 0.0))
             validation_count = round(len(members) * carved.get("validation", 0.0))
             for position, index in enumerate(order):
-                split = "test" if position < test_count else "validation" if position < test_count + validation_count else "train"
+                split = (
+                    "test"
+                    if position < test_count
+                    else "validation"
+                    if position < test_count + validation_count
+                    else "train"
+                )
                 splits[split].append(members[index])
     for split, split_images in splits.items():
         if not split_images:
@@ -217,7 +270,12 @@ def _assign_splits(accepted: list[_Image], class_count: int, given_splits: tuple
 
 
 def _write_split(
-    folder: pathlib.Path, spool, split: str, split_images: list[_Image], shard_size_mb: float, class_names: tuple[str, ...]
+    folder: pathlib.Path,
+    spool,
+    split: str,
+    split_images: list[_Image],
+    shard_size_mb: float,
+    class_names: tuple[str, ...],
 ) -> contracts.Split:
     total_bytes = sum(image.size for image in split_images)
     shard_count = min(len(split_images), max(1, math.ceil(total_bytes / (shard_size_mb * 1e6))))
@@ -283,13 +341,25 @@ def summary(manifest: contracts.Manifest, shards_dir: pathlib.Path) -> str:
         lines.append(f"  {name:<{width}}  " + "  ".join(f"{count:>10}" for count in counts) + f"  {sum(counts):>8}")
     imbalance = manifest.imbalance
     per_class = manifest.per_class
-    ratio = "balanced" if imbalance["ratio"] == 1 else f"{imbalance['ratio']:g}x" if imbalance["ratio"] else "a class has no images"
-    lines.append(f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})")
+    ratio = (
+        "balanced"
+        if imbalance["ratio"] == 1
+        else f"{imbalance['ratio']:g}x"
+        if imbalance["ratio"]
+        else "a class has no images"
+    )
+    lines.append(
+        f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})"
+    )
     lines.append(f"  files seen {manifest.files_seen} = accepted {manifest.accepted} + rejected {manifest.rejected}")
     if manifest.rejected:
-        with (shards_dir / contracts.REJECTED_FILE).open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
+        with (shards_dir / contracts.REJECTED_FILE).open(
+            newline="", encoding="utf-8", errors="surrogateescape"
+        ) as stream:
             reasons = collections.Counter(row["reason"].split(":")[0] for row in csv.DictReader(stream))
-        lines += [f"    {count} x {reason}" for reason, count in reasons.most_common()] + [f"    listed in {shards_dir / contracts.REJECTED_FILE}"]
+        lines += [f"    {count} x {reason}" for reason, count in reasons.most_common()] + [
+            f"    listed in {shards_dir / contracts.REJECTED_FILE}"
+        ]
     duplicates = manifest.duplicates
     if duplicates["identical_groups"]:
         lines.append(
@@ -305,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     print(f"convert: {counts} images, {result.rejected_count} rejected, in {result.shards_dir}")
     print(summary(contracts.Manifest.read(result.shards_dir), result.shards_dir))
+
 
 if __name__ == "__main__":
     sys.exit(errors.run_main(main, exclusive=True))

@@ -169,7 +169,9 @@ def _write_cifar10(archive: pathlib.Path, staging: pathlib.Path) -> None:
             images = rows[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE).transpose(0, 2, 3, 1)  # planes -> pixels
             stem = batch.removesuffix(".bin")
             for index, (label, image) in enumerate(zip(rows[:, 0], images)):
-                PIL.Image.fromarray(image).save(staging / split / class_names[label] / f"{stem}-{index:05d}.png", format="PNG")
+                PIL.Image.fromarray(image).save(
+                    staging / split / class_names[label] / f"{stem}-{index:05d}.png", format="PNG"
+                )
 
 
 def _content_root(folder: pathlib.Path) -> pathlib.Path:
@@ -225,7 +227,9 @@ def _link_folder(source: pathlib.Path, raw_dir: pathlib.Path) -> DownloadResult:
                 shutil.copytree(entry, destination, copy_function=_link_or_copy)
             else:
                 _link_or_copy(entry, destination)
-        _write_layout(staging, str(source), None, tuple(sorted(splits.values())), fingerprint=folder_fingerprint(source))
+        _write_layout(
+            staging, str(source), None, tuple(sorted(splits.values())), fingerprint=folder_fingerprint(source)
+        )
     return _result(raw_dir, tuple(sorted(splits.values())))
 
 
@@ -239,8 +243,16 @@ def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> 
         shutil.copy2(source, destination)
 
 
-def _write_layout(staging: pathlib.Path, source: str, archive_sha256: str | None, splits: tuple[str, ...], fingerprint: str | None = None) -> None:
-    contracts.Layout(source=source, archive_sha256=archive_sha256, splits=splits, fingerprint=fingerprint).write(staging)
+def _write_layout(
+    staging: pathlib.Path,
+    source: str,
+    archive_sha256: str | None,
+    splits: tuple[str, ...],
+    fingerprint: str | None = None,
+) -> None:
+    contracts.Layout(source=source, archive_sha256=archive_sha256, splits=splits, fingerprint=fingerprint).write(
+        staging
+    )
 
 
 def folder_fingerprint(folder: pathlib.Path) -> str:
@@ -277,7 +289,14 @@ def source_changed(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloa
 def _result(raw_dir: pathlib.Path, splits: tuple[str, ...]) -> DownloadResult:
     class_folders = [raw_dir / split for split in splits] if splits else [raw_dir]
     class_names = sorted({entry.name for folder in class_folders for entry in folder.iterdir() if entry.is_dir()})
-    file_count = sum(1 for folder in class_folders for class_dir in folder.iterdir() if class_dir.is_dir() for path in class_dir.rglob("*") if path.is_file())
+    file_count = sum(
+        1
+        for folder in class_folders
+        for class_dir in folder.iterdir()
+        if class_dir.is_dir()
+        for path in class_dir.rglob("*")
+        if path.is_file()
+    )
     return DownloadResult(raw_dir=raw_dir, file_count=file_count, class_names=tuple(class_names), splits=splits)
 
 

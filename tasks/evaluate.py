@@ -39,8 +39,11 @@ class EvaluateResult:
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
     return dict(
-        params=params.evaluate, shards_dir=params.shards_dir, model_dir=params.model_dir,
-        metrics_path=params.metrics_path, evaluation_dir=params.evaluation_dir,
+        params=params.evaluate,
+        shards_dir=params.shards_dir,
+        model_dir=params.model_dir,
+        metrics_path=params.metrics_path,
+        evaluation_dir=params.evaluation_dir,
     )
 
 
@@ -56,7 +59,9 @@ def evaluate(
     model = tracking.load_model_file(model_dir / contracts.MODEL_FILE)
     class_names = contracts.read_labels(model_dir)
     preprocessing = contracts.Preprocessing.read(model_dir)
-    predictions = scoring.predict_test_split(model, shards_dir, params.batch_size, preprocessing.image_size, preprocessing.input_size)
+    predictions = scoring.predict_test_split(
+        model, shards_dir, params.batch_size, preprocessing.image_size, preprocessing.input_size
+    )
     scores = scoring.score(predictions.labels, predictions.probabilities, len(class_names))
     per_class = _write_reports(predictions, class_names, evaluation_dir)
     scores.write(metrics_path)
@@ -72,14 +77,18 @@ def evaluate(
     return EvaluateResult(metrics_path=metrics_path, precision_at_1=scores.precision_at_1, test_images=scores.images)
 
 
-def _write_reports(predictions: scoring.Predictions, class_names: list[str], evaluation_dir: pathlib.Path) -> pd.DataFrame:
+def _write_reports(
+    predictions: scoring.Predictions, class_names: list[str], evaluation_dir: pathlib.Path
+) -> pd.DataFrame:
     """per_class.csv, predictions.csv and the two pictures, written whole into `evaluation_dir`; returns the per-class table."""
     predicted = predictions.probabilities.argmax(axis=1)
     with files.staged_directory(evaluation_dir) as staging:
         precision, recall, f1, support = sklearn.metrics.precision_recall_fscore_support(
             predictions.labels, predicted, labels=list(range(len(class_names))), zero_division=0
         )
-        per_class = pd.DataFrame({"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support})
+        per_class = pd.DataFrame(
+            {"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support}
+        )
         per_class.to_csv(staging / PER_CLASS_FILE, index=False, float_format="%.6f")
         pd.DataFrame(
             {
@@ -92,7 +101,13 @@ def _write_reports(predictions: scoring.Predictions, class_names: list[str], eva
         figures.confusion_matrix(predictions.labels, predicted, class_names, staging / CONFUSION_FILE)
         figures.misclassified_grid(
             [
-                (image, predictions.sources[index], class_names[predictions.labels[index]], class_names[predicted[index]], confidence)
+                (
+                    image,
+                    predictions.sources[index],
+                    class_names[predictions.labels[index]],
+                    class_names[predicted[index]],
+                    confidence,
+                )
                 for confidence, index, image in predictions.worst
             ],
             staging / MISCLASSIFIED_FILE,
@@ -103,7 +118,9 @@ def _write_reports(predictions: scoring.Predictions, class_names: list[str], eva
 def main(argv: list[str] | None = None) -> None:
     errors.stage_parser(__doc__).parse_args(argv)
     result = evaluate(**arguments(config.load_params()))
-    print(f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, in {result.metrics_path}")
+    print(
+        f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, in {result.metrics_path}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from tasks.common import contracts, errors, tracking
 from tasks.data import images
-from tasks.modeling import networks
+from tasks.modeling import architectures
 
 BATCH_SIZE = 64  # images per model call
 
@@ -61,7 +61,7 @@ def _serving(model: keras.Model, preprocessing: contracts.Preprocessing) -> kera
     """A model that prepares its images itself: the saved one, or an older one behind the same preparation."""
     if tuple(model.input_shape[1:3]) == (None, None):
         return model
-    return networks.serving_model(model, preprocessing.image_size, preprocessing.input_size)
+    return architectures.serving_model(model, preprocessing.image_size, preprocessing.input_size)
 
 
 def find_images(pattern: str) -> list[pathlib.Path]:
@@ -85,7 +85,11 @@ def read_image(path: pathlib.Path, stored_size: tuple[int, int] | None) -> np.nd
 
 
 def predict(
-    model: keras.Model, class_names: list[str], paths: list[pathlib.Path], top_k: int, stored_size: tuple[int, int] | None = None
+    model: keras.Model,
+    class_names: list[str],
+    paths: list[pathlib.Path],
+    top_k: int,
+    stored_size: tuple[int, int] | None = None,
 ) -> list[dict]:
     """One row per path: the top-k labels and probabilities, or the reason it could not be read."""
     rows: list[dict] = []
@@ -114,14 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="models/, a .keras file, or an MLflow URI like models:/NAME@champion")
     parser.add_argument("input", help="an image file, a folder, or a glob pattern")
     parser.add_argument("--output", type=pathlib.Path, help="CSV file to write (default: stdout)")
-    parser.add_argument("--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)")
+    parser.add_argument(
+        "--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)"
+    )
     options = errors.add_verbose_option(parser).parse_args(argv)
     model, class_names, preprocessing = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
     rows = predict(model, class_names, find_images(options.input), options.top_k, preprocessing.stored_size)
 
-    columns = ["file"] + [f"{kind}_{rank}" for rank in range(1, options.top_k + 1) for kind in ("label", "probability")] + ["error"]
+    columns = (
+        ["file"]
+        + [f"{kind}_{rank}" for rank in range(1, options.top_k + 1) for kind in ("label", "probability")]
+        + ["error"]
+    )
     stream = options.output.open("w", newline="") if options.output else sys.stdout
     try:
         writer = csv.DictWriter(stream, fieldnames=columns, restval="")

@@ -48,8 +48,12 @@ class RegisterResult:
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
     return dict(
-        params=params.registration, model_name=params.registered_model_name, model_dir=params.model_dir,
-        shards_dir=params.shards_dir, metrics_path=params.metrics_path, registry_path=params.registry_path,
+        params=params.registration,
+        model_name=params.registered_model_name,
+        model_dir=params.model_dir,
+        shards_dir=params.shards_dir,
+        metrics_path=params.metrics_path,
+        registry_path=params.registry_path,
     )
 
 
@@ -86,7 +90,11 @@ def register(
             "manifest_sha256": run.manifest_sha256,
             "decision": reason,
             **{f"test_{key}": str(value) for key, value in scores.flat().items()},
-            **{key: value for key, value in client.get_run(run.run_id).data.tags.items() if key.startswith(("git_", "shards_dvc"))},
+            **{
+                key: value
+                for key, value in client.get_run(run.run_id).data.tags.items()
+                if key.startswith(("git_", "shards_dvc"))
+            },
             REGISTRATION_TAG: "unfinished",  # until its alias is set
         }
         if registered is None:
@@ -107,7 +115,9 @@ def register(
     return RegisterResult(model_name=model_name, version=version, alias=alias, reason=reason)
 
 
-def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+def _current(
+    client: mlflow.MlflowClient, model_name: str, alias: str
+) -> mlflow.entities.model_registry.ModelVersion | None:
     # Through the model's aliases: asking for an alias no version holds raises the same error code as a bad request.
     try:
         version = client.get_registered_model(model_name).aliases.get(alias)
@@ -118,13 +128,17 @@ def _current(client: mlflow.MlflowClient, model_name: str, alias: str) -> mlflow
     return None if version is None else client.get_model_version(model_name, str(version))
 
 
-def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -> mlflow.entities.model_registry.ModelVersion | None:
+def _version_of_run(
+    client: mlflow.MlflowClient, model_name: str, run_id: str
+) -> mlflow.entities.model_registry.ModelVersion | None:
     """The version `run_id` already has, finished or not (the latest, where earlier releases registered a run twice)."""
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     return max(versions, key=lambda version: int(version.version)) if versions else None
 
 
-def _champion_precision(client: mlflow.MlflowClient, champion, run: contracts.RunRecord, shards_dir: pathlib.Path) -> float:
+def _champion_precision(
+    client: mlflow.MlflowClient, champion, run: contracts.RunRecord, shards_dir: pathlib.Path
+) -> float:
     """The champion's precision@1 on this run's test set: from its tags, or measured now."""
     measured_tag = f"test_precision_at_1_on_{run.manifest_sha256[:16]}"
     if champion.tags.get("manifest_sha256") == run.manifest_sha256:
@@ -140,20 +154,31 @@ def _champion_precision(client: mlflow.MlflowClient, champion, run: contracts.Ru
     model = tracking.load_logged_model(champion_uri)
     recorded = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing")
     fixed = tuple(model.input_shape[1:3])  # a model registered before its metadata said how to prepare images
-    preprocessing = contracts.Preprocessing.model_validate(recorded) if recorded else contracts.Preprocessing(image_size=fixed, input_size=fixed)
+    preprocessing = (
+        contracts.Preprocessing.model_validate(recorded)
+        if recorded
+        else contracts.Preprocessing(image_size=fixed, input_size=fixed)
+    )
     predictions = scoring.predict_test_split(
         model, shards_dir, REEVALUATION_BATCH_SIZE, preprocessing.image_size, preprocessing.input_size
     )
-    precision = scoring.score(predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]).precision_at_1
+    precision = scoring.score(
+        predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]
+    ).precision_at_1
     client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
     return precision
 
 
-def _decide(params: config.RegisterParams, precision: float, champion, champion_precision: float | None) -> tuple[str, str]:
+def _decide(
+    params: config.RegisterParams, precision: float, champion, champion_precision: float | None
+) -> tuple[str, str]:
     if precision < params.min_precision:
         return CHALLENGER, f"precision@1 {precision:.4f} is below register.min_precision {params.min_precision}"
     if champion is None:
-        return CHAMPION, f"first version to reach register.min_precision {params.min_precision} (precision@1 {precision:.4f})"
+        return (
+            CHAMPION,
+            f"first version to reach register.min_precision {params.min_precision} (precision@1 {precision:.4f})",
+        )
     gain = precision - champion_precision
     comparison = f"precision@1 {precision:.4f} vs champion version {champion.version}'s {champion_precision:.4f} on the same test set"
     if gain >= params.min_improvement:
@@ -168,13 +193,19 @@ def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) 
         exported = export.export_model(model_dir / contracts.MODEL_FILE, pathlib.Path(folder), tflite_float16)
         with mlflow.start_run(run_id=run_id):
             for path in exported:
-                (mlflow.log_artifacts(str(path), f"export/{path.name}") if path.is_dir() else mlflow.log_artifact(str(path), "export"))
+                (
+                    mlflow.log_artifacts(str(path), f"export/{path.name}")
+                    if path.is_dir()
+                    else mlflow.log_artifact(str(path), "export")
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
     errors.stage_parser(__doc__).parse_args(argv)
     result = register(**arguments(config.load_params()))
-    print(f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}")
+    print(
+        f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -35,7 +36,7 @@ import tensorflow as tf
 
 from tasks.common import config, contracts, errors, files, tracking
 from tasks.data import inputs
-from tasks.modeling import checkpoints, distributed, monitoring, networks, optimizers, strategies
+from tasks.modeling import architectures, checkpoints, distributed, monitoring, networks, optimizers, strategies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,12 @@ class TrainResult:
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
     return dict(
-        params=params.train, seed=params.base.seed, shards_dir=params.shards_dir, model_dir=params.model_dir,
-        run_settings=config.as_dict(params), checkpoints_dir=params.checkpoints_dir,
+        params=params.train,
+        seed=params.base.seed,
+        shards_dir=params.shards_dir,
+        model_dir=params.model_dir,
+        run_settings=config.as_dict(params),
+        checkpoints_dir=params.checkpoints_dir,
     )
 
 
@@ -73,7 +78,9 @@ def train(
     devices = _devices(params, seed)  # first: logical CPU devices and collectives must exist before any other op
     data = _data(params, seed, shards_dir, devices.multi_worker)
     model, summary = _model(params, devices, data)
-    work = checkpoints.work_folder(checkpoints_dir or model_dir / ".checkpoints", params, seed, data.manifest_sha256, devices.chief)
+    work = checkpoints.work_folder(
+        checkpoints_dir or model_dir / ".checkpoints", params, seed, data.manifest_sha256, devices.chief
+    )
     resumed_from_epoch = checkpoints.completed_epochs(work)
     if resumed_from_epoch:
         print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
@@ -86,7 +93,9 @@ def train(
         serving = _save(model, params, data, work, model_dir)
         run_id = _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy)
     checkpoints.remove(work)  # finished: nothing left to resume
-    return TrainResult(run_id, model_dir / contracts.MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
+    return TrainResult(
+        run_id, model_dir / contracts.MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +112,19 @@ def _devices(params: config.TrainParams, seed: int) -> Devices:
     strategy = strategies.make_strategy(params.strategy, params.cpu_devices)
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     devices = Devices(
-        strategy=strategy, chief=distributed.is_chief(strategy), multi_worker=distributed.is_multi_worker(strategy),
+        strategy=strategy,
+        chief=distributed.is_chief(strategy),
+        multi_worker=distributed.is_multi_worker(strategy),
         mixed_precision=has_gpu if params.mixed_precision == "auto" else params.mixed_precision,
         jit_compile=has_gpu if params.jit_compile == "auto" else params.jit_compile,
     )
     keras.utils.set_random_seed(seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()  # for the whole process: TensorFlow has no way back
-    print(f"train: {strategy.num_replicas_in_sync} replica(s) of {params.model} ({distributed.describe(strategy)}), "
-          f"mixed precision {devices.mixed_precision}, XLA {devices.jit_compile}")
+    print(
+        f"train: {strategy.num_replicas_in_sync} replica(s) of {params.model} ({distributed.describe(strategy)}), "
+        f"mixed precision {devices.mixed_precision}, XLA {devices.jit_compile}"
+    )
     return devices
 
 
@@ -131,40 +144,71 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi
     manifest = contracts.Manifest.read(shards_dir)
     class_count, train_count = len(manifest.classes), manifest.count("train")
     one_hot = lambda images, labels: (images, tf.one_hot(labels, class_count))  # noqa: E731 - for label smoothing
-    pipeline = dict(shards_dir=shards_dir, image_size=params.image_size, input_size=params.input_size, crop_padding=params.crop_padding,
-                    augment=params.augment, batch_size=params.batch_size, shuffle_buffer=params.shuffle_buffer, cache_mb=params.cache_mb, seed=seed)
+    pipeline = dict(
+        shards_dir=shards_dir,
+        image_size=params.image_size,
+        input_size=params.input_size,
+        crop_padding=params.crop_padding,
+        augment=params.augment,
+        batch_size=params.batch_size,
+        shuffle_buffer=params.shuffle_buffer,
+        cache_mb=params.cache_mb,
+        seed=seed,
+    )
     # Repeated, so that one input iterator serves the whole fit, `steps_per_epoch` steps an epoch: given a
     # finite dataset, Keras makes a new iterator every epoch, and on a 2-core CPU four or five epochs in ten
     # then leave one core idle much of the time (docs/benchmarks.md, train_throughput).
-    training = inputs.training_data(**pipeline, drop_remainder=multi_worker).map(one_hot, num_parallel_calls=tf.data.AUTOTUNE).repeat()
+    training = (
+        inputs.training_data(**pipeline, drop_remainder=multi_worker)
+        .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
+        .repeat()
+    )
     validation = (
         inputs.evaluation_data(shards_dir, "validation", params.image_size, params.input_size, params.batch_size)
-        .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
+        .cache()
     )
     steps_per_epoch = train_count // params.batch_size if multi_worker else math.ceil(train_count / params.batch_size)
     if steps_per_epoch < 1:
-        raise errors.BadInput(f"train.batch_size = {params.batch_size} is larger than the {train_count} training images; lower it")
+        raise errors.BadInput(
+            f"train.batch_size = {params.batch_size} is larger than the {train_count} training images; lower it"
+        )
     # Keras runs whole calls of steps_per_execution steps, and on repeated data a call must not cross an
     # epoch's end: each runs as many steps as divide both the epoch and log_every_steps.
     return Data(
-        manifest=manifest, manifest_sha256=files.sha256_of(shards_dir / contracts.MANIFEST_FILE), training=training,
-        validation=validation, steps_per_epoch=steps_per_epoch,
-        steps_per_execution=math.gcd(params.log_every_steps, steps_per_epoch), pipeline=pipeline,
+        manifest=manifest,
+        manifest_sha256=files.sha256_of(shards_dir / contracts.MANIFEST_FILE),
+        training=training,
+        validation=validation,
+        steps_per_epoch=steps_per_epoch,
+        steps_per_execution=math.gcd(params.log_every_steps, steps_per_epoch),
+        pipeline=pipeline,
     )
 
 
 def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[keras.Model, list[str]]:
     """The network, built and compiled inside the strategy's scope so that its variables are mirrored; and its summary."""
     network = networks.NETWORKS[params.model]
-    channel_mean = inputs.channel_mean(data.pipeline["shards_dir"], params.image_size) if network.subtracts_channel_mean else None
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if devices.mixed_precision else "float32")  # read by layers when built
+    channel_mean = (
+        inputs.channel_mean(data.pipeline["shards_dir"], params.image_size) if network.subtracts_channel_mean else None
+    )
+    keras.mixed_precision.set_dtype_policy(
+        "mixed_float16" if devices.mixed_precision else "float32"
+    )  # read by layers when built
     try:
         with devices.strategy.scope():
-            model = networks.build_model(
-                params.model, (*params.input_size, 3), len(data.manifest.classes), weight_decay=params.weight_decay,
-                resnet_n=params.resnet_n, channel_mean=channel_mean, pretrained_weights=_weights(params.pretrained_weights),
+            model = architectures.build_model(
+                params.model,
+                (*params.input_size, 3),
+                len(data.manifest.classes),
+                weight_decay=params.weight_decay,
+                resnet_n=params.resnet_n,
+                channel_mean=channel_mean,
+                pretrained_weights=_weights(params.pretrained_weights),
             )
-            _compile(model, params, optimizers.make_optimizer(params, data.steps_per_epoch * params.epochs), devices, data)
+            _compile(
+                model, params, optimizers.make_optimizer(params, data.steps_per_epoch * params.epochs), devices, data
+            )
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     summary: list[str] = []
@@ -173,16 +217,25 @@ def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[ke
     return model, summary
 
 
-def _compile(model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, devices: Devices, data: Data) -> None:
+def _compile(
+    model: keras.Model, params: config.TrainParams, optimizer: keras.optimizers.Optimizer, devices: Devices, data: Data
+) -> None:
     # One-hot targets: Keras' sparse cross-entropy has no label smoothing.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
     # The steps between two progress lines run as calls of several steps each, without a return to Python
     # and the per-step callbacks after every step (bench/train_throughput.py).
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=devices.jit_compile,
-                  steps_per_execution=data.steps_per_execution)
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=["accuracy"],
+        jit_compile=devices.jit_compile,
+        steps_per_execution=data.steps_per_execution,
+    )
 
 
-def _fit_phases(model, params, devices, data, work, extra_callbacks) -> tuple[keras.callbacks.History | None, dict[str, float]]:
+def _fit_phases(
+    model, params, devices, data, work, extra_callbacks
+) -> tuple[keras.callbacks.History | None, dict[str, float]]:
     """Phase 1 trains everything trainable (a pretrained base stays frozen); phase 2 fine-tunes its top.
 
     A phase finished by an interrupted run is not repeated: its weights are loaded instead.
@@ -194,7 +247,7 @@ def _fit_phases(model, params, devices, data, work, extra_callbacks) -> tuple[ke
     for phase, last_epoch, learning_rate in phases:
         finished = work / f"{phase}.weights.npz"
         if phase == "fine_tune":
-            networks.set_fine_tuning(model, params.model)
+            architectures.set_fine_tuning(model, params.model)
             with devices.strategy.scope():
                 _compile(model, params, optimizers.make_optimizer(params, 0, learning_rate), devices, data)
         if finished.is_file():
@@ -216,12 +269,29 @@ def _fit_phases(model, params, devices, data, work, extra_callbacks) -> tuple[ke
 def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_epoch) -> keras.callbacks.History:
     """model.fit; under MultiWorkerMirroredStrategy, which Keras 3's fit cannot drive, distributed's loop."""
     if devices.multi_worker:
-        return distributed.fit_multi_worker(model, devices.strategy, data.training, data.validation, last_epoch,
-                                            data.steps_per_epoch, params.label_smoothing, callbacks, backup_dir)
+        return distributed.fit_multi_worker(
+            model,
+            devices.strategy,
+            data.training,
+            data.validation,
+            last_epoch,
+            data.steps_per_epoch,
+            params.label_smoothing,
+            callbacks,
+            backup_dir,
+        )
     checkpoints.forget_resumed_epoch(model)  # a stale one, from phase 1's backup, would skip phase 2
     # train_data shuffles itself, seeded.
-    return model.fit(data.training, steps_per_epoch=data.steps_per_epoch, validation_data=data.validation, initial_epoch=first_epoch,
-                     epochs=last_epoch, callbacks=callbacks, shuffle=False, verbose=0)
+    return model.fit(
+        data.training,
+        steps_per_epoch=data.steps_per_epoch,
+        validation_data=data.validation,
+        initial_epoch=first_epoch,
+        epochs=last_epoch,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=0,
+    )
 
 
 def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras.callbacks.Callback]:
@@ -237,8 +307,12 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
         keras.callbacks.CSVLogger(str(work / contracts.HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
         # Step summaries every log_every_steps calls of the training function: every call costs too much (docs/benchmarks.md).
-        keras.callbacks.TensorBoard(str(work / contracts.TENSORBOARD_DIR), histogram_freq=params.histogram_freq, write_graph=False,
-                                    update_freq=params.log_every_steps),
+        keras.callbacks.TensorBoard(
+            str(work / contracts.TENSORBOARD_DIR),
+            histogram_freq=params.histogram_freq,
+            write_graph=False,
+            update_freq=params.log_every_steps,
+        ),
         monitoring.InputImages(work / contracts.TENSORBOARD_DIR, preview),
         checkpoints.WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch
@@ -246,15 +320,27 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
         *([raw_score, keras.callbacks.SwapEMAWeights(swap_on_epoch=params.restore_best)] if averages else []),
         # Only restore_best reads the best epoch's weights; without it, saving them would cost every improving
         # epoch a write of the whole model for nothing (a few percent of a short epoch: bench.train_throughput).
-        *([keras.callbacks.ModelCheckpoint(str(work / checkpoints.BEST_WEIGHTS_FILE), monitor=params.monitor, save_best_only=True,
-                                           save_weights_only=True, initial_value_threshold=checkpoints.best_so_far(work, params.monitor))]
-          if params.restore_best else []),
+        *(
+            [
+                keras.callbacks.ModelCheckpoint(
+                    str(work / checkpoints.BEST_WEIGHTS_FILE),
+                    monitor=params.monitor,
+                    save_best_only=True,
+                    save_weights_only=True,
+                    initial_value_threshold=checkpoints.best_so_far(work, params.monitor),
+                )
+            ]
+            if params.restore_best
+            else []
+        ),
     ]
 
 
 def _final_loss(history: keras.callbacks.History | None, work: pathlib.Path, chief: bool) -> float:
     """The last epoch's loss (from the history file when every phase had finished before); diverged if not finite."""
-    losses = (history.history.get("loss") if history else None) or [row["loss"] for row in checkpoints.history_rows(work)]
+    losses = (history.history.get("loss") if history else None) or [
+        row["loss"] for row in checkpoints.history_rows(work)
+    ]
     final_loss = float(losses[-1]) if losses else math.nan
     if not math.isfinite(final_loss):
         if chief:
@@ -275,9 +361,11 @@ def _final_weights(model, params, data, work, raw_scores) -> tuple[float, float 
     return validation_accuracy, raw_scores.get("accuracy") if params.ema_momentum is not None else None
 
 
-def _save(model: keras.Model, params: config.TrainParams, data: Data, work: pathlib.Path, model_dir: pathlib.Path) -> keras.Model:
+def _save(
+    model: keras.Model, params: config.TrainParams, data: Data, work: pathlib.Path, model_dir: pathlib.Path
+) -> keras.Model:
     """The model folder, but for run.json (see _log); returns the saved model: the network behind its preparation."""
-    serving = networks.serving_model(model, params.image_size, params.input_size)
+    serving = architectures.serving_model(model, params.image_size, params.input_size)
     model_dir.mkdir(parents=True, exist_ok=True)
     # run.json is written last and read first: without it the folder never passes for a finished
     # model while the files below are being replaced (a kill mid-save leaves it visibly unfinished).
@@ -304,28 +392,59 @@ def _log(serving, params, data, work, model_dir, summary, validation_accuracy, r
     mlflow.log_text("\n".join(summary), "model_summary.txt")
     mlflow.log_artifacts(str(work / contracts.TENSORBOARD_DIR), contracts.TENSORBOARD_DIR)
     # Uncropped validation images: the model prepares them itself, and takes any size.
-    example = next(iter(inputs.evaluation_data(data.pipeline["shards_dir"], "validation", params.image_size, params.image_size, 4)))[0].numpy()
+    example = next(
+        iter(inputs.evaluation_data(data.pipeline["shards_dir"], "validation", params.image_size, params.image_size, 4))
+    )[0].numpy()
     signature = mlflow.models.ModelSignature(
         inputs=mlflow.types.Schema([mlflow.types.TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "image")]),
-        outputs=mlflow.types.Schema([mlflow.types.TensorSpec(np.dtype(np.float32), (-1, len(data.manifest.classes)), "probabilities")]),
+        outputs=mlflow.types.Schema(
+            [mlflow.types.TensorSpec(np.dtype(np.float32), (-1, len(data.manifest.classes)), "probabilities")]
+        ),
     )
     # Three of our layers (preparation, LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles
     # every registered object with any model: the tasks package travels with it, so it loads anywhere.
     model_info = mlflow.tensorflow.log_model(
-        serving, name="model", signature=signature, input_example=example,
-        metadata={"class_names": data.manifest.classes, "preprocessing": _preprocessing(params, data).model_dump(mode="json")},
-        code_paths=[str(pathlib.Path(networks.__file__).parents[1])],  # the whole tasks package
+        serving,
+        name="model",
+        signature=signature,
+        input_example=example,
+        metadata={
+            "class_names": data.manifest.classes,
+            "preprocessing": _preprocessing(params, data).model_dump(mode="json"),
+        },
+        code_paths=[str(pathlib.Path(architectures.__file__).parents[1])],  # the whole tasks package
+        pip_requirements=_requirements(),
     )
     mlflow.log_text(json.dumps(data.manifest.classes), "labels.json")
     run = mlflow.active_run().info
     contracts.RunRecord(
-        run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=mlflow.get_tracking_uri(), model_uri=model_info.model_uri,
-        dataset=data.manifest.dataset, manifest_sha256=data.manifest_sha256,
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        tracking_uri=mlflow.get_tracking_uri(),
+        model_uri=model_info.model_uri,
+        dataset=data.manifest.dataset,
+        manifest_sha256=data.manifest_sha256,
     ).write(model_dir)
     return run.run_id
 
 
-def _start_run(params: config.TrainParams, data: Data, shards_dir: pathlib.Path, work: pathlib.Path, run_settings: dict[str, Any] | None):
+def _requirements() -> list[str]:
+    """What the logged model needs to load, pinned to this environment. Named, not inferred: MLflow's
+    inference loads the model again in a subprocess (about 9 s per run here) and lists this project,
+    which no package index has; the code travels with the model instead (code_paths)."""
+    return [
+        f"{package}=={importlib.metadata.version(package)}"
+        for package in ("tensorflow", "keras", "numpy", "cloudpickle")
+    ]
+
+
+def _start_run(
+    params: config.TrainParams,
+    data: Data,
+    shards_dir: pathlib.Path,
+    work: pathlib.Path,
+    run_settings: dict[str, Any] | None,
+):
     """The MLflow run of this configuration: the interrupted one when resuming, else a new one."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
@@ -338,19 +457,29 @@ def _start_run(params: config.TrainParams, data: Data, shards_dir: pathlib.Path,
     experiment_id = tracking.experiment_id(client, params.experiment_name)
     dataset = data.manifest.dataset
     run_name = f"{dataset}-{params.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    tags = {"dataset": dataset, "manifest_sha256": data.manifest_sha256, **tracking.git_tags(), **tracking.dvc_tags(shards_dir)}
+    tags = {
+        "dataset": dataset,
+        "manifest_sha256": data.manifest_sha256,
+        **tracking.git_tags(),
+        **tracking.dvc_tags(shards_dir),
+    }
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     settings = run_settings or {"train": params.model_dump(mode="json")}
     mlflow.log_params(config.flatten(settings))
     mlflow.log_dict(settings, "params.yaml")
-    files.write_json(work / checkpoints.RUN_FILE, {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())})
+    files.write_json(
+        work / checkpoints.RUN_FILE,
+        {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())},
+    )
     return run
 
 
 def _weights(setting: str) -> str:
     if setting in ("imagenet", "none") or pathlib.Path(setting).is_file():
         return setting
-    raise errors.MissingInput(f"train.pretrained_weights = {setting!r}: expected imagenet, none or the path of a weights file; no such file")
+    raise errors.MissingInput(
+        f"train.pretrained_weights = {setting!r}: expected imagenet, none or the path of a weights file; no such file"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,7 +488,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"train: loss {result.final_loss:.4f}, validation accuracy {result.validation_accuracy:.4f}"
         + (f" (raw weights {result.validation_accuracy_raw:.4f})" if result.validation_accuracy_raw is not None else "")
-        + (f", model {result.model_path}, MLflow run {result.run_id}" if result.run_id else ", this worker writes nothing")
+        + (
+            f", model {result.model_path}, MLflow run {result.run_id}"
+            if result.run_id
+            else ", this worker writes nothing"
+        )
     )
 
 

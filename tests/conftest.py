@@ -22,7 +22,9 @@ from bench import workspace
 REPOSITORY = workspace.REPOSITORY
 
 
-def make_image_folder(root: pathlib.Path, classes: int = 3, per_class: int = 12, size: int = 8, seed: int = 0) -> pathlib.Path:
+def make_image_folder(
+    root: pathlib.Path, classes: int = 3, per_class: int = 12, size: int = 8, seed: int = 0
+) -> pathlib.Path:
     """<root>/<class>/<n>.png: each class a distinct brightness pattern, in RGB, L and P modes."""
     random = np.random.default_rng(seed)
     for label in range(classes):
@@ -98,9 +100,18 @@ def mlflow_server(tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
-        str(pathlib.Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-        "--artifacts-destination", str(folder / "artifacts"),
+        str(pathlib.Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
     ]
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -113,7 +124,9 @@ def mlflow_server(tmp_path_factory):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         yield uri
     finally:
@@ -136,8 +149,15 @@ def stop(process: subprocess.Popen | None) -> None:
 class _Served:
     """What the test server serves at one path, and how it misbehaves."""
 
-    def __init__(self, data: bytes, fail_first: int = 0, cut_first_after: int | None = None, stall_first_after: int | None = None,
-                 credentials: str | None = None, redirect_to: str | None = None):
+    def __init__(
+        self,
+        data: bytes,
+        fail_first: int = 0,
+        cut_first_after: int | None = None,
+        stall_first_after: int | None = None,
+        credentials: str | None = None,
+        redirect_to: str | None = None,
+    ):
         import threading
 
         self.data = data
@@ -174,7 +194,11 @@ class LocalServer:
                     served.fail_first -= 1
                     self.send_error(503, "busy")
                     return
-                if served.credentials is not None and self.headers.get("Authorization") != f"Basic {base64.b64encode(served.credentials.encode()).decode()}":
+                if (
+                    served.credentials is not None
+                    and self.headers.get("Authorization")
+                    != f"Basic {base64.b64encode(served.credentials.encode()).decode()}"
+                ):
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="data"')
                     self.send_header("Content-Length", "0")

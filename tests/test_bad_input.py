@@ -36,7 +36,9 @@ def _one_line(stderr: str, program: str) -> str:
 def _command(arguments: list[str], cwd: pathlib.Path, **environment: str) -> subprocess.CompletedProcess:
     variables = {**os.environ, "PYTHONPATH": str(REPOSITORY), **environment}
     variables.pop(errors.VERBOSE_VARIABLE, None) if errors.VERBOSE_VARIABLE not in environment else None
-    return subprocess.run([sys.executable, *arguments], cwd=cwd, env=variables, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=cwd, env=variables, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_params_that_are_not_yaml_name_the_line_and_column_and_verbose_shows_the_traceback(workdir):
@@ -59,14 +61,23 @@ def test_a_missing_params_file(workdir, capsys):
 
     code, stderr = _run(convert.main, capsys)
     assert code == 2
-    assert "cannot read the params file params.yaml: no such file; run from the folder that holds params.yaml" in _one_line(stderr, "tasks.convert")
+    assert (
+        "cannot read the params file params.yaml: no such file; run from the folder that holds params.yaml"
+        in _one_line(stderr, "tasks.convert")
+    )
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"dataset.image_size": [0, 8]}, "params.yaml: invalid setting dataset.image_size = [0, 8]: [height, width] in pixels, both at least 1"),
-        ({"train.image_size": [0, 0]}, "params.yaml: invalid setting train.image_size = [0, 0]: both sides must be at least 4 pixels"),
+        (
+            {"dataset.image_size": [0, 8]},
+            "params.yaml: invalid setting dataset.image_size = [0, 8]: [height, width] in pixels, both at least 1",
+        ),
+        (
+            {"train.image_size": [0, 0]},
+            "params.yaml: invalid setting train.image_size = [0, 0]: both sides must be at least 4 pixels",
+        ),
         ({"train.epochs": 0, "train.batch_size": "many"}, "params.yaml: 2 invalid setting(s):"),
     ],
 )
@@ -90,7 +101,10 @@ def test_a_missing_source_folder(workdir, capsys):
     _imagefolder(workdir, str(workdir / "pets"))
     code, stderr = _run(download.main, capsys)
     assert code == 2
-    assert f"dataset.source '{workdir / 'pets'}' does not exist; give an existing folder with one sub-folder per class" in _one_line(stderr, "tasks.download")
+    assert (
+        f"dataset.source '{workdir / 'pets'}' does not exist; give an existing folder with one sub-folder per class"
+        in _one_line(stderr, "tasks.download")
+    )
 
 
 def test_a_source_file_that_is_not_an_archive(workdir, capsys):
@@ -100,7 +114,9 @@ def test_a_source_file_that_is_not_an_archive(workdir, capsys):
     _imagefolder(workdir, "pets.zip")
     code, stderr = _run(download.main, capsys)
     assert code == 2
-    assert "dataset.source 'pets.zip' is a file but not a .zip/.tar/.tar.gz/.tgz archive" in _one_line(stderr, "tasks.download")
+    assert "dataset.source 'pets.zip' is a file but not a .zip/.tar/.tar.gz/.tgz archive" in _one_line(
+        stderr, "tasks.download"
+    )
     assert (workdir / "pets.zip").read_text() == "not an archive", "the user's file is only read"
 
 
@@ -117,7 +133,9 @@ def test_a_file_where_the_shards_folder_belongs(workdir, capsys):
     (workdir / "shards").write_text("a file, not a folder")
     code, stderr = _run(convert.main, capsys)
     assert code == 2
-    assert "shards is a file where a folder is expected (to hold shards); move the file away" in _one_line(stderr, "tasks.convert")
+    assert "shards is a file where a folder is expected (to hold shards); move the file away" in _one_line(
+        stderr, "tasks.convert"
+    )
     assert (workdir / "shards").read_text() == "a file, not a folder"
 
 
@@ -128,7 +146,9 @@ def test_an_empty_class_folder_and_a_single_class(workdir, capsys):
     (raw / "class_9").mkdir()
     code, stderr = _run(convert.main, capsys)
     assert code == 2
-    assert f"class folder {pathlib.Path('raw/digits/class_9')} holds no files; add images to it" in _one_line(stderr, "tasks.convert")
+    assert f"class folder {pathlib.Path('raw/digits/class_9')} holds no files; add images to it" in _one_line(
+        stderr, "tasks.convert"
+    )
 
     (raw / "class_9").rmdir()
     shutil.rmtree(raw / "class_1")
@@ -157,8 +177,13 @@ def _read_only(folder: pathlib.Path) -> None:
     if os.geteuid() != 0:
         folder.chmod(0o555)
         return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root, and this file system cannot mark a folder immutable (chattr +i): nothing makes a folder read-only for root")
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0
+    ):
+        pytest.skip(
+            "running as root, and this file system cannot mark a folder immutable (chattr +i): nothing makes a folder read-only for root"
+        )
 
 
 def _writable(folder: pathlib.Path) -> None:
@@ -190,7 +215,11 @@ def test_the_flow_and_its_deployment_refuse_bad_settings_before_starting_prefect
 
     write_params(workdir / "params.yaml", FAST)
     code, stderr = _run(pipeline.main, capsys, "--set", "train.epochs=0")
-    assert code == 2 and "params.yaml: invalid setting train.epochs = 0: Input should be greater than or equal to 1" in _one_line(stderr, "flows.pipeline")
+    assert (
+        code == 2
+        and "params.yaml: invalid setting train.epochs = 0: Input should be greater than or equal to 1"
+        in _one_line(stderr, "flows.pipeline")
+    )
     code, stderr = _run(deploy.main, capsys, "--set", "flow.cron=daily")
     assert code == 2 and "flow.cron = 'daily': a cron schedule has 5 fields" in _one_line(stderr, "flows.deploy")
     code, stderr = _run(deploy.main, capsys, "--set", "train.epochs")
@@ -201,7 +230,9 @@ def test_predict_names_a_missing_model(workdir, capsys):
     from tasks import predict
 
     code, stderr = _run(predict.main, capsys, "nowhere", "photos/")
-    assert code == 2 and "nowhere is not a model file: give models/, a .keras file or a models:/ URI" in _one_line(stderr, "tasks.predict")
+    assert code == 2 and "nowhere is not a model file: give models/, a .keras file or a models:/ URI" in _one_line(
+        stderr, "tasks.predict"
+    )
 
 
 def test_a_bug_keeps_its_traceback_and_says_it_is_one(capsys):
@@ -211,4 +242,10 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_one(capsys):
     code, stderr = _run(main, capsys)
     assert code == 1
     assert "Traceback" in stderr and "KeyError" in stderr
-    assert stderr.strip().splitlines()[-1].endswith("error: a bug, not a problem with the input: KeyError: 'missing' (the traceback above shows where; please report it)")
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "error: a bug, not a problem with the input: KeyError: 'missing' (the traceback above shows where; please report it)"
+        )
+    )

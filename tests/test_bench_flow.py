@@ -10,7 +10,9 @@ from tests.conftest import FAST, write_params
 
 
 def test_the_plain_run_keeps_dvcs_books_like_the_flow(repository_copy):
-    write_params(repository_copy / "params.yaml", FAST)  # one tiny epoch misses the gate: register decides, exports nothing
+    write_params(
+        repository_copy / "params.yaml", FAST
+    )  # one tiny epoch misses the gate: register decides, exports nothing
     plain = orchestration.run_plain()
 
     assert tuple(plain["stages"]) == pipeline.STAGES
@@ -23,7 +25,9 @@ def test_the_plain_run_keeps_dvcs_books_like_the_flow(repository_copy):
 
 def test_a_repro_that_runs_a_stage_is_no_noop_figure(repository_copy):
     # A stage never run: the figure would be the stage's time, not DVC's own. A one-line stage keeps it quick.
-    (repository_copy / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs:\n      - hello.txt\n")
+    (repository_copy / "dvc.yaml").write_text(
+        "stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs:\n      - hello.txt\n"
+    )
     with pytest.raises(RuntimeError, match="not a no-op"):
         orchestration.measure_noop_repro(repository_copy, orchestration.environment(), attempts=1)
 
@@ -42,7 +46,11 @@ def test_overhead_is_the_fastest_flow_less_its_start_up_less_the_fastest_plain_r
 
 
 def test_stage_and_task_times_are_read_from_the_lines_dvc_and_prefect_print():
-    dvc_lines = [(0.5, "Running stage 'download':"), (2.0, "Updating lock file 'dvc.lock'"), (3.0, "Running stage 'train':")]
+    dvc_lines = [
+        (0.5, "Running stage 'download':"),
+        (2.0, "Updating lock file 'dvc.lock'"),
+        (3.0, "Running stage 'train':"),
+    ]
     assert end_to_end.stage_seconds(dvc_lines, total=10.0) == {"download": 2.5, "train": 7.0}
     prefect_lines = [
         (12.0, "10:00:00.000 | INFO    | Task run 'download-7b9' - Finished in state Completed()"),

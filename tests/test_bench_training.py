@@ -20,25 +20,37 @@ def test_input_pipeline_benchmark_reports_both_sides(workdir):
     for side in ("image_data_generator", "pipeline_cold", "pipeline_warm"):
         assert report[f"{side}_images_per_second"] > 0
     assert report["cpu_ratio_warm"] > 0
-    assert report["ratio_warm"] == round(report["pipeline_warm_images_per_second"] / report["image_data_generator_images_per_second"], 2)
+    assert report["ratio_warm"] == round(
+        report["pipeline_warm_images_per_second"] / report["image_data_generator_images_per_second"], 2
+    )
     assert [len(report["runs"][side]) for side in ("anchor", "cold", "warm")] == [2, 2, 2]
     assert isinstance(report["passed"], bool)
 
 
 def test_train_throughput_benchmark_reports_ratio_and_flop_fraction(workdir):
-    train_throughput.main(["--images", "100", "--epochs", "4", "--runs", "1", "--models", "cifar10_tutorial", "--batch-size", "32"])
+    train_throughput.main(
+        ["--images", "100", "--epochs", "4", "--runs", "1", "--models", "cifar10_tutorial", "--batch-size", "32"]
+    )
     report = json.loads((workdir / "reports" / "bench" / "train_throughput.json").read_text())
     assert report["benchmark"] == "train_throughput"
     figures = report["models"]["cifar10_tutorial"]
     assert figures["matmul_flops_per_second"] > 1e8 and figures["matmul_flops_per_cpu_second"] > 1e8
     # conv1 24x24x64x(5x5x3) + conv2 12x12x64x(5x5x64) + local3 2304x384 + local4 384x192 + logits 192x10 multiply-adds, x2
-    assert figures["forward_flops_per_image"] == 2 * (24 * 24 * 64 * 75 + 12 * 12 * 64 * 1600 + 2304 * 384 + 384 * 192 + 192 * 10)
+    assert figures["forward_flops_per_image"] == 2 * (
+        24 * 24 * 64 * 75 + 12 * 12 * 64 * 1600 + 2304 * 384 + 384 * 192 + 192 * 10
+    )
     assert figures["training_flops_per_image"] == 3 * figures["forward_flops_per_image"]
     stage, bare = figures["stage_epochs_wall_cpu_matmul"], figures["bare_epochs_wall_cpu_matmul"]
     assert len(stage) == len(bare) == 2, "of 4 epochs, the first and the last are not timed"
     # The median epoch of each side, not the fastest one: 70 training images per epoch.
-    assert figures["stage_images_per_second"] == pytest.approx(70 / statistics.median(epoch[0] for epoch in stage), rel=1e-3)
-    assert figures["ratio"] == pytest.approx(statistics.median(epoch[0] for epoch in bare) / statistics.median(epoch[0] for epoch in stage), abs=1e-3)
-    assert figures["throughput_ratio"] == pytest.approx(sum(epoch[0] for epoch in bare) / sum(epoch[0] for epoch in stage), abs=1e-3)
+    assert figures["stage_images_per_second"] == pytest.approx(
+        70 / statistics.median(epoch[0] for epoch in stage), rel=1e-3
+    )
+    assert figures["ratio"] == pytest.approx(
+        statistics.median(epoch[0] for epoch in bare) / statistics.median(epoch[0] for epoch in stage), abs=1e-3
+    )
+    assert figures["throughput_ratio"] == pytest.approx(
+        sum(epoch[0] for epoch in bare) / sum(epoch[0] for epoch in stage), abs=1e-3
+    )
     assert 0 < figures["flop_fraction"] < 1 and 0 < figures["cpu_flop_fraction"] < 1.5
     assert isinstance(report["passed"], bool)

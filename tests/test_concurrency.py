@@ -52,8 +52,14 @@ def _flow_while(command: list[str], folder: pathlib.Path, holding: str, environm
 
     Returns the flow's final state, the command's output and its exit code.
     """
-    environment = {**os.environ, **environment, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen(command, cwd=folder, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
+    environment = {
+        **os.environ,
+        **environment,
+        "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    process = subprocess.Popen(
+        command, cwd=folder, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment
+    )
     try:
         deadline = time.monotonic() + 300
         while holding not in _holder(folder):
@@ -75,7 +81,9 @@ def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys)
         code = errors.run_main(download.main, [], exclusive=True)
     stderr = capsys.readouterr().err
     assert code == errors.BUSY == 3
-    assert stderr.startswith(f"tasks.download: error: another pipeline run is working in this folder: the nightly flow (process {os.getpid()} on ")
+    assert stderr.startswith(
+        f"tasks.download: error: another pipeline run is working in this folder: the nightly flow (process {os.getpid()} on "
+    )
     assert "nothing was changed. Run again when it has finished" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (workdir / "data").exists()
     assert errors.run_main(download.main, [], exclusive=True) == 0, "released when the holder is done"
@@ -84,7 +92,13 @@ def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys)
 
 def test_a_killed_holder_leaves_no_stale_lock(workdir):
     holding = "from tasks.common import locking; import time\nwith locking.pipeline_lock('a run about to be killed'):\n    print('held', flush=True); time.sleep(60)"
-    process = subprocess.Popen([sys.executable, "-c", holding], cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", holding],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "held"
         with pytest.raises(errors.PipelineBusy, match="a run about to be killed"):
@@ -116,9 +130,14 @@ def test_dvc_repro_and_flows_exclude_each_other_and_leave_consistent_state(repos
 
     # 2. `dvc repro` runs; the flow started while its train stage works stops at once.
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0, "train.epochs": 2})
-    stopped, output, returncode = _flow_while([str(pathlib.Path(sys.executable).parent / "dvc"), "repro"], repository_copy, "python -m tasks.train", {})
+    stopped, output, returncode = _flow_while(
+        [str(pathlib.Path(sys.executable).parent / "dvc"), "repro"], repository_copy, "python -m tasks.train", {}
+    )
     assert stopped.is_failed()
-    with pytest.raises(errors.PipelineBusy, match=r"another pipeline run is working in this folder: python -m tasks\.train \(process \d+"):
+    with pytest.raises(
+        errors.PipelineBusy,
+        match=r"another pipeline run is working in this folder: python -m tasks\.train \(process \d+",
+    ):
         stopped.result()
     assert returncode == 0, output
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
@@ -129,10 +148,16 @@ def test_dvc_repro_and_flows_exclude_each_other_and_leave_consistent_state(repos
 
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 1.0, "train.epochs": 3})
     second, output, returncode = _flow_while(
-        [sys.executable, "-m", "flows.pipeline"], repository_copy, "Prefect flow run", {"PREFECT_API_URL": PREFECT_API_URL.value()}
+        [sys.executable, "-m", "flows.pipeline"],
+        repository_copy,
+        "Prefect flow run",
+        {"PREFECT_API_URL": PREFECT_API_URL.value()},
     )
     assert second.is_failed()
-    with pytest.raises(errors.PipelineBusy, match=r"another pipeline run is working in this folder: Prefect flow run '[^']+' of params\.yaml \(process \d+"):
+    with pytest.raises(
+        errors.PipelineBusy,
+        match=r"another pipeline run is working in this folder: Prefect flow run '[^']+' of params\.yaml \(process \d+",
+    ):
         second.result()
     assert returncode == 0, output
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout

@@ -16,10 +16,15 @@ def test_repository_params_are_valid():
 
 
 def test_dataset_sources_and_their_settings():
-    params = config.load_params(REPOSITORY / "params.yaml", {
-        "dataset.name": "imagefolder", "dataset.source": "https://example.org/pets.zip",
-        "dataset.sha256": "AB" * 32, "dataset.image_size": [64, 48],
-    })
+    params = config.load_params(
+        REPOSITORY / "params.yaml",
+        {
+            "dataset.name": "imagefolder",
+            "dataset.source": "https://example.org/pets.zip",
+            "dataset.sha256": "AB" * 32,
+            "dataset.image_size": [64, 48],
+        },
+    )
     assert params.dataset.sha256 == "ab" * 32, "digests are compared in lower case"
     assert params.dataset.image_size == (64, 48)
     assert params.raw_dir == pathlib.Path("data/raw/imagefolder")
@@ -54,9 +59,18 @@ def test_flatten_gives_every_setting_by_dotted_key():
         ({"train.image_size": [28]}, "train.image_size"),
         ({"dataset.test_fraction": 0.95}, "dataset: validation_fraction + test_fraction must be below 1"),
         ({"dataset.shard_size_mb": 0}, "dataset.shard_size_mb = 0: Input should be greater than 0"),
-        ({"dataset.name": "imagefolder"}, "dataset: name 'imagefolder' needs dataset.source: a folder with one sub-folder per class"),
-        ({"dataset.source": "/data/pictures"}, "dataset: name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null"),
-        ({"dataset.name": "cifar10", "dataset.sha256": "abc123"}, "dataset.sha256 = 'abc123': a sha256 digest is 64 hexadecimal characters"),
+        (
+            {"dataset.name": "imagefolder"},
+            "dataset: name 'imagefolder' needs dataset.source: a folder with one sub-folder per class",
+        ),
+        (
+            {"dataset.source": "/data/pictures"},
+            "dataset: name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null",
+        ),
+        (
+            {"dataset.name": "cifar10", "dataset.sha256": "abc123"},
+            "dataset.sha256 = 'abc123': a sha256 digest is 64 hexadecimal characters",
+        ),
         ({"dataset.image_size": [0, 32]}, "dataset.image_size = [0, 32]: [height, width] in pixels, both at least 1"),
         ({"dataset.source": ""}, "dataset.source = '': String should have at least 1 character"),
         ({"base.seed": "forty-two"}, "base.seed = 'forty-two': Input should be a valid integer"),
@@ -82,7 +96,10 @@ def test_an_override_of_an_unknown_section_is_refused():
 
 def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: [epochs: 3\n")
-    with pytest.raises(config.ConfigError, match=r"broken.yaml, line 2, column 1: not valid YAML: while parsing a flow sequence \(line 1, column 8\)"):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"broken.yaml, line 2, column 1: not valid YAML: while parsing a flow sequence \(line 1, column 8\)",
+    ):
         config.load_params(tmp_path / "broken.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(config.ConfigError, match="must hold a mapping of sections"):
@@ -96,15 +113,27 @@ def test_a_file_that_is_not_yaml_or_missing_is_named(tmp_path):
     [
         ({"train.crop_size": [32, 32]}, "crop_size [32, 32] must fit in image_size [28, 28]"),
         ({"train.model": "inception_v3"}, "inception_v3 needs an input of at least 75x75 pixels, got [28, 28]"),
-        ({"train.model": "vgg16", "train.image_size": [64, 64], "train.crop_size": [24, 24]}, "vgg16 needs an input of at least 32x32"),
+        (
+            {"train.model": "vgg16", "train.image_size": [64, 64], "train.crop_size": [24, 24]},
+            "vgg16 needs an input of at least 32x32",
+        ),
         ({"train.schedule": "piecewise"}, "the piecewise schedule needs boundaries: increasing positive steps, got []"),
         ({"train.schedule": "piecewise", "train.boundaries": [500, 100]}, "got [500, 100]"),
-        ({"train.pretrained_weights": "imagenet"}, "apply to inception_v3 only; mnist_cnn needs pretrained_weights: none"),
+        (
+            {"train.pretrained_weights": "imagenet"},
+            "apply to inception_v3 only; mnist_cnn needs pretrained_weights: none",
+        ),
         ({"train.augment": ["crop"]}, "augment lists crop, but there is nothing to crop"),
         ({"train.augment": ["flip", "flip"]}, "augment lists an augmentation twice"),
-        ({"train.augment": ["rotate"]}, "train.augment.0 = 'rotate': Input should be 'flip', 'crop', 'shift', 'brightness' or 'contrast'"),
+        (
+            {"train.augment": ["rotate"]},
+            "train.augment.0 = 'rotate': Input should be 'flip', 'crop', 'shift', 'brightness' or 'contrast'",
+        ),
         ({"train.optimizer": "lbfgs"}, "train.optimizer = 'lbfgs': Input should be 'sgd', 'momentum', 'nesterov'"),
-        ({"train.strategy": "tpu"}, "train.strategy = 'tpu': Input should be 'auto', 'mirrored', 'multi_worker' or 'one_device'"),
+        (
+            {"train.strategy": "tpu"},
+            "train.strategy = 'tpu': Input should be 'auto', 'mirrored', 'multi_worker' or 'one_device'",
+        ),
         ({"train.mixed_precision": "yes"}, "train.mixed_precision"),
         ({"train.cpu_devices": 0}, "train.cpu_devices = 0: Input should be greater than or equal to 1"),
         ({"train.label_smoothing": 1}, "train.label_smoothing = 1: Input should be less than 1"),

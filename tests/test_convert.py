@@ -17,7 +17,11 @@ def _dataset(**changes) -> config.DatasetParams:
 
 
 def _tree_digest(root):
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture
@@ -44,7 +48,12 @@ def test_shards_manifest_and_rejections(raw, workdir):
     assert manifest["splits"]["test"]["per_class"] == {"class_0": 4, "class_1": 4, "class_2": 4}
     assert manifest["splits"]["validation"]["per_class"] == {"class_0": 2, "class_1": 2, "class_2": 2}
     names = sorted(path.name for path in shards.glob("*.tfrecord"))
-    assert names == ["test-00000-of-00001.tfrecord", "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord", "validation-00000-of-00001.tfrecord"]
+    assert names == [
+        "test-00000-of-00001.tfrecord",
+        "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord",
+        "validation-00000-of-00001.tfrecord",
+    ]
     for split in contracts.SPLITS:
         listed = manifest["splits"][split]["shards"]
         assert sum(shard["records"] for shard in listed) == manifest["splits"][split]["count"]
@@ -52,7 +61,11 @@ def test_shards_manifest_and_rejections(raw, workdir):
             assert hashlib.sha256((shards / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
     rejected = (shards / "rejected.csv").read_text().splitlines()
     assert rejected[0] == "path,reason"
-    assert sorted(line.split(",")[0] for line in rejected[1:]) == ["class_0/empty.png", "class_1/notes.jpg", "class_2/truncated.png"]
+    assert sorted(line.split(",")[0] for line in rejected[1:]) == [
+        "class_0/empty.png",
+        "class_1/notes.jpg",
+        "class_2/truncated.png",
+    ]
     assert not [path for path in workdir.iterdir() if path.name.endswith(".partial")]
 
 
@@ -67,8 +80,10 @@ def test_records_hold_the_source_pixels_as_rgb_with_their_labels(raw, workdir):
     first, first_label = images[0]
     classes = ["class_0", "class_1", "class_2"]
     matches = [
-        path for path in (raw / classes[first_label]).glob("*.png")
-        if path.stat().st_size > 0 and path.name != "truncated.png"
+        path
+        for path in (raw / classes[first_label]).glob("*.png")
+        if path.stat().st_size > 0
+        and path.name != "truncated.png"
         and np.array_equal(np.asarray(PIL.Image.open(path).convert("RGB")), first)
     ]
     assert len(matches) == 1, "each record is one source image of its own class, pixel for pixel"
@@ -128,8 +143,10 @@ def _encode(image, format, **options) -> bytes:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -242,7 +259,9 @@ def test_split_folders_from_the_source_are_kept(workdir):
     raw = workdir / "raw"
     for split, count in (("train", 10), ("validation", 3), ("test", 4)):
         make_image_folder(raw / split, classes=2, per_class=count, seed=len(split))
-    (raw / "layout.json").write_text(json.dumps({"source": "test", "archive_sha256": None, "splits": ["test", "train", "validation"]}))
+    (raw / "layout.json").write_text(
+        json.dumps({"source": "test", "archive_sha256": None, "splits": ["test", "train", "validation"]})
+    )
     (raw / "train" / "README.txt").write_text("which photographer took what")
     (raw / "extra" / "class_0").mkdir(parents=True)
     (raw / "extra" / "class_0" / "x.png").write_bytes((raw / "test" / "class_1" / "000.png").read_bytes())
@@ -258,7 +277,7 @@ def test_split_folders_from_the_source_are_kept(workdir):
     assert manifest["source_splits"] == ["test", "train", "validation"]
     assert [group["files"][0]["path"] for group in manifest["duplicates"]["leakage"]] == ["test/class_0/leaked.png"]
     assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == [
-        "extra/class_0/x.png,\"not inside a split folder (train/, validation/, test/): belongs to no class\"",
+        'extra/class_0/x.png,"not inside a split folder (train/, validation/, test/): belongs to no class"',
         "test/.ipynb_checkpoints/y.png,\"in hidden folder '.ipynb_checkpoints', not a class folder: belongs to no class\"",
         "train/README.txt,not inside a class folder: belongs to no class",
     ]
@@ -269,7 +288,9 @@ def test_jpeg_records_are_read_by_the_train_stage_reader(workdir):
     for label in range(2):
         (raw / f"c{label}").mkdir(parents=True)
         for index in range(10):
-            PIL.Image.new("RGB", (20, 10), (200 * label, 50, 25 * index)).save(raw / f"c{label}" / f"{index}.jpg", quality=95)
+            PIL.Image.new("RGB", (20, 10), (200 * label, 50, 25 * index)).save(
+                raw / f"c{label}" / f"{index}.jpg", quality=95
+            )
     convert.convert(_dataset(), seed=1, raw_dir=raw, shards_dir=workdir / "shards")
     dataset = records.read_split(workdir / "shards", "train", (10, 20))
     assert dataset.element_spec[0].shape == (10, 20, 3) and dataset.element_spec[0].dtype == tf.uint8
@@ -286,8 +307,13 @@ def test_records_are_the_same_bytes_in_every_process():
 
     code = "from tasks.data import records; print(records.serialize(b'image', 1, 'class_1/a.png').hex())"
     processes = [
-        subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONHASHSEED": seed},
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONHASHSEED": seed},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         for seed in ("0", "1")  # two seeds that order the three features differently
     ]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]

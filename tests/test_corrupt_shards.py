@@ -14,11 +14,10 @@ import sys
 import keras
 import pytest
 
-from tasks import convert, evaluate, train
-from tasks.common import config, contracts, files
-from tasks.data import records
-from tasks.modeling import scoring
 from bench.workspace import copy_repository
+from tasks import convert, train
+from tasks.common import config, contracts, files
+from tasks.modeling import scoring
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 
@@ -53,7 +52,10 @@ def _train(params: config.Params, shards: pathlib.Path, workdir: pathlib.Path) -
     train.train(params.train, params.base.seed, shards, workdir / "models", checkpoints_dir=workdir / "checkpoints")
 
 
-@pytest.mark.parametrize(("shard", "damage"), [("train-00000-of-00001.tfrecord", _flip_one_byte), ("validation-00000-of-00001.tfrecord", _truncate)])
+@pytest.mark.parametrize(
+    ("shard", "damage"),
+    [("train-00000-of-00001.tfrecord", _flip_one_byte), ("validation-00000-of-00001.tfrecord", _truncate)],
+)
 def test_training_refuses_a_damaged_shard_and_names_it(converted, shards, workdir, shard, damage):
     damage(shards / shard)
     with pytest.raises(ValueError) as error:
@@ -61,19 +63,25 @@ def test_training_refuses_a_damaged_shard_and_names_it(converted, shards, workdi
     message = str(error.value)
     assert str(shards / shard) in message and "does not match its sha256" in message
     assert "dvc repro" in message, "says how to get a good shard back"
-    assert not (workdir / "models").exists() and not (workdir / "mlflow.db").exists(), "refused before any training or MLflow run"
+    assert not (workdir / "models").exists() and not (workdir / "mlflow.db").exists(), (
+        "refused before any training or MLflow run"
+    )
 
 
 def test_evaluate_refuses_a_truncated_test_shard_and_names_it(converted, shards):
     _truncate(shards / "test-00000-of-00001.tfrecord")
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    )
     with pytest.raises(ValueError, match="test-00000-of-00001.tfrecord does not match its sha256"):
         scoring.predict_test_split(model, shards, 16, (8, 8), (8, 8))
 
 
 def test_a_shard_listed_but_missing_is_named(converted, shards, workdir):
     (shards / "validation-00000-of-00001.tfrecord").unlink()
-    with pytest.raises(FileNotFoundError, match="validation-00000-of-00001.tfrecord listed in .*manifest.json is missing"):
+    with pytest.raises(
+        FileNotFoundError, match="validation-00000-of-00001.tfrecord listed in .*manifest.json is missing"
+    ):
         _train(converted[0], shards, workdir)
 
 
@@ -81,12 +89,16 @@ def test_dvc_sees_the_damaged_shard_and_repro_brings_it_back(tmp_path):
     """`dvc status` reports convert's output modified; `dvc repro` brings the good shard back."""
     folder = copy_repository(tmp_path / "repository")
     make_image_folder(tmp_path / "photos", classes=3, per_class=12)
-    write_params(folder / "params.yaml", {**FAST, "dataset.name": "imagefolder", "dataset.source": str(tmp_path / "photos")})
+    write_params(
+        folder / "params.yaml", {**FAST, "dataset.name": "imagefolder", "dataset.source": str(tmp_path / "photos")}
+    )
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
     def dvc(*arguments):
-        done = subprocess.run([str(bin_dir / "dvc"), *arguments], cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [str(bin_dir / "dvc"), *arguments], cwd=folder, env=environment, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 

@@ -77,7 +77,9 @@ def test_cifar10_keeps_its_test_split_and_reads_channel_planar_records(http_serv
 
     again = download.download(dataset, raw, workdir / "downloads")
     assert again == result
-    assert len(http_server.gets("/mirror/cifar-10-binary.tar.gz")) == 1, "a present, valid archive is not downloaded again"
+    assert len(http_server.gets("/mirror/cifar-10-binary.tar.gz")) == 1, (
+        "a present, valid archive is not downloaded again"
+    )
 
     converted = convert.convert(dataset, seed=1, raw_dir=raw, shards_dir=workdir / "shards")
     assert converted.counts["test"] == 30, "the official test split is kept whole"
@@ -97,7 +99,9 @@ def test_flowers_archive_gives_five_classes_and_keeps_its_license(http_server, w
     assert manifest["classes"] == archives.FLOWER_CLASSES
     assert converted.counts == {"train": 35, "validation": 5, "test": 10}
     assert manifest["encodings"] == {"original": 50}, "unchanged JPEGs are stored as they came"
-    assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == ["LICENSE.txt,not inside a class folder: belongs to no class"]
+    assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == [
+        "LICENSE.txt,not inside a class folder: belongs to no class"
+    ]
 
 
 def test_an_interrupted_download_resumes_with_a_range_request(http_server, workdir):
@@ -156,7 +160,9 @@ def test_a_checksum_mismatch_names_url_and_both_digests_and_keeps_nothing(http_s
 
 
 def test_an_unpinned_url_is_revalidated_not_downloaded_again(http_server, workdir):
-    archive = archives.zip_of({"pets/cats/a.jpg": archives.jpeg((200, 0, 0)), "pets/dogs/b.jpg": archives.jpeg((0, 0, 200))})
+    archive = archives.zip_of(
+        {"pets/cats/a.jpg": archives.jpeg((200, 0, 0)), "pets/dogs/b.jpg": archives.jpeg((0, 0, 200))}
+    )
     url = http_server.serve("/pets.zip", archive)
     dataset = _dataset(name="imagefolder", source=url)
     download.download(dataset, workdir / "raw" / "imagefolder", workdir / "downloads")
@@ -172,7 +178,10 @@ def test_an_unpinned_url_is_revalidated_not_downloaded_again(http_server, workdi
     [
         (tarfile.TarInfo("../escape.jpg"), "'../escape.jpg': '..' component"),
         (tarfile.TarInfo("/etc/escape.jpg"), "'/etc/escape.jpg': absolute path"),
-        (dict(name="pets/link", type=tarfile.SYMTYPE, linkname="../../../etc/passwd"), "'pets/link': LinkOutsideDestinationError"),
+        (
+            dict(name="pets/link", type=tarfile.SYMTYPE, linkname="../../../etc/passwd"),
+            "'pets/link': LinkOutsideDestinationError",
+        ),
         (dict(name="pets/device", type=tarfile.CHRTYPE), "'pets/device': SpecialFileError"),
     ],
 )
@@ -185,7 +194,9 @@ def test_a_hostile_tar_member_is_refused_by_name_and_nothing_is_extracted(http_s
     archive = archives.tar_with(member, b"payload")
     url = http_server.serve("/hostile.tgz", archive)
     with pytest.raises(ValueError, match=f"refused to extract member {refusal}"):
-        download.download(_dataset(name="imagefolder", source=url), workdir / "raw" / "imagefolder", workdir / "downloads")
+        download.download(
+            _dataset(name="imagefolder", source=url), workdir / "raw" / "imagefolder", workdir / "downloads"
+        )
     assert not (workdir / "raw" / "imagefolder").exists()
     assert not (workdir / "escape.jpg").exists() and not (workdir.parent / "escape.jpg").exists()
 
@@ -194,13 +205,19 @@ def test_a_hostile_zip_member_is_refused_by_name(workdir):
     archive = workdir / "hostile.zip"
     archive.write_bytes(archives.zip_of({"pets/cats/a.jpg": archives.jpeg((1, 1, 1)), "../../escape.jpg": b"x"}))
     with pytest.raises(ValueError, match="refused to extract member '../../escape.jpg': '..' component"):
-        download.download(_dataset(name="imagefolder", source=str(archive)), workdir / "raw" / "imagefolder", workdir / "downloads")
+        download.download(
+            _dataset(name="imagefolder", source=str(archive)), workdir / "raw" / "imagefolder", workdir / "downloads"
+        )
     assert not (workdir / "raw" / "imagefolder").exists()
 
 
 def _snapshot(folder):
     return {
-        path: (path.stat().st_mtime_ns, path.stat().st_mode, path.stat().st_nlink if path.is_dir() else path.read_bytes())
+        path: (
+            path.stat().st_mtime_ns,
+            path.stat().st_mode,
+            path.stat().st_nlink if path.is_dir() else path.read_bytes(),
+        )
         for path in [folder, *folder.rglob("*")]
     }
 
@@ -213,13 +230,19 @@ def test_a_local_folder_is_linked_not_changed_and_its_split_folders_are_kept(wor
             (source / split / name / f"{split}.jpg").write_bytes(archives.jpeg((len(split), len(name), 9)))
     before = _snapshot(source)
 
-    result = download.download(_dataset(name="imagefolder", source=str(source)), workdir / "raw" / "imagefolder", workdir / "downloads")
+    result = download.download(
+        _dataset(name="imagefolder", source=str(source)), workdir / "raw" / "imagefolder", workdir / "downloads"
+    )
 
     raw = workdir / "raw" / "imagefolder"
     assert result.splits == ("test", "train", "validation"), "val/ is read as validation/"
     assert (raw / "validation" / "cats" / "val.jpg").read_bytes() == (source / "val" / "cats" / "val.jpg").read_bytes()
-    assert os.stat(raw / "train" / "dogs" / "train.jpg").st_ino == os.stat(source / "train" / "dogs" / "train.jpg").st_ino, "hard-linked"
-    download.download(_dataset(name="imagefolder", source=str(source)), raw, workdir / "downloads")  # replaces the raw folder
+    assert (
+        os.stat(raw / "train" / "dogs" / "train.jpg").st_ino == os.stat(source / "train" / "dogs" / "train.jpg").st_ino
+    ), "hard-linked"
+    download.download(
+        _dataset(name="imagefolder", source=str(source)), raw, workdir / "downloads"
+    )  # replaces the raw folder
     assert _snapshot(source) == before, "not a byte, time stamp or permission of the source changed"
 
     with pytest.raises(ValueError, match="overlap"):
@@ -232,10 +255,19 @@ def test_a_local_folder_is_linked_not_changed_and_its_split_folders_are_kept(wor
 
 def test_a_local_zip_with_a_wrapping_folder_and_mac_noise(workdir):
     archive = workdir / "pets.zip"
-    archive.write_bytes(archives.zip_of({
-        "pets/cats/a.jpg": archives.jpeg((200, 0, 0)), "pets/dogs/b.jpg": archives.jpeg((0, 0, 200)),
-        "__MACOSX/pets/cats/._a.jpg": b"resource fork",
-    }))
-    result = download.download(_dataset(name="imagefolder", source=str(archive), sha256=_sha256(archive.read_bytes())), workdir / "raw" / "imagefolder", workdir / "downloads")
+    archive.write_bytes(
+        archives.zip_of(
+            {
+                "pets/cats/a.jpg": archives.jpeg((200, 0, 0)),
+                "pets/dogs/b.jpg": archives.jpeg((0, 0, 200)),
+                "__MACOSX/pets/cats/._a.jpg": b"resource fork",
+            }
+        )
+    )
+    result = download.download(
+        _dataset(name="imagefolder", source=str(archive), sha256=_sha256(archive.read_bytes())),
+        workdir / "raw" / "imagefolder",
+        workdir / "downloads",
+    )
     assert result.class_names == ("cats", "dogs") and result.file_count == 2
     assert zipfile.is_zipfile(archive), "the user's archive is only read"

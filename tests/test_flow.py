@@ -23,7 +23,9 @@ def _task_states(flow_state) -> dict[str, str]:
 
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id={"any_": [flow_state.state_details.flow_run_id]}), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=50
+            flow_run_filter=FlowRunFilter(id={"any_": [flow_state.state_details.flow_run_id]}),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+            limit=50,
         )
     # Task run names are "<task name>-<3 hex digits>".
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
@@ -31,7 +33,9 @@ def _task_states(flow_state) -> dict[str, str]:
 
 def _versions(folder: pathlib.Path) -> int:
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    return sum(len(client.search_model_versions(f"name = '{model.name}'")) for model in client.search_registered_models())
+    return sum(
+        len(client.search_model_versions(f"name = '{model.name}'")) for model in client.search_registered_models()
+    )
 
 
 def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_server):
@@ -47,7 +51,14 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
 
     second = pipeline.pipeline("params.yaml", return_state=True)
     assert "Stages run: nothing: every stage was up to date" in second.result()
-    assert _task_states(second) == {"download": "Skipped", "convert": "Skipped", "train": "Skipped", "evaluate": "Skipped", "register": "Skipped", "summary": "Completed"}
+    assert _task_states(second) == {
+        "download": "Skipped",
+        "convert": "Skipped",
+        "train": "Skipped",
+        "evaluate": "Skipped",
+        "register": "Skipped",
+        "summary": "Completed",
+    }
     assert _versions(repository_copy) == 1, "a skipped register registers nothing"
 
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 0.0, "train.epochs": 2})
@@ -75,10 +86,18 @@ def test_one_new_image_in_the_source_folder_retrains(repository_copy, prefect_se
     source = make_image_folder(tmp_path / "labelled", classes=3, per_class=20)
     settings = {**FAST, "register.min_precision": 0.0, "dataset.name": "imagefolder", "dataset.source": str(source)}
     write_params(repository_copy / "params.yaml", settings)
-    untouched = {path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes()) for path in source.rglob("*") if path.is_file()}
+    untouched = {
+        path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes())
+        for path in source.rglob("*")
+        if path.is_file()
+    }
     assert "Stages run: download, convert, train, evaluate, register" in pipeline.pipeline("params.yaml")
     assert "Stages run: nothing" in pipeline.pipeline("params.yaml")
-    now = {path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes()) for path in source.rglob("*") if path.is_file()}
+    now = {
+        path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes())
+        for path in source.rglob("*")
+        if path.is_file()
+    }
     assert now == untouched, "DVC caching the raw folder never touches the user's files"
 
     shutil.copy(source / "class_1" / "001.png", source / "class_1" / "new.png")
@@ -87,7 +106,9 @@ def test_one_new_image_in_the_source_folder_retrains(repository_copy, prefect_se
     assert _versions(repository_copy) == 2
 
 
-def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(repository_copy, prefect_server):
+def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(
+    repository_copy, prefect_server
+):
     from flows import pipeline
 
     write_params(repository_copy / "params.yaml", {**FAST, "train.learning_rate": 1e300, "train.ema_momentum": None})
@@ -123,7 +144,9 @@ def _get(url: str) -> dict | list:
 
 
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -153,9 +176,7 @@ def test_the_served_deployment_runs_on_a_prefect_server(repository_copy, tmp_pat
         port = probe.getsockname()[1]
     api = f"http://127.0.0.1:{port}/api"
     bin_dir = pathlib.Path(sys.executable).parent
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")
-    } | {
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")} | {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_API_URL": api,
@@ -166,25 +187,46 @@ def test_the_served_deployment_runs_on_a_prefect_server(repository_copy, tmp_pat
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server", "serve")}
     server = subprocess.Popen(
         [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=environment, stdout=logs["server"], stderr=subprocess.STDOUT, start_new_session=True,
+        env=environment,
+        stdout=logs["server"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     served = None
     try:
         _wait_for(lambda: _get(f"{api}/health"), 180, "prefect server start", [server])
         served = subprocess.Popen(
-            [sys.executable, "-m", "flows.deploy", "--cron", "0 3 * * *"], cwd=repository_copy,
-            env=environment, stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "flows.deploy", "--cron", "0 3 * * *"],
+            cwd=repository_copy,
+            env=environment,
+            stdout=logs["serve"],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deployment = _wait_for(
-            lambda: _get(f"{api}/deployments/name/image-classification/nightly"), 180, "python -m flows.deploy", [server, served]
+            lambda: _get(f"{api}/deployments/name/image-classification/nightly"),
+            180,
+            "python -m flows.deploy",
+            [server, served],
         )
         schedules = [item["schedule"]["cron"] for item in deployment["schedules"]]
         assert schedules == ["0 3 * * *"]
         # A busy server answers 503 now and then: ask again until it takes the run.
-        flow_run = _wait_for(lambda: _post(f"{api}/deployments/{deployment['id']}/create_flow_run", {}), 60, "create a flow run", [server, served])
+        flow_run = _wait_for(
+            lambda: _post(f"{api}/deployments/{deployment['id']}/create_flow_run", {}),
+            60,
+            "create a flow run",
+            [server, served],
+        )
         final = _wait_for(
-            lambda: (run := _get(f"{api}/flow_runs/{flow_run['id']}"))["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED"} and run,
-            400, "the triggered flow run", [server, served],
+            lambda: (
+                (run := _get(f"{api}/flow_runs/{flow_run['id']}"))["state"]["type"]
+                in {"COMPLETED", "FAILED", "CRASHED"}
+                and run
+            ),
+            400,
+            "the triggered flow run",
+            [server, served],
         )
         assert final["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert json.loads((repository_copy / "reports" / "registry.json").read_text())["version"] == "1"

@@ -26,8 +26,16 @@ def _images(data):
 
 
 def test_training_batches_are_crops_of_the_input_size_and_reproducible(shards):
-    settings = dict(image_size=(16, 16), input_size=(12, 12), crop_padding=0, augment=("crop", "flip", "shift", "brightness", "contrast"),
-                    batch_size=8, shuffle_buffer=100, cache_mb=10, seed=3)
+    settings = dict(
+        image_size=(16, 16),
+        input_size=(12, 12),
+        crop_padding=0,
+        augment=("crop", "flip", "shift", "brightness", "contrast"),
+        batch_size=8,
+        shuffle_buffer=100,
+        cache_mb=10,
+        seed=3,
+    )
     tf.config.experimental.enable_op_determinism()  # as train does with train.deterministic (the default)
     images, labels = next(iter(inputs.training_data(shards, **settings)))
     assert images.shape == (8, 12, 12, 3) and images.dtype == "uint8" and labels.dtype == "int64"
@@ -40,10 +48,28 @@ def test_training_batches_are_crops_of_the_input_size_and_reproducible(shards):
 
 
 def test_padded_crops_shift_whole_images_by_at_most_the_padding(shards):
-    data = inputs.training_data(shards, image_size=(16, 16), input_size=(16, 16), crop_padding=4, augment=("crop",),
-                                batch_size=64, shuffle_buffer=1, cache_mb=0, seed=1)
-    plain = inputs.training_data(shards, image_size=(16, 16), input_size=(16, 16), crop_padding=0, augment=(),
-                                 batch_size=64, shuffle_buffer=1, cache_mb=0, seed=1)
+    data = inputs.training_data(
+        shards,
+        image_size=(16, 16),
+        input_size=(16, 16),
+        crop_padding=4,
+        augment=("crop",),
+        batch_size=64,
+        shuffle_buffer=1,
+        cache_mb=0,
+        seed=1,
+    )
+    plain = inputs.training_data(
+        shards,
+        image_size=(16, 16),
+        input_size=(16, 16),
+        crop_padding=0,
+        augment=(),
+        batch_size=64,
+        shuffle_buffer=1,
+        cache_mb=0,
+        seed=1,
+    )
     shifted, original = _images(data), _images(plain)
     assert shifted.shape == original.shape
     assert (shifted == 0).any() and not (original == 0).all(), "zero padding shows at the borders of shifted images"
@@ -54,7 +80,9 @@ def test_evaluation_takes_the_centre_and_keeps_the_stored_order(shards):
     centre = inputs.evaluation_data(shards, "test", (16, 16), (10, 10), batch_size=4)
     whole = inputs.evaluation_data(shards, "test", (16, 16), (16, 16), batch_size=4)
     np.testing.assert_array_equal(_images(centre), _images(whole)[:, 3:13, 3:13, :])
-    assert [int(label) for _, labels in centre for label in labels] == [int(label) for _, labels in whole for label in labels]
+    assert [int(label) for _, labels in centre for label in labels] == [
+        int(label) for _, labels in whole for label in labels
+    ]
 
 
 def test_channel_mean_is_in_unit_range(shards):
@@ -64,14 +92,22 @@ def test_channel_mean_is_in_unit_range(shards):
 
 
 def _train_params(**overrides):
-    return config.load_params(REPOSITORY / "params.yaml", {f"train.{key}": value for key, value in overrides.items()}).train
+    return config.load_params(
+        REPOSITORY / "params.yaml", {f"train.{key}": value for key, value in overrides.items()}
+    ).train
 
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("sgd", keras.optimizers.SGD), ("momentum", keras.optimizers.SGD), ("nesterov", keras.optimizers.SGD),
-     ("rmsprop", keras.optimizers.RMSprop), ("adam", keras.optimizers.Adam), ("adagrad", keras.optimizers.Adagrad),
-     ("adadelta", keras.optimizers.Adadelta)],
+    [
+        ("sgd", keras.optimizers.SGD),
+        ("momentum", keras.optimizers.SGD),
+        ("nesterov", keras.optimizers.SGD),
+        ("rmsprop", keras.optimizers.RMSprop),
+        ("adam", keras.optimizers.Adam),
+        ("adagrad", keras.optimizers.Adagrad),
+        ("adadelta", keras.optimizers.Adadelta),
+    ],
 )
 def test_every_optimizer_by_name_keeps_moving_averages(name, kind):
     optimizer = optimizers.make_optimizer(_train_params(optimizer=name), total_steps=100)
@@ -82,9 +118,13 @@ def test_every_optimizer_by_name_keeps_moving_averages(name, kind):
 
 
 def test_schedules_follow_the_seeds():
-    piecewise = optimizers.make_schedule(_train_params(schedule="piecewise", learning_rate=0.1, boundaries=[100, 200]), 300)
+    piecewise = optimizers.make_schedule(
+        _train_params(schedule="piecewise", learning_rate=0.1, boundaries=[100, 200]), 300
+    )
     assert [float(piecewise(step)) for step in (0, 101, 201)] == pytest.approx([0.1, 0.01, 0.001])
-    staircase = optimizers.make_schedule(_train_params(schedule="exponential", learning_rate=0.1, decay_steps=10, decay_rate=0.5, staircase=True), 100)
+    staircase = optimizers.make_schedule(
+        _train_params(schedule="exponential", learning_rate=0.1, decay_steps=10, decay_rate=0.5, staircase=True), 100
+    )
     assert [float(staircase(step)) for step in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
     cosine = optimizers.make_schedule(_train_params(schedule="cosine", learning_rate=0.1, warmup_steps=10), 110)
     assert [float(cosine(step)) for step in (0, 5, 10, 60, 110)] == pytest.approx([0.0, 0.05, 0.1, 0.05, 0.0], abs=1e-6)

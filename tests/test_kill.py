@@ -50,7 +50,7 @@ def _archive(folder: pathlib.Path) -> bytes:
     make_image_folder(folder / "digits", classes=3, per_class=12)
     noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
     for label in (0, 1):
-        PIL.Image.fromarray(noise[::1 if label else -1]).save(folder / "digits" / f"class_{label}" / "photo.png")
+        PIL.Image.fromarray(noise[:: 1 if label else -1]).save(folder / "digits" / f"class_{label}" / "photo.png")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(folder / "digits", arcname="digits")
@@ -62,8 +62,15 @@ def _dvc(folder: pathlib.Path, *arguments: str, environment: dict | None = None)
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **(environment or {})}
     environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([str(bin_dir / "dvc"), *arguments], cwd=folder, env=environment, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(bin_dir / "dvc"), *arguments],
+        cwd=folder,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -90,7 +97,11 @@ def _restore(snapshot: pathlib.Path, folder: pathlib.Path) -> None:
 
 def _tree(folder: pathlib.Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder`."""
-    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def _mtimes(folder: pathlib.Path) -> dict[str, int]:
@@ -129,11 +140,20 @@ def reference(tmp_path_factory):
     server = LocalServer()
     url = server.serve(ARCHIVE_PATH, archive)
     folder = copy_repository(base / "repository")
-    write_params(folder / "params.yaml", {
-        **FAST, "train.epochs": 2, "train.histogram_freq": 0, "train.backup_every_seconds": 0, "register.min_precision": 0.0,
-        "dataset.name": "imagefolder", "dataset.source": url, "dataset.sha256": hashlib.sha256(archive).hexdigest(),
-        "dataset.image_size": [8, 8],
-    })
+    write_params(
+        folder / "params.yaml",
+        {
+            **FAST,
+            "train.epochs": 2,
+            "train.histogram_freq": 0,
+            "train.backup_every_seconds": 0,
+            "register.min_precision": 0.0,
+            "dataset.name": "imagefolder",
+            "dataset.source": url,
+            "dataset.sha256": hashlib.sha256(archive).hexdigest(),
+            "dataset.image_size": [8, 8],
+        },
+    )
     snapshots = {}
     try:
         for stage in STAGES:
@@ -157,13 +177,21 @@ class KillPoint:
 
 KILL_POINTS = {
     "download: mid-transfer": KillPoint("download", None, outside="stalled transfer"),
-    "download: archive unpacked, raw folder not yet in place": KillPoint("download", "tasks.data.fetch:extract after 1"),
+    "download: archive unpacked, raw folder not yet in place": KillPoint(
+        "download", "tasks.data.fetch:extract after 1"
+    ),
     "convert: halfway through the first shard": KillPoint("convert", "tasks.data.records:serialize after 10"),
     "train: after epoch 1's backup": KillPoint("train", "keras.callbacks:BackupAndRestore.on_epoch_end after 1"),
-    "train: last epoch done, model not yet saved": KillPoint("train", "keras:Model.save before 1", epochs_before_kill=2),
+    "train: last epoch done, model not yet saved": KillPoint(
+        "train", "keras:Model.save before 1", epochs_before_kill=2
+    ),
     "evaluate: metrics written, MLflow logging under way": KillPoint("evaluate", None, outside="metrics.json"),
-    "register: version registered, alias not yet set": KillPoint("register", "mlflow:MlflowClient.set_registered_model_alias before 1"),
-    "register: alias set, registry.json not yet written": KillPoint("register", "tasks.common.files:write_json before 1"),
+    "register: version registered, alias not yet set": KillPoint(
+        "register", "mlflow:MlflowClient.set_registered_model_alias before 1"
+    ),
+    "register: alias set, registry.json not yet written": KillPoint(
+        "register", "tasks.common.files:write_json before 1"
+    ),
 }
 
 
@@ -171,8 +199,11 @@ def _kill(reference: Reference, point: KillPoint) -> str:
     """Runs `dvc repro <stage>` and kills its process group at `point`; what the processes printed."""
     folder, marker = reference.folder, reference.folder.parent / "killed-at"
     marker.unlink(missing_ok=True)
-    environment = {"PYTHONPATH": f"{HOOK_FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "KILL_POINT": f"{point.stage} {point.hook}" if point.hook else "",
-                   "KILL_MARKER": str(marker)}
+    environment = {
+        "PYTHONPATH": f"{HOOK_FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "KILL_POINT": f"{point.stage} {point.hook}" if point.hook else "",
+        "KILL_MARKER": str(marker),
+    }
     if point.outside == "stalled transfer":
         # Hangs after one block and a little more: tasks.data.fetch has exactly one block on disk.
         reference.server.serve(ARCHIVE_PATH, reference.archive, stall_first_after=BLOCK + 1000)
@@ -234,7 +265,9 @@ def _check_download(reference: Reference, requests_before_rerun: int, point: Kil
 
 def _check_convert(reference: Reference, requests_before_rerun: int, point: KillPoint) -> None:
     folder, done = reference.folder, reference.snapshots["done"]
-    assert _tree(folder / "data" / "shards") == _tree(done / "data" / "shards"), "byte-identical shards, manifest and rejections"
+    assert _tree(folder / "data" / "shards") == _tree(done / "data" / "shards"), (
+        "byte-identical shards, manifest and rejections"
+    )
     assert _lock(folder)["convert"]["outs"] == _lock(done)["convert"]["outs"]
 
 
@@ -246,11 +279,17 @@ def _check_train(reference: Reference, requests_before_rerun: int, point: KillPo
     timings = ("seconds_per_batch", "examples_per_second")
     without_timings = lambda row: {key: value for key, value in row.items() if key not in timings}  # noqa: E731
     for epoch in range(point.epochs_before_kill):
-        assert without_timings(history[epoch]) == without_timings(expected[epoch]), "epochs before the kill are the uninterrupted run's, to the last digit"
+        assert without_timings(history[epoch]) == without_timings(expected[epoch]), (
+            "epochs before the kill are the uninterrupted run's, to the last digit"
+        )
     if point.epochs_before_kill == len(expected):  # all of them: the rerun only saves the model
-        trained, reference_model = (tracking.load_model_file(path / "models" / "model.keras") for path in (folder, done))
+        trained, reference_model = (
+            tracking.load_model_file(path / "models" / "model.keras") for path in (folder, done)
+        )
         for weights, expected_weights in zip(trained.get_weights(), reference_model.get_weights(), strict=True):
-            np.testing.assert_array_equal(weights, expected_weights, "the saved model is the one trained before the kill")
+            np.testing.assert_array_equal(
+                weights, expected_weights, "the saved model is the one trained before the kill"
+            )
     else:
         # Epoch 2 after a resume sees the training images in another order (the shuffle restarts with the
         # process): the same model within tolerance, not bit for bit.
@@ -263,7 +302,9 @@ def _check_train(reference: Reference, requests_before_rerun: int, point: KillPo
     assert [found.info.run_id for found in runs] == [run["run_id"]], "one MLflow run, resumed, not a second"
     assert runs[0].data.tags["resumed"] == "true"
     assert [metric.step for metric in client.get_metric_history(run["run_id"], "loss")] == [0, 1]
-    assert {"labels.json", "model.keras", "preprocessing.json", "run.json", "history.csv"} <= {path.name for path in (folder / "models").iterdir()}
+    assert {"labels.json", "model.keras", "preprocessing.json", "run.json", "history.csv"} <= {
+        path.name for path in (folder / "models").iterdir()
+    }
 
 
 def _check_evaluate(reference: Reference, requests_before_rerun: int, point: KillPoint) -> None:
@@ -282,7 +323,9 @@ def _check_register(reference: Reference, requests_before_rerun: int, point: Kil
     registry = json.loads((folder / "reports" / "registry.json").read_text())
     client, expected = _mlflow(folder), _mlflow(done)
     versions = client.search_model_versions(f"name = '{registry['model_name']}'")
-    assert len(versions) == len(expected.search_model_versions(f"name = '{registry['model_name']}'")) == 1, "one version per run"
+    assert len(versions) == len(expected.search_model_versions(f"name = '{registry['model_name']}'")) == 1, (
+        "one version per run"
+    )
     champion = client.get_model_version_by_alias(registry["model_name"], "champion")
     assert str(champion.version) == registry["version"]
     exported = {artifact.path for artifact in client.list_artifacts(registry["run_id"], "export")}
@@ -302,7 +345,13 @@ def csv_rows(path: pathlib.Path):
         yield from csv.DictReader(stream)
 
 
-_CHECKS = {"download": _check_download, "convert": _check_convert, "train": _check_train, "evaluate": _check_evaluate, "register": _check_register}
+_CHECKS = {
+    "download": _check_download,
+    "convert": _check_convert,
+    "train": _check_train,
+    "evaluate": _check_evaluate,
+    "register": _check_register,
+}
 
 
 def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_server):
@@ -312,17 +361,28 @@ def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_
     from prefect.settings import PREFECT_API_URL
 
     folder = repository_copy
-    write_params(folder / "params.yaml", {**FAST, "train.epochs": 4, "train.backup_every_seconds": 0, "register.min_precision": 0.0})
+    write_params(
+        folder / "params.yaml",
+        {**FAST, "train.epochs": 4, "train.backup_every_seconds": 0, "register.min_precision": 0.0},
+    )
     bin_dir = pathlib.Path(sys.executable).parent
-    environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
     command = [sys.executable, "-m", "flows.pipeline"]
     log = folder.parent / "killed-flow.log"  # a file, not a pipe: nobody reads while the flow runs
     with log.open("w") as stream:
-        killed = subprocess.Popen(command, cwd=folder, env=environment, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+        killed = subprocess.Popen(
+            command, cwd=folder, env=environment, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + TIMEOUT
     # Epoch 1's backup; written under a temporary name and renamed, it is whole once it is there.
     while not list(folder.glob("checkpoints/*/backup-train/training_metadata.json")):
-        assert killed.poll() is None and time.monotonic() < deadline, f"the flow ended before its first backup:\n{log.read_text()[-3000:]}"
+        assert killed.poll() is None and time.monotonic() < deadline, (
+            f"the flow ended before its first backup:\n{log.read_text()[-3000:]}"
+        )
         time.sleep(0.02)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
@@ -336,14 +396,18 @@ def test_a_killed_flow_run_is_finished_by_the_next_one(repository_copy, prefect_
     assert "train: resuming after epoch" in output
     for stage, times in upstream.items():
         assert _mtimes(folder / _lock(folder)[stage]["outs"][0]["path"]) == times, f"{stage}'s outputs were rewritten"
-    assert [row["epoch"] for row in csv_rows(folder / "models" / "history.csv")] == ["0", "1", "2", "3"], "each epoch once"
+    assert [row["epoch"] for row in csv_rows(folder / "models" / "history.csv")] == ["0", "1", "2", "3"], (
+        "each epoch once"
+    )
     assert list(_lock(folder)) == STAGES
     status = _dvc(folder, "status")
     assert "Data and pipelines are up to date." in _finish(status)
     assert _leftovers(folder) == [], "a killed write left a file behind"
     run = json.loads((folder / "models" / "run.json").read_text())
     client = _mlflow(folder)
-    assert [found.info.run_id for found in client.search_runs([run["experiment_id"]])] == [run["run_id"]], "one MLflow run, resumed"
+    assert [found.info.run_id for found in client.search_runs([run["experiment_id"]])] == [run["run_id"]], (
+        "one MLflow run, resumed"
+    )
     registry = json.loads((folder / "reports" / "registry.json").read_text())
     assert [version.version for version in client.search_model_versions(f"name = '{registry['model_name']}'")] == [1]
     assert registry["alias"] == "champion"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.common import config
-from tasks.modeling import architectures, networks
+from tasks.modeling import architectures
 
 
 def _vgg_parameters(name: str, side: int, classes: int) -> int:
@@ -36,7 +36,7 @@ def _vgg_parameters(name: str, side: int, classes: int) -> int:
 )
 def test_every_model_builds_with_its_shape_and_parameter_count(name, shape, classes, expected):
     assert name in config.MODELS
-    model = networks.build_model(name, shape, classes)
+    model = architectures.build_model(name, shape, classes)
     assert model.input.dtype == "uint8"
     assert model.output_shape == (None, classes)
     assert model.count_params() == expected
@@ -46,7 +46,7 @@ def test_vgg_at_imagenet_size_has_the_published_counts():
     # 138M and 144M are the seeds' figures; the formula is checked against a real build of VGG-16.
     assert _vgg_parameters("vgg16", 224, 1000) == 138_357_544
     assert _vgg_parameters("vgg19", 224, 1000) == 143_667_240
-    model = networks.build_model("vgg16", (224, 224, 3), 1000)
+    model = architectures.build_model("vgg16", (224, 224, 3), 1000)
     assert model.count_params() == 138_357_544
     del model
     gc.collect()
@@ -54,7 +54,7 @@ def test_vgg_at_imagenet_size_has_the_published_counts():
 
 @pytest.mark.parametrize("n", [1, 3, 5])
 def test_resnet_has_depth_6n_plus_2(n):
-    model = networks.build_model("resnet", (16, 16, 3), 10, resnet_n=n)
+    model = architectures.build_model("resnet", (16, 16, 3), 10, resnet_n=n)
     weighted = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
     assert len(weighted) == 6 * n + 2
     assert model.get_layer("pool").output.shape[1:] == (64,), "three stages end with 64 channels"
@@ -74,7 +74,7 @@ def test_resnet_has_depth_6n_plus_2(n):
     ],
 )
 def test_every_model_trains_one_step(name, side, extra):
-    model = networks.build_model(name, (side, side, 3), 3, weight_decay=1e-4, **extra)
+    model = architectures.build_model(name, (side, side, 3), 3, weight_decay=1e-4, **extra)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
     images = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
     loss = model.train_on_batch(images, keras.utils.to_categorical([0, 2], 3))
@@ -85,7 +85,7 @@ def test_every_model_trains_one_step(name, side, extra):
 
 def test_custom_layers_reload_in_safe_mode(tmp_path):
     for name, extra in (("cifar10_tutorial", {}), ("resnet", {"resnet_n": 1, "channel_mean": [0.5, 0.5, 0.5]})):
-        model = networks.build_model(name, (12, 12, 3), 4, **extra)
+        model = architectures.build_model(name, (12, 12, 3), 4, **extra)
         path = tmp_path / f"{name}.keras"
         model.save(path)
         reloaded = keras.saving.load_model(path, safe_mode=True)
@@ -94,15 +94,17 @@ def test_custom_layers_reload_in_safe_mode(tmp_path):
 
 
 def test_fine_tuning_unfreezes_only_the_top_inception_blocks():
-    model = networks.build_model("inception_v3", (75, 75, 3), 2)
+    model = architectures.build_model("inception_v3", (75, 75, 3), 2)
     base = model.get_layer("inception_v3")
     assert not base.trainable and len(model.trainable_weights) == 2, "phase 1: only the new head trains"
-    networks.set_fine_tuning(model, "inception_v3")
+    architectures.set_fine_tuning(model, "inception_v3")
     names = [layer.name for layer in base.layers if layer.trainable and layer.weights]
-    assert names and all(base.layers.index(base.get_layer(name)) > base.layers.index(base.get_layer("mixed8")) for name in names)
+    assert names and all(
+        base.layers.index(base.get_layer(name)) > base.layers.index(base.get_layer("mixed8")) for name in names
+    )
     assert not any(layer.trainable for layer in base.layers[:20] if layer.weights), "the bottom stays frozen"
 
 
 def test_an_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'alexnet'; known: mnist_cnn, cifar10_tutorial"):
-        networks.build_model("alexnet", (8, 8, 3), 2)
+        architectures.build_model("alexnet", (8, 8, 3), 2)

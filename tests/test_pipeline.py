@@ -18,7 +18,9 @@ def _dvc(*arguments: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
     # The stages run `python -m tasks.<stage>` through the shell: this interpreter must be first on PATH.
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(bin_dir / "dvc"), *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(bin_dir / "dvc"), *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
+    )
 
 
 def _champion(folder: pathlib.Path, name: str):
@@ -46,7 +48,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
     assert run.data.metrics["test_precision_at_1"] == metrics["precision_at_1"]
     convert_lock = yaml.safe_load((repository_copy / "dvc.lock").read_text())["stages"]["convert"]
     assert run.data.tags["shards_dvc_md5"] == convert_lock["outs"][0]["md5"]
-    assert run.data.tags["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=repository_copy, capture_output=True, text=True).stdout.strip()
+    assert (
+        run.data.tags["git_commit"]
+        == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repository_copy, capture_output=True, text=True
+        ).stdout.strip()
+    )
 
     lock = (repository_copy / "dvc.lock").read_text()
     for stage in STAGES:
@@ -61,7 +68,10 @@ def test_dvc_repro_runs_every_stage_then_nothing(repository_copy):
     plots = _dvc("plots", "show", "--json", cwd=repository_copy)
     assert plots.returncode == 0 and "predictions.csv" in plots.stdout and "history.csv" in plots.stdout
     shown = _dvc("metrics", "show", "--json", cwd=repository_copy)
-    assert json.loads(shown.stdout)[""]["data"]["reports/metrics.json"]["data"]["precision_at_1"] == metrics["precision_at_1"]
+    assert (
+        json.loads(shown.stdout)[""]["data"]["reports/metrics.json"]["data"]["precision_at_1"]
+        == metrics["precision_at_1"]
+    )
 
 
 def test_prefect_flow_runs_the_same_stages(repository_copy, prefect_server):
@@ -76,7 +86,7 @@ def test_prefect_flow_runs_the_same_stages(repository_copy, prefect_server):
 
     assert (registry["model_name"], registry["version"], registry["alias"]) == ("digits-mnist_cnn", "1", "challenger")
     assert registry["reason"].endswith("is below register.min_precision 1.0")
-    assert f"digits-mnist_cnn version 1: `challenger`" in summary and registry["reason"] in summary
+    assert "digits-mnist_cnn version 1: `challenger`" in summary and registry["reason"] in summary
     metrics = json.loads((repository_copy / "reports" / "metrics.json").read_text())
     assert metrics["images"] == 359
     client = mlflow.MlflowClient(f"sqlite:///{repository_copy / 'mlflow.db'}")

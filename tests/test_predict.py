@@ -36,8 +36,13 @@ def test_a_folder_with_broken_files_gets_a_row_for_each(trained, monkeypatch, ca
     assert set(rows) == {str(photos / name) for name in ("broken.jpg", "class_0.png", "class_2.png", "empty.png")}
     assert rows[str(photos / "class_0.png")]["label_1"] == "class_0"
     assert rows[str(photos / "class_2.png")]["label_1"] == "class_2"
-    assert float(rows[str(photos / "class_2.png")]["probability_1"]) >= float(rows[str(photos / "class_2.png")]["probability_2"])
-    assert rows[str(photos / "broken.jpg")]["error"].startswith("truncated or corrupt image data") and not rows[str(photos / "broken.jpg")]["label_1"]
+    assert float(rows[str(photos / "class_2.png")]["probability_1"]) >= float(
+        rows[str(photos / "class_2.png")]["probability_2"]
+    )
+    assert (
+        rows[str(photos / "broken.jpg")]["error"].startswith("truncated or corrupt image data")
+        and not rows[str(photos / "broken.jpg")]["label_1"]
+    )
     assert rows[str(photos / "empty.png")]["error"] and not rows[str(photos / "empty.png")]["label_1"]
     assert "2 classified, 2 failed" in capsys.readouterr().err
 
@@ -55,7 +60,9 @@ def test_a_registered_model_and_a_glob_to_stdout(trained, monkeypatch, capsys):
 
 def test_bad_arguments_are_named(trained, monkeypatch, capsys):
     monkeypatch.chdir(trained)
-    with pytest.raises(FileNotFoundError, match="nowhere is not a model file: give models/, a .keras file or a models:/ URI"):
+    with pytest.raises(
+        FileNotFoundError, match="nowhere is not a model file: give models/, a .keras file or a models:/ URI"
+    ):
         predict.main(["nowhere", str(trained / "raw")])
     with pytest.raises(FileNotFoundError, match="no-such-folder is neither a file, a folder nor a glob pattern"):
         predict.main(["models", str(trained / "no-such-folder")])
@@ -79,17 +86,27 @@ def test_predict_evaluate_and_the_registered_model_give_the_same_probabilities(t
     saved = tracking.load_model_file(model_dir / contracts.MODEL_FILE)
     preprocessing = contracts.Preprocessing.read(model_dir)
     assert tuple(saved.input_shape[1:3]) == (None, None), "the saved model takes images of any size"
-    evaluated = scoring.predict_test_split(saved, trained / "shards", 8, preprocessing.image_size, preprocessing.input_size)
+    evaluated = scoring.predict_test_split(
+        saved, trained / "shards", 8, preprocessing.image_size, preprocessing.input_size
+    )
     test_files = [trained / "raw" / source for source in evaluated.sources]
 
     model, _, loaded_preprocessing = predict.load("models")
     registered = mlflow.pyfunc.load_model("models:/reader@champion")
     for file, from_evaluate in zip(test_files, evaluated.probabilities, strict=True):
-        from_predict = np.asarray(model.predict_on_batch(predict.read_image(file, loaded_preprocessing.stored_size)[np.newaxis]))[0]
-        pixels = np.asarray(PIL.Image.open(file).convert("RGB"))[np.newaxis]  # what a user of the registered model sends
+        from_predict = np.asarray(
+            model.predict_on_batch(predict.read_image(file, loaded_preprocessing.stored_size)[np.newaxis])
+        )[0]
+        pixels = np.asarray(PIL.Image.open(file).convert("RGB"))[
+            np.newaxis
+        ]  # what a user of the registered model sends
         from_registry = np.asarray(registered.predict(pixels))[0]
-        np.testing.assert_allclose(from_predict, from_evaluate, rtol=0, atol=1e-6, err_msg=f"predict and evaluate differ on {file}")
-        np.testing.assert_allclose(from_registry, from_evaluate, rtol=0, atol=1e-6, err_msg=f"MLflow's model and evaluate differ on {file}")
+        np.testing.assert_allclose(
+            from_predict, from_evaluate, rtol=0, atol=1e-6, err_msg=f"predict and evaluate differ on {file}"
+        )
+        np.testing.assert_allclose(
+            from_registry, from_evaluate, rtol=0, atol=1e-6, err_msg=f"MLflow's model and evaluate differ on {file}"
+        )
 
     # Another size: the registered model resizes it itself, exactly as predict's path does.
     odd = trained / "odd.png"
@@ -99,5 +116,6 @@ def test_predict_evaluate_and_the_registered_model_give_the_same_probabilities(t
     np.testing.assert_allclose(
         np.asarray(registered.predict(pixels))[0],
         np.asarray(model.predict_on_batch(predict.read_image(odd, loaded_preprocessing.stored_size)[np.newaxis]))[0],
-        rtol=0, atol=1e-6,
+        rtol=0,
+        atol=1e-6,
     )

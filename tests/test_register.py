@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from tasks import convert, register
+from tasks.common import errors
 from tests.conftest import REPOSITORY, make_image_folder
 from tests.test_train_evaluate_register import register_in, run_stages
 
@@ -35,7 +36,13 @@ def _client(folder):
 # Enough steps for the tiny folder's three classes to be learned (precision@1 1.0), and a learning rate
 # that decays to zero, so that the last epochs do not swing between two classes (validation accuracy
 # 1.0 in the last five of twelve epochs; at a constant rate it swung between 0.67 and 1.0 to the end).
-LEARNS = {"train.epochs": 12, "train.batch_size": 4, "train.learning_rate": 0.003, "train.schedule": "cosine", "train.ema_momentum": None}
+LEARNS = {
+    "train.epochs": 12,
+    "train.batch_size": 4,
+    "train.learning_rate": 0.003,
+    "train.schedule": "cosine",
+    "train.ema_momentum": None,
+}
 
 
 def test_a_worse_second_run_becomes_challenger_and_champion_stays(inside):
@@ -69,7 +76,9 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
     assert (first.alias, again.alias, tie.alias) == ("champion", "challenger", "champion")
     assert "+0.0000 < register.min_improvement 0.05" in again.reason
     assert (first.version, again.version, tie.version) == ("1", "2", "2"), "the run registered again keeps its version"
-    assert _client(inside).get_registered_model("gated").aliases == {"champion": 2}, "promoted, it is no longer the challenger"
+    assert _client(inside).get_registered_model("gated").aliases == {"champion": 2}, (
+        "promoted, it is no longer the challenger"
+    )
 
     params, _ = run_stages(inside, LEARNS)
     metrics = json.loads(metrics_path.read_text())
@@ -82,7 +91,9 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
 
 def test_a_model_without_a_champion_yet_takes_one(inside):
     """Its first version held back (challenger): the model exists, no version holds `champion`."""
-    params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})  # learns nothing
+    params, _ = run_stages(
+        inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None}
+    )  # learns nothing
     held = register_in(inside, params, name="unchampioned", min_precision=1.0)
     promoted = register_in(inside, params, name="unchampioned", min_precision=0.0)
     assert (held.alias, promoted.alias) == ("challenger", "champion")
@@ -138,7 +149,9 @@ def test_the_champion_loads_and_predicts_without_this_repository(inside, tmp_pat
         """
     )
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
     assert answer["shape"] == [3, 3]
@@ -153,7 +166,7 @@ def test_an_unfinished_model_upload_is_never_registered(inside, monkeypatch):
     client = _client(inside)
     model_id = json.loads((inside / "models" / "run.json").read_text())["model_uri"].removeprefix("models:/")
     client.finalize_logged_model(model_id, mlflow.entities.LoggedModelStatus.FAILED)
-    with pytest.raises(RuntimeError, match="was not completely uploaded"):
+    with pytest.raises(errors.Outage, match="was not completely uploaded"):
         register_in(inside, params, name="half", min_precision=0.0)
     assert not client.search_registered_models(filter_string="name = 'half'")
     assert register.CHAMPION == "champion"

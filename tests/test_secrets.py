@@ -17,9 +17,17 @@ PASSWORD = "s3cret-Pa55"
 @pytest.mark.parametrize(
     ("text", "redacted", "stored"),
     [
-        (f"https://alice:{PASSWORD}@mlflow.internal:5000", "https://alice:***@mlflow.internal:5000", "https://mlflow.internal:5000"),
+        (
+            f"https://alice:{PASSWORD}@mlflow.internal:5000",
+            "https://alice:***@mlflow.internal:5000",
+            "https://mlflow.internal:5000",
+        ),
         ("https://ghp_token@example.org/pets.zip", "https://***@example.org/pets.zip", "https://example.org/pets.zip"),
-        (f"failed: http://bob:{PASSWORD}@h/api and s3://key:{PASSWORD}@bucket/x", "failed: http://bob:***@h/api and s3://key:***@bucket/x", None),
+        (
+            f"failed: http://bob:{PASSWORD}@h/api and s3://key:{PASSWORD}@bucket/x",
+            "failed: http://bob:***@h/api and s3://key:***@bucket/x",
+            None,
+        ),
         ("sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db"),
     ],
 )
@@ -54,13 +62,18 @@ def _netrc(folder, monkeypatch, login="alice", password=PASSWORD):
 def test_a_download_takes_its_credentials_from_netrc_and_never_passes_them_on(http_server, workdir, monkeypatch):
     url = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
     monkeypatch.setenv("NETRC", str(workdir / "no-such-netrc"))
-    with pytest.raises(fetch.DownloadError, match=r"HTTP 401 Unauthorized; the server wants credentials it accepts: put them in ~/.netrc"):
+    with pytest.raises(
+        fetch.DownloadError,
+        match=r"HTTP 401 Unauthorized; the server wants credentials it accepts: put them in ~/.netrc",
+    ):
         fetch.download(url, workdir / "downloads" / "pets.zip", None)
 
     netrc_file = _netrc(workdir, monkeypatch)
     assert fetch.download(url, workdir / "downloads" / "pets.zip", None).read_bytes() == b"the archive"
     asked, answered = http_server.gets("/private/pets.zip")[-2:]
-    assert "Authorization" not in asked and answered["Authorization"].startswith("Basic "), "sent only when the server asks"
+    assert "Authorization" not in asked and answered["Authorization"].startswith("Basic "), (
+        "sent only when the server asks"
+    )
 
     # Redirected within the same server, they follow; redirected to another one (another port), never.
     moved = http_server.serve("/moved/pets.zip", b"", redirect_to="/private/pets.zip")
@@ -71,7 +84,9 @@ def test_a_download_takes_its_credentials_from_netrc_and_never_passes_them_on(ht
         away = http_server.serve("/away/pets.zip", b"", redirect_to=f"{elsewhere.url}/pets.zip")
         with pytest.raises(fetch.DownloadError, match="HTTP 401"):
             fetch.download(away, workdir / "downloads" / "away.zip", None)
-        assert elsewhere.gets("/pets.zip") and not [headers for headers in elsewhere.gets("/pets.zip") if "Authorization" in headers]
+        assert elsewhere.gets("/pets.zip") and not [
+            headers for headers in elsewhere.gets("/pets.zip") if "Authorization" in headers
+        ]
     finally:
         elsewhere.stop()
     written = [path for path in workdir.rglob("*") if path.is_file() and path != netrc_file]
@@ -85,16 +100,24 @@ def test_a_malformed_netrc_is_read_only_when_asked_and_named_without_its_secrets
     public = http_server.serve("/public/pets.zip", b"the archive")
     assert fetch.download(public, workdir / "downloads" / "public.zip", None).read_bytes() == b"the archive"
     private = http_server.serve("/private/pets.zip", b"the archive", credentials=f"alice:{PASSWORD}")
-    with pytest.raises(fetch.DownloadError, match=rf"{re.escape(str(netrc_file))}, line \d: not valid netrc; fix the file") as refused:
+    with pytest.raises(
+        fetch.DownloadError, match=rf"{re.escape(str(netrc_file))}, line \d: not valid netrc; fix the file"
+    ) as refused:
         fetch.download(private, workdir / "downloads" / "pets.zip", None)
     assert "s3cret" not in str(refused.value)
 
 
 def test_a_password_in_dataset_source_is_refused_without_printing_it(workdir, capsys):
-    write_params(workdir / "params.yaml", {"dataset.name": "imagefolder", "dataset.source": f"https://alice:{PASSWORD}@data.example/pets.zip"})
+    write_params(
+        workdir / "params.yaml",
+        {"dataset.name": "imagefolder", "dataset.source": f"https://alice:{PASSWORD}@data.example/pets.zip"},
+    )
     code = errors.run_main(download.main, [])
     stderr = capsys.readouterr().err
     assert code == 2 and "Traceback" not in stderr
-    assert "dataset.source = 'https://alice:***@data.example/pets.zip': a user name, password or token in the URL" in stderr
+    assert (
+        "dataset.source = 'https://alice:***@data.example/pets.zip': a user name, password or token in the URL"
+        in stderr
+    )
     assert "~/.netrc" in stderr and PASSWORD not in stderr
     assert not (workdir / "data").exists()

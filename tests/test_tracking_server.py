@@ -13,7 +13,9 @@ from tests.test_train_evaluate_register import register_in, run_stages
 
 
 def _get(server: str, endpoint: str, **query) -> dict:
-    with urllib.request.urlopen(f"{server}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+    with urllib.request.urlopen(
+        f"{server}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30
+    ) as response:
         return json.load(response)
 
 
@@ -21,7 +23,10 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
     # With a user name and password in the URI, as a careless team member might set it: they are used
     # (the server ignores them) and appear in no file, no output, no run and no registered version.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://alice:{PASSWORD}@"))
-    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # set by the pipeline: gone after the test
+    for variable in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):  # set by the pipeline: gone after the test
         monkeypatch.setenv(variable, "")
         monkeypatch.delenv(variable)
     make_image_folder(workdir / "raw", classes=3, per_class=20)
@@ -38,11 +43,15 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
     assert metrics["test_images"] == 12 and "test_precision_at_1" in metrics
     assert {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["dataset"] == "digits"
     artifacts = _get(mlflow_server, "artifacts/list", run_id=result.run_id, path="evaluation")["files"]
-    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/metrics.json"} <= {item["path"] for item in artifacts}
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/metrics.json"} <= {
+        item["path"] for item in artifacts
+    }
     exported = _get(mlflow_server, "artifacts/list", run_id=result.run_id, path="export")["files"]
     assert {item["path"] for item in exported} == {"export/model.tflite", "export/saved_model"}
     version = _get(mlflow_server, "registered-models/alias", name="served", alias="champion")["model_version"]
     assert version["version"] == registered.version == "1"
     assert {tag["key"]: tag["value"] for tag in version["tags"]}["run_id"] == result.run_id
     assert PASSWORD not in json.dumps(run) + json.dumps(version), "nor in the run's params and tags or the version's"
-    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", PASSWORD), "sent as basic authentication"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", PASSWORD), (
+        "sent as basic authentication"
+    )

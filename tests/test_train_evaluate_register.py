@@ -5,7 +5,6 @@ import json
 import math
 
 import mlflow
-import numpy as np
 import pytest
 
 from tasks import convert, evaluate, register, train
@@ -19,14 +18,24 @@ def run_stages(folder, overrides=None, shards="shards"):
     if not (folder / shards).exists():
         convert.convert(params.dataset, 7, folder / "raw", folder / shards)
     result = train.train(params.train, 7, folder / shards, folder / "models", config.as_dict(params))
-    evaluate.evaluate(params.evaluate, folder / shards, folder / "models", folder / "reports" / "metrics.json", folder / "reports" / "evaluation")
+    evaluate.evaluate(
+        params.evaluate,
+        folder / shards,
+        folder / "models",
+        folder / "reports" / "metrics.json",
+        folder / "reports" / "evaluation",
+    )
     return params, result
 
 
 def register_in(folder, params, name="tiny", shards="shards", **changes):
     return register.register(
-        params.registration.model_copy(update=changes), name, folder / "models", folder / shards,
-        folder / "reports" / "metrics.json", folder / "reports" / "registry.json",
+        params.registration.model_copy(update=changes),
+        name,
+        folder / "models",
+        folder / shards,
+        folder / "reports" / "metrics.json",
+        folder / "reports" / "registry.json",
     )
 
 
@@ -98,25 +107,42 @@ def test_evaluate_writes_reports_and_logs_them_to_the_training_run(inside):
     assert run.data.metrics["test_precision_at_1"] == pytest.approx(metrics["precision_at_1"])
     assert run.data.metrics["test_macro_avg_f1"] == pytest.approx(metrics["macro_avg"]["f1"])
     logged = {item.path for item in client.list_artifacts(result.run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/per_class.json"} <= logged
-    assert {item.path for item in client.list_artifacts(result.run_id, "dataset")} == {"dataset/manifest.json", "dataset/rejected.csv"}
+    assert {
+        "evaluation/metrics.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/misclassified.png",
+        "evaluation/per_class.json",
+    } <= logged
+    assert {item.path for item in client.list_artifacts(result.run_id, "dataset")} == {
+        "dataset/manifest.json",
+        "dataset/rejected.csv",
+    }
     assert "params.yaml" in {item.path for item in client.list_artifacts(result.run_id)}
 
 
 def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
     folder, params, result = inside
     bad_metrics = tmp_path / "metrics.json"
-    bad_metrics.write_text('{"precision_at_1": NaN, "loss": 0.1, "images": 5, '
-                           '"macro_avg": {"precision": 1, "recall": 1, "f1": 1}, "weighted_avg": {"precision": 1, "recall": 1, "f1": 1}}')
+    bad_metrics.write_text(
+        '{"precision_at_1": NaN, "loss": 0.1, "images": 5, '
+        '"macro_avg": {"precision": 1, "recall": 1, "f1": 1}, "weighted_avg": {"precision": 1, "recall": 1, "f1": 1}}'
+    )
     with pytest.raises(ValueError, match="precision_at_1 is nan; nothing registered"):
-        register.register(params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json")
+        register.register(
+            params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json"
+        )
     assert not (tmp_path / "registry.json").exists()
     client = mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
     assert not client.search_registered_models(filter_string="name = 'never'")
 
     bad_metrics.write_text('{"precision_at_1": 0.9}')
-    with pytest.raises(ValueError, match=r"metrics.json does not hold what it should \(loss: Field required.*run the evaluate stage first"):
-        register.register(params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json")
+    with pytest.raises(
+        ValueError,
+        match=r"metrics.json does not hold what it should \(loss: Field required.*run the evaluate stage first",
+    ):
+        register.register(
+            params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json"
+        )
 
 
 def test_stages_name_the_missing_input(workdir):
@@ -124,4 +150,6 @@ def test_stages_name_the_missing_input(workdir):
     with pytest.raises(FileNotFoundError, match="manifest.json is missing: run the convert stage first"):
         train.train(params.train, 7, workdir / "shards", workdir / "models")
     with pytest.raises(FileNotFoundError, match="run.json is missing: run the train stage first"):
-        evaluate.evaluate(params.evaluate, workdir / "shards", workdir / "models", workdir / "metrics.json", workdir / "evaluation")
+        evaluate.evaluate(
+            params.evaluate, workdir / "shards", workdir / "models", workdir / "metrics.json", workdir / "evaluation"
+        )

@@ -15,17 +15,23 @@ import socket
 import subprocess
 import sys
 
+import keras
 import mlflow
 import pytest
 
 from tasks import convert, evaluate, train
-from tasks.common import config, contracts, tracking
-from tasks.data import records
+from tasks.common import config, contracts
 from tasks.modeling import checkpoints
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
-TINY = {**FAST, "train.model": "cifar10_tutorial", "train.log_every_steps": 1, "train.histogram_freq": 0, "train.backup_every_seconds": 0}
+TINY = {
+    **FAST,
+    "train.model": "cifar10_tutorial",
+    "train.log_every_steps": 1,
+    "train.histogram_freq": 0,
+    "train.backup_every_seconds": 0,
+}
 TIMEOUT = 300  # seconds; every process is killed past it
 
 
@@ -43,7 +49,9 @@ def _start(folder: pathlib.Path, code: str | None = None, environment: dict | No
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "tasks.train"]
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), **(environment or {})}
     environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -69,9 +77,14 @@ def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"})
     count = json.loads((one / params.shards_dir / "manifest.json").read_text())["splits"]["train"]["count"]
     batch = next(size for size in (14, 12, 10, 8, 6) if count % size == 0)  # whole batches split evenly in two
-    write_params(one / "params.yaml", {**TINY, "train.epochs": 2, "train.strategy": "one_device", "train.batch_size": batch})
+    write_params(
+        one / "params.yaml", {**TINY, "train.epochs": 2, "train.strategy": "one_device", "train.batch_size": batch}
+    )
     two = tmp_path / "two"
-    _prepare(two, {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch})
+    _prepare(
+        two,
+        {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch},
+    )
 
     processes = [_start(one), _start(two)]
     outputs = [_finish(process) for process in processes]
@@ -83,7 +96,9 @@ def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     assert len(steps) == 2 * count // batch
     assert _losses(outputs[1]) == pytest.approx(steps, abs=2e-4)
     for column in ("loss", "val_loss", "accuracy"):
-        assert [float(row[column]) for row in _history(two)] == pytest.approx([float(row[column]) for row in _history(one)], rel=1e-4)
+        assert [float(row[column]) for row in _history(two)] == pytest.approx(
+            [float(row[column]) for row in _history(one)], rel=1e-4
+        )
 
 
 def _free_port() -> int:
@@ -96,7 +111,12 @@ def test_two_workers_on_loopback_train_together(tmp_path):
     params = _prepare(tmp_path, {**TINY, "train.epochs": 2, "train.batch_size": 8, "train.strategy": "multi_worker"})
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     processes = [
-        _start(tmp_path, environment={"TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+        _start(
+            tmp_path,
+            environment={
+                "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+            },
+        )
         for index in range(2)
     ]
     outputs = [_finish(process) for process in processes]
@@ -106,7 +126,13 @@ def test_two_workers_on_loopback_train_together(tmp_path):
         assert "epoch 2/2" in output
     assert "MLflow run" in outputs[0] and "this worker writes nothing" in outputs[1]
     assert len(_history(tmp_path)) == 2
-    evaluated = evaluate.evaluate(params.evaluate, tmp_path / params.shards_dir, tmp_path / "models", tmp_path / "metrics.json", tmp_path / "evaluation")
+    evaluated = evaluate.evaluate(
+        params.evaluate,
+        tmp_path / params.shards_dir,
+        tmp_path / "models",
+        tmp_path / "metrics.json",
+        tmp_path / "evaluation",
+    )
     assert evaluated.test_images == 12
 
 
@@ -147,7 +173,9 @@ def test_a_killed_training_resumes_at_the_next_epoch_in_the_same_mlflow_run(tmp_
     assert [metric.step for metric in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    assert {"validation_accuracy_final", "validation_accuracy_raw", "examples_per_second", "learning_rate"} <= set(run.data.metrics)
+    assert {"validation_accuracy_final", "validation_accuracy_raw", "examples_per_second", "learning_rate"} <= set(
+        run.data.metrics
+    )
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
     assert {"model_summary.txt", "tensorboard", "labels.json"} <= artifacts
     assert "cifar10_tutorial" in (pathlib.Path(client.download_artifacts(run_id, "model_summary.txt"))).read_text()
@@ -156,7 +184,9 @@ def test_a_killed_training_resumes_at_the_next_epoch_in_the_same_mlflow_run(tmp_
 def test_a_diverging_run_fails_and_leaves_nothing_to_register_or_resume(workdir):
     params = _prepare(workdir, {**FAST, "train.optimizer": "sgd", "train.learning_rate": 1e12, "train.epochs": 3})
     with pytest.raises(FloatingPointError, match="training diverged: loss is (nan|inf)"):
-        train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints")
+        train.train(
+            params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints"
+        )
     assert not (workdir / "models" / "model.keras").exists() and not (workdir / "models" / "run.json").exists()
     assert not list((workdir / "checkpoints").glob("*/*")), "nothing to resume"
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -165,7 +195,13 @@ def test_a_diverging_run_fails_and_leaves_nothing_to_register_or_resume(workdir)
 
 
 def test_the_same_params_and_seed_train_the_same_model(workdir):
-    overrides = {**FAST, "train.epochs": 2, "train.batch_size": 16, "train.augment": ["crop", "brightness"], "train.crop_padding": 2}
+    overrides = {
+        **FAST,
+        "train.epochs": 2,
+        "train.batch_size": 16,
+        "train.augment": ["crop", "brightness"],
+        "train.crop_padding": 2,
+    }
     params = _prepare(workdir, overrides)
     histories = []
     for attempt in ("first", "second"):
@@ -179,23 +215,47 @@ def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_step
     params = _prepare(workdir, {**FAST, "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 4})
     train_count = contracts.Manifest.read(workdir / params.shards_dir).count("train")
     steps_per_epoch = math.ceil(train_count / 8)
-    assert steps_per_epoch % 4, f"the fixture's {steps_per_epoch} steps per epoch must not be a multiple of log_every_steps"
-    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models")
-    model = tracking.load_model_file(workdir / "models" / "model.keras")
-    assert int(model.optimizer.iterations) == 3 * steps_per_epoch
+    assert steps_per_epoch % 4, (
+        f"the fixture's {steps_per_epoch} steps per epoch must not be a multiple of log_every_steps"
+    )
+
+    class OptimizerSteps(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            self.count = int(self.model.optimizer.iterations)
+
+    optimizer_steps = OptimizerSteps()
+    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", extra_callbacks=[optimizer_steps])
+    assert optimizer_steps.count == 3 * steps_per_epoch
     assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
 
 
 def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
-    overrides = {**FAST, "train.model": "inception_v3", "train.image_size": [80, 80], "train.crop_size": [75, 75], "train.augment": ["crop"],
-                 "train.batch_size": 32, "train.fine_tune_epochs": 1, "train.restore_best": True, "train.monitor": "val_accuracy",
-                 "train.histogram_freq": 0}
+    overrides = {
+        **FAST,
+        "train.model": "inception_v3",
+        "train.image_size": [80, 80],
+        "train.crop_size": [75, 75],
+        "train.augment": ["crop"],
+        "train.batch_size": 32,
+        "train.fine_tune_epochs": 1,
+        "train.restore_best": True,
+        "train.monitor": "val_accuracy",
+        "train.histogram_freq": 0,
+    }
     params = _prepare(workdir, overrides)
-    result = train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints")
+    result = train.train(
+        params.train, 7, workdir / params.shards_dir, workdir / "models", checkpoints_dir=workdir / "checkpoints"
+    )
     history = list(csv.DictReader((workdir / "models" / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["0", "1"]
     assert float(history[1]["learning_rate"]) == pytest.approx(params.train.fine_tune_learning_rate)
-    evaluated = evaluate.evaluate(params.evaluate, workdir / params.shards_dir, workdir / "models", workdir / "metrics.json", workdir / "evaluation")
+    evaluated = evaluate.evaluate(
+        params.evaluate,
+        workdir / params.shards_dir,
+        workdir / "models",
+        workdir / "metrics.json",
+        workdir / "evaluation",
+    )
     assert evaluated.test_images == 12 and result.validation_accuracy_raw is not None
 
 
@@ -211,7 +271,9 @@ def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, mon
 
     features, targets = np.random.default_rng(0).normal(size=(16, 4)), np.zeros((16, 2))
     after_epoch_1 = []
-    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: after_epoch_1.extend(model.get_weights()) if epoch == 0 else None)
+    keep = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: after_epoch_1.extend(model.get_weights()) if epoch == 0 else None
+    )
     writes = []
     save_weights = keras.Model.save_weights
 
@@ -234,7 +296,9 @@ def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, mon
     restored.load_weights(backup._weights_path)
     for weights, expected in zip(restored.get_weights(), after_epoch_1, strict=True):
         np.testing.assert_array_equal(weights, expected)
-    resumed = tiny_model().fit(features, targets, epochs=3, callbacks=[checkpoints.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0)
+    resumed = tiny_model().fit(
+        features, targets, epochs=3, callbacks=[checkpoints.WholeBackupAndRestore(str(tmp_path / "backup"))], verbose=0
+    )
     assert len(resumed.history["loss"]) == 2, "resumed after epoch 1: epochs 2 and 3"
     assert not (tmp_path / "backup").exists(), "a finished fit leaves no backup, nor any half-written file"
 
@@ -251,7 +315,9 @@ def test_backups_wait_for_their_interval(tmp_path):
     for every_seconds in (0, 3600):
         backup = checkpoints.WholeBackupAndRestore(str(tmp_path / f"backup-{every_seconds}"), every_seconds)
         watch = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs, folder=backup.backup_dir: written.append(pathlib.Path(folder, "training_metadata.json").is_file())
+            on_epoch_end=lambda epoch, logs, folder=backup.backup_dir: written.append(
+                pathlib.Path(folder, "training_metadata.json").is_file()
+            )
         )
         model.fit(features, targets, epochs=2, callbacks=[backup, watch], verbose=0)
     assert written == [True, True, False, False]

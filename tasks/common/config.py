@@ -77,13 +77,19 @@ class DatasetParams(_Section):
     @classmethod
     def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
         if value is not None and min(value) < 1:
-            raise ValueError(f"[height, width] in pixels, both at least 1, or null to keep each image's size; got {list(value)}")
+            raise ValueError(
+                f"[height, width] in pixels, both at least 1, or null to keep each image's size; got {list(value)}"
+            )
         return value
 
     @pydantic.field_validator("source")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith(("http://", "https://")) and urllib.parse.urlsplit(value).username is not None:
+        if (
+            value is not None
+            and value.startswith(("http://", "https://"))
+            and urllib.parse.urlsplit(value).username is not None
+        ):
             raise ValueError(
                 "a user name, password or token in the URL would be committed to git with params.yaml and logged to MLflow; "
                 "give the URL without it and put the credentials in ~/.netrc (or the file named by NETRC): "
@@ -95,7 +101,9 @@ class DatasetParams(_Section):
     @classmethod
     def _hex_digest(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-            raise ValueError(f"a sha256 digest is 64 hexadecimal characters (`sha256sum FILE` prints it), got {len(value)} characters")
+            raise ValueError(
+                f"a sha256 digest is 64 hexadecimal characters (`sha256sum FILE` prints it), got {len(value)} characters"
+            )
         return value.lower() if value else value
 
     @pydantic.model_validator(mode="after")
@@ -106,7 +114,9 @@ class DatasetParams(_Section):
                 "a .zip/.tar/.tar.gz/.tgz archive of one, or an http(s):// URL of such an archive"
             )
         if self.name == "digits" and (self.source is not None or self.sha256 is not None):
-            raise ValueError("name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null")
+            raise ValueError(
+                "name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null"
+            )
         return self
 
     @pydantic.model_validator(mode="after")
@@ -177,9 +187,15 @@ class TrainParams(_Section):
         network = networks.NETWORKS[self.model]
         smallest = network.min_input_side
         if min(input_size) < smallest:
-            raise ValueError(f"{self.model} needs an input of at least {smallest}x{smallest} pixels, got {list(input_size)} (crop_size, else image_size)")
-        if self.schedule == "piecewise" and (not self.boundaries or list(self.boundaries) != sorted(set(self.boundaries)) or self.boundaries[0] < 1):
-            raise ValueError(f"the piecewise schedule needs boundaries: increasing positive steps, got {list(self.boundaries)}")
+            raise ValueError(
+                f"{self.model} needs an input of at least {smallest}x{smallest} pixels, got {list(input_size)} (crop_size, else image_size)"
+            )
+        if self.schedule == "piecewise" and (
+            not self.boundaries or list(self.boundaries) != sorted(set(self.boundaries)) or self.boundaries[0] < 1
+        ):
+            raise ValueError(
+                f"the piecewise schedule needs boundaries: increasing positive steps, got {list(self.boundaries)}"
+            )
         if not network.pretrained and (self.pretrained_weights != "none" or self.fine_tune_epochs):
             pretrained = [name for name, entry in networks.NETWORKS.items() if entry.pretrained]
             raise ValueError(
@@ -187,7 +203,9 @@ class TrainParams(_Section):
                 f"{self.model} needs pretrained_weights: none and fine_tune_epochs: 0"
             )
         if "crop" in self.augment and input_size == self.image_size and not self.crop_padding:
-            raise ValueError("augment lists crop, but there is nothing to crop: set crop_size below image_size or crop_padding above 0")
+            raise ValueError(
+                "augment lists crop, but there is nothing to crop: set crop_size below image_size or crop_padding above 0"
+            )
         if len(set(self.augment)) != len(self.augment):
             raise ValueError(f"augment lists an augmentation twice: {list(self.augment)}")
         return self
@@ -215,7 +233,6 @@ class StageMinutes(_Section):
     train: Real = pydantic.Field(gt=0)
     evaluate: Real = pydantic.Field(gt=0)
     registration: Real = pydantic.Field(gt=0, alias="register")  # alias: see Params.registration
-
 
 
 class FlowParams(_Section):
@@ -294,7 +311,9 @@ def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, A
     except yaml.YAMLError as error:
         raise ConfigError(_describe_yaml_error(path, error)) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (base, dataset, train, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (base, dataset, train, ...), got {type(raw).__name__}"
+        )
     for dotted_key, value in (overrides or {}).items():
         _set_dotted(raw, dotted_key, value, path)
     return parse_params(raw, source=str(path))
@@ -388,9 +407,7 @@ def _keys(model: type[pydantic.BaseModel]) -> list[str]:
 
 def _received(raw: Any, location: tuple[Any, ...]) -> Any:
     for part in location:
-        if isinstance(raw, dict) and part in raw:
-            raw = raw[part]
-        elif isinstance(raw, (list, tuple)) and isinstance(part, int) and part < len(raw):
+        if isinstance(raw, dict) and part in raw or isinstance(raw, (list, tuple)) and isinstance(part, int) and part < len(raw):
             raw = raw[part]
         else:
             return None

@@ -146,7 +146,10 @@ class RunRecord(_Contract):
     manifest_sha256: str
 
     def write(self, model_dir: pathlib.Path) -> None:
-        _write(self.model_copy(update={"tracking_uri": errors.without_credentials(self.tracking_uri)}), model_dir / RUN_FILE)
+        _write(
+            self.model_copy(update={"tracking_uri": errors.without_credentials(self.tracking_uri)}),
+            model_dir / RUN_FILE,
+        )
 
     @classmethod
     def read(cls, model_dir: pathlib.Path) -> RunRecord:

@@ -83,6 +83,7 @@ PipelineBusy = Busy  # the name earlier releases raised
 
 def redact(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***."""
+
     def hide(match: re.Match) -> str:
         user, has_password, _ = match["userinfo"].partition(":")
         return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
@@ -96,7 +97,9 @@ def without_credentials(uri: str) -> str:
 
 
 def add_verbose_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(VERBOSE_OPTION, action="store_true", help=f"print the traceback of a failure (or set {VERBOSE_VARIABLE}=1)")
+    parser.add_argument(
+        VERBOSE_OPTION, action="store_true", help=f"print the traceback of a failure (or set {VERBOSE_VARIABLE}=1)"
+    )
     return parser
 
 
@@ -108,7 +111,12 @@ def stage_parser(docstring: str | None) -> argparse.ArgumentParser:
 
 def verbose(arguments: list[str] | None = None) -> bool:
     arguments = sys.argv[1:] if arguments is None else arguments
-    return VERBOSE_OPTION in arguments or os.environ.get(VERBOSE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return VERBOSE_OPTION in arguments or os.environ.get(VERBOSE_VARIABLE, "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
 
 
 def exit_code(error: BaseException) -> int | None:
@@ -150,7 +158,9 @@ def describe(error: BaseException) -> str:
             folder = os.path.dirname(os.fspath(where)) or "."
             message += f"; make {folder} writable, or point its setting in params.yaml (paths.*) at a writable folder"
         elif isinstance(error, FileExistsError) or isinstance(error, NotADirectoryError):
-            message += "; a file stands where a folder is expected: move it away, or change the path in params.yaml (paths.*)"
+            message += (
+                "; a file stands where a folder is expected: move it away, or change the path in params.yaml (paths.*)"
+            )
     else:
         message = str(error) or type(error).__name__
     if _is_mlflow_error(error):
@@ -159,7 +169,9 @@ def describe(error: BaseException) -> str:
     return redact(message.strip())
 
 
-def run_main(main: Callable[[list[str]], int | None], arguments: list[str] | None = None, exclusive: bool = False) -> int:
+def run_main(
+    main: Callable[[list[str]], int | None], arguments: list[str] | None = None, exclusive: bool = False
+) -> int:
     """Calls `main(arguments)` and turns what it raises into a message on stderr and an exit code.
 
     `exclusive`: main writes the pipeline's outputs, so it holds the folder's pipeline lock (tasks/common/locking.py).
@@ -181,8 +193,11 @@ def run_main(main: Callable[[list[str]], int | None], arguments: list[str] | Non
         if code is None or verbose(arguments):
             print(redact("".join(traceback.format_exception(error))), file=sys.stderr, end="")
         if code is None:
-            print(f"{program}: error: a bug, not a problem with the input: {type(error).__name__}: {describe(error)} "
-                  "(the traceback above shows where; please report it)", file=sys.stderr)
+            print(
+                f"{program}: error: a bug, not a problem with the input: {type(error).__name__}: {describe(error)} "
+                "(the traceback above shows where; please report it)",
+                file=sys.stderr,
+            )
             return FAILED
         print(f"{program}: error: {describe(error)}", file=sys.stderr)
         return code

@@ -67,7 +67,9 @@ def staged_directory(destination: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields an empty folder beside `destination` that replaces it once the block succeeds."""
     make_folder(destination.parent)
     remove_abandoned(destination)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent))
+    staging = pathlib.Path(
+        tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent)
+    )
     try:
         yield staging
         os.chmod(staging, 0o755)
@@ -87,7 +89,9 @@ def staged_file(destination: pathlib.Path) -> Iterator[pathlib.Path]:
     block succeeds."""
     make_folder(destination.parent)
     remove_abandoned(destination)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent))
+    staging = pathlib.Path(
+        tempfile.mkdtemp(prefix=_temporary_prefix(destination), suffix=".partial", dir=destination.parent)
+    )
     try:
         yield staging / destination.name
         with (staging / destination.name).open("rb+") as stream:

@@ -48,7 +48,12 @@ def pipeline_lock(what: str, folder: pathlib.Path | str = ".") -> Iterator[pathl
             ) from None
         stream.seek(0)
         stream.truncate()
-        holder = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        holder = {
+            "what": what,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         stream.write(json.dumps(holder) + "\n")
         stream.flush()
         try:

@@ -67,7 +67,9 @@ def load_logged_model(model_uri: str):
     flavor = flavors.get("tensorflow") or flavors.get("keras")
     model_file = local / (flavor or {}).get("data", "data") / "model.keras"
     if flavor is None or not model_file.is_file():
-        raise errors.BadInput(f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?")
+        raise errors.BadInput(
+            f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?"
+        )
     return load_model_file(model_file, what=model_uri)
 
 
@@ -117,7 +119,9 @@ def git_tags() -> dict[str, str]:
     """The commit the code came from, and whether the working tree differed from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}

@@ -95,7 +95,10 @@ def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib
                     f"{errors.redact(url)}: gave up after {ATTEMPTS} attempts: {_describe(error)}"
                 ) from None
             wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
-            print(f"download: {errors.redact(url)}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})", file=sys.stderr)
+            print(
+                f"download: {errors.redact(url)}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})",
+                file=sys.stderr,
+            )
             time.sleep(wait)
     actual = files.sha256_of(partial)
     if sha256 is not None and actual != sha256:
@@ -146,19 +149,40 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             return _transfer(url, partial)
         if error.code in _TRANSIENT_STATUS:
             raise
-        hint = f"; the server wants credentials it accepts: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
+        hint = (
+            f"; the server wants credentials it accepts: put them in {NETRC_HINT}" if error.code in (401, 403) else ""
+        )
         # Not a transient status: the same request would get the same answer, now or tomorrow.
         raise DownloadRefused(f"{errors.redact(url)}: HTTP {error.code} {error.reason}{hint}") from None
     with response:
-        resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
-        validators = {key: value for key, value in (("etag", response.headers.get("ETag")), ("last_modified", response.headers.get("Last-Modified"))) if value}
+        resumed = (
+            offset
+            and response.status == 206
+            and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+        )
+        validators = {
+            key: value
+            for key, value in (
+                ("etag", response.headers.get("ETag")),
+                ("last_modified", response.headers.get("Last-Modified")),
+            )
+            if value
+        }
         if not resumed:
             offset = 0  # the server sent the whole file
             files.write_json(validators_path, validators)
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        progress = tqdm.tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name, file=sys.stderr, leave=False)
+        progress = tqdm.tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name,
+            file=sys.stderr,
+            leave=False,
+        )
         with progress, partial.open("ab" if resumed else "wb") as stream:
             for block in iter(lambda: response.read(_BLOCK), b""):
                 stream.write(block)
@@ -179,7 +203,9 @@ def _validators(path: pathlib.Path) -> dict[str, str]:
 
 
 def _open(url: str, headers: dict[str, str]):
-    request = urllib.request.Request(url, headers={"User-Agent": "image-pipeline", "Accept-Encoding": "identity", **headers})
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "image-pipeline", "Accept-Encoding": "identity", **headers}
+    )
     # urllib's own basic-auth handler answers the server's challenge, and only for URLs under `url`'s
     # scheme, host and port; the passwords come from netrc.
     opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(_NetrcPasswords(url)))
@@ -195,7 +221,9 @@ class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
         self.origin = f"{parts.scheme}://{parts.netloc}"
 
     def find_user_password(self, realm: str | None, authuri: str) -> tuple[str | None, str | None]:
-        if not self.is_suburi(self.reduce_uri(self.origin, default_port=True), self.reduce_uri(authuri, default_port=True)):
+        if not self.is_suburi(
+            self.reduce_uri(self.origin, default_port=True), self.reduce_uri(authuri, default_port=True)
+        ):
             return None, None
         named = os.environ.get("NETRC")
         path = pathlib.Path(named) if named else pathlib.Path.home() / ".netrc"
@@ -210,7 +238,9 @@ class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
                 f"{path}, line {error.lineno}: not valid netrc; fix the file ({NETRC_HINT})"
             ) from None
         host = (urllib.parse.urlsplit(authuri).hostname or "").lower()
-        entry = next((entry for name, entry in hosts.hosts.items() if name.lower() == host), None) or hosts.authenticators("default")
+        entry = next(
+            (entry for name, entry in hosts.hosts.items() if name.lower() == host), None
+        ) or hosts.authenticators("default")
         return (entry[0], entry[2]) if entry else (None, None)
 
 

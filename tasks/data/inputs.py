@@ -44,7 +44,9 @@ def training_data(
     data = records.read_split(shards_dir, "train", image_size)
     if count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20:
         data = data.cache()  # decoding and resizing happen once, not once per epoch
-    data = data.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=drop_remainder)
+    data = data.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).batch(
+        batch_size, drop_remainder=drop_remainder
+    )
     distort = _distortion(tuple(augment), tuple(image_size), tuple(input_size), crop_padding)
     # A fresh, seeded pair of random seeds for every batch, different in every epoch.
     seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)
@@ -56,23 +58,34 @@ def training_data(
 
 
 def evaluation_data(
-    shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], input_size: tuple[int, int], batch_size: int, with_source: bool = False
+    shards_dir: pathlib.Path,
+    split: str,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int],
+    batch_size: int,
+    with_source: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (uint8 images, labels[, source paths]) of one split in stored order: decoded at `image_size`,
     centre-cropped to `input_size`."""
     return (
         records.read_split(shards_dir, split, image_size, with_source=with_source)
         .batch(batch_size)
-        .map(lambda images, *rest: (preprocessing.centre_crop(images, input_size), *rest), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(
+            lambda images, *rest: (preprocessing.centre_crop(images, input_size), *rest),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     )
 
 
 def channel_mean(shards_dir: pathlib.Path, image_size: tuple[int, int]) -> list[float]:
     """The mean of each colour channel over the training split, in [0, 1] (ResNet subtracts it)."""
     per_image = records.read_split(shards_dir, "train", image_size).map(
-        lambda image, label: tf.reduce_mean(tf.cast(image, tf.float64), axis=[0, 1]) / 255.0, num_parallel_calls=tf.data.AUTOTUNE
+        lambda image, label: tf.reduce_mean(tf.cast(image, tf.float64), axis=[0, 1]) / 255.0,
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
-    total, count = per_image.reduce((tf.zeros(3, tf.float64), tf.constant(0.0, tf.float64)), lambda state, mean: (state[0] + mean, state[1] + 1.0))
+    total, count = per_image.reduce(
+        (tf.zeros(3, tf.float64), tf.constant(0.0, tf.float64)), lambda state, mean: (state[0] + mean, state[1] + 1.0)
+    )
     return [float(value) for value in (total / count).numpy()]
 
 
@@ -105,7 +118,9 @@ def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_siz
     return distort
 
 
-def _geometric_distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_size: tuple[int, int], crop_padding: int):
+def _geometric_distortion(
+    augment: tuple[str, ...], image_size: tuple[int, int], input_size: tuple[int, int], crop_padding: int
+):
     """Crop, flip and shift as one compiled function of (a uint8 batch, their three seeds), cropped to `input_size`."""
     height, width = input_size
     padded_height, padded_width = image_size[0] + 2 * crop_padding, image_size[1] + 2 * crop_padding
@@ -115,13 +130,21 @@ def _geometric_distortion(augment: tuple[str, ...], image_size: tuple[int, int],
         crop_seed, flip_seed, shift_seed = tf.unstack(seeds)
         batch = tf.shape(images)[0]
         # Where each output pixel is taken from, per image: rows (batch, height), columns (batch, width).
-        rows, columns = tf.tile(tf.range(height)[tf.newaxis], [batch, 1]), tf.tile(tf.range(width)[tf.newaxis], [batch, 1])
+        rows, columns = (
+            tf.tile(tf.range(height)[tf.newaxis], [batch, 1]),
+            tf.tile(tf.range(width)[tf.newaxis], [batch, 1]),
+        )
         if "shift" in augment:
             # Up to 10% of each side, the borders repeated (the seed's fill_mode nearest).
             shift_rows, shift_columns = round(SHIFT_FRACTION * height), round(SHIFT_FRACTION * width)
             shift_rows = tf.random.stateless_uniform([batch, 1], shift_seed, -shift_rows, shift_rows + 1, tf.int32)
-            shift_columns = tf.random.stateless_uniform([batch, 1], shift_seed + 1, -shift_columns, shift_columns + 1, tf.int32)
-            rows, columns = tf.clip_by_value(rows - shift_rows, 0, height - 1), tf.clip_by_value(columns - shift_columns, 0, width - 1)
+            shift_columns = tf.random.stateless_uniform(
+                [batch, 1], shift_seed + 1, -shift_columns, shift_columns + 1, tf.int32
+            )
+            rows, columns = (
+                tf.clip_by_value(rows - shift_rows, 0, height - 1),
+                tf.clip_by_value(columns - shift_columns, 0, width - 1),
+            )
         if "flip" in augment:
             flipped = tf.random.stateless_uniform([batch, 1], flip_seed) < 0.5
             columns = tf.where(flipped, width - 1 - columns, columns)
@@ -157,11 +180,17 @@ def _colour_distortion(augment: tuple[str, ...], input_size: tuple[int, int]):
         pixels = tf.cast(images, tf.float32)
         delta, factor, mean = 0.0, 1.0, 0.0
         if "brightness" in augment:
-            delta = tf.random.stateless_uniform([batch, 1, 1, 1], brightness_seed, -BRIGHTNESS_DELTA * 255, BRIGHTNESS_DELTA * 255)
+            delta = tf.random.stateless_uniform(
+                [batch, 1, 1, 1], brightness_seed, -BRIGHTNESS_DELTA * 255, BRIGHTNESS_DELTA * 255
+            )
         if "contrast" in augment:
-            factor = tf.random.stateless_uniform([batch, 1, 1, 1], contrast_seed, 1 - CONTRAST_FACTOR, 1 + CONTRAST_FACTOR)
+            factor = tf.random.stateless_uniform(
+                [batch, 1, 1, 1], contrast_seed, 1 - CONTRAST_FACTOR, 1 + CONTRAST_FACTOR
+            )
             # Summed as integers: exact, and twice as fast as a float mean here.
-            mean = tf.cast(tf.reduce_sum(tf.cast(images, tf.int32), axis=[1, 2], keepdims=True), tf.float32) / (height * width)
+            mean = tf.cast(tf.reduce_sum(tf.cast(images, tf.int32), axis=[1, 2], keepdims=True), tf.float32) / (
+                height * width
+            )
         pixels = tf.clip_by_value((pixels - mean) * factor + mean + delta, 0.0, 255.0)
         # The model takes uint8 pixels, as a served model will.
         return tf.saturate_cast(tf.round(pixels), tf.uint8)

@@ -23,7 +23,9 @@ def resize(images: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     return tf.cond(
         tf.reduce_all(tf.shape(images)[-3:-1] == [height, width]),
         lambda: images,
-        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(images, (height, width), antialias=True)), 0, 255), tf.uint8),
+        lambda: tf.cast(
+            tf.clip_by_value(tf.round(tf.image.resize(images, (height, width), antialias=True)), 0, 255), tf.uint8
+        ),
     )
 
 

@@ -54,18 +54,24 @@ def verify_shards(shards_dir: pathlib.Path, manifest: contracts.Manifest, split:
     for shard in manifest.splits[split].shards:
         path = shards_dir / shard.file
         if not path.is_file():
-            raise errors.MissingInput(f"shard {path} listed in {shards_dir / contracts.MANIFEST_FILE} is missing; {remedy}")
+            raise errors.MissingInput(
+                f"shard {path} listed in {shards_dir / contracts.MANIFEST_FILE} is missing; {remedy}"
+            )
         status = path.stat()
         identity = (str(path.resolve()), status.st_size, status.st_mtime_ns, status.st_ino)
         if identity not in _verified:
             if files.sha256_of(path) != shard.sha256:
-                raise errors.BadInput(f"shard {path} does not match its sha256 in {shards_dir / contracts.MANIFEST_FILE}: it is corrupted or cut off; {remedy}")
+                raise errors.BadInput(
+                    f"shard {path} does not match its sha256 in {shards_dir / contracts.MANIFEST_FILE}: it is corrupted or cut off; {remedy}"
+                )
             _verified.add(identity)
         paths.append(path)
     return paths
 
 
-def read_split(shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], with_source: bool = False) -> tf.data.Dataset:
+def read_split(
+    shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], with_source: bool = False
+) -> tf.data.Dataset:
     """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written."""
     manifest = contracts.Manifest.read(shards_dir)
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]

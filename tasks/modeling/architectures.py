@@ -1,9 +1,10 @@
-"""The networks of the seed articles: one builder function each, named in tasks/modeling/networks.py.
+"""The networks of the seed articles: one builder function each, named in tasks/modeling/networks.py,
+and `build_model`, which builds a registry entry; the preparation layer every saved model starts with.
 
 A builder takes the scaled image tensor (floats in [0, 1]), the number of classes and the options of
-networks.build_model, and returns logits. Where its seed whitens or centres the pixels, the builder
+architectures.build_model, and returns logits. Where its seed whitens or centres the pixels, the builder
 does it inside the network, so a saved or registered model classifies raw pixels with no code from
-this repository beyond the two small layers below.
+this repository beyond the small layers below.
 """
 
 from __future__ import annotations
@@ -12,32 +13,73 @@ from typing import Any
 
 import keras
 
+from tasks.common import errors
+from tasks.modeling import networks
+
 # The tutorial's norm1/norm2 constants: tf.nn.lrn(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75).
 LRN_SETTINGS = {"depth_radius": 4, "bias": 1.0, "alpha": 0.001 / 9.0, "beta": 0.75}
 # Configurations D (VGG-16) and E (VGG-19): filters per conv, "pool" after each block.
 VGG_CONFIGURATIONS = {
     "vgg16": [64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512, "pool"],
-    "vgg19": [64, 64, "pool", 128, 128, "pool", 256, 256, 256, 256, "pool", 512, 512, 512, 512, "pool", 512, 512, 512, 512, "pool"],
+    "vgg19": [
+        64,
+        64,
+        "pool",
+        128,
+        128,
+        "pool",
+        256,
+        256,
+        256,
+        256,
+        "pool",
+        512,
+        512,
+        512,
+        512,
+        "pool",
+        512,
+        512,
+        512,
+        512,
+        "pool",
+    ],
 }
 # The seed's PaddlePaddle CIFAR VGG: (filters, dropout after each conv of the group; none after the last).
-VGG_BN_GROUPS = [(64, [0.3, 0.0]), (128, [0.4, 0.0]), (256, [0.4, 0.4, 0.0]), (512, [0.4, 0.4, 0.0]), (512, [0.4, 0.4, 0.0])]
+VGG_BN_GROUPS = [
+    (64, [0.3, 0.0]),
+    (128, [0.4, 0.0]),
+    (256, [0.4, 0.4, 0.0]),
+    (512, [0.4, 0.4, 0.0]),
+    (512, [0.4, 0.4, 0.0]),
+]
 
 
 @keras.saving.register_keras_serializable(package="tasks")
 class LocalResponseNormalization(keras.layers.Layer):
     """The tutorial's LRN: Keras 3 has no such layer (the VGG authors dropped it as costly and useless)."""
 
-    def __init__(self, depth_radius: int = 4, bias: float = 1.0, alpha: float = 0.001 / 9.0, beta: float = 0.75, **kwargs: Any):
+    def __init__(
+        self, depth_radius: int = 4, bias: float = 1.0, alpha: float = 0.001 / 9.0, beta: float = 0.75, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.depth_radius, self.bias, self.alpha, self.beta = depth_radius, bias, alpha, beta
 
     def call(self, inputs):
         import tensorflow as tf  # the op exists in TensorFlow only; the import is free once Keras runs on it
 
-        return tf.nn.local_response_normalization(inputs, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta)
+        return tf.nn.local_response_normalization(
+            inputs, depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
+        )
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "depth_radius": self.depth_radius, "bias": self.bias, "alpha": self.alpha, "beta": self.beta}
+        return {
+            **super().get_config(),
+            "depth_radius": self.depth_radius,
+            "bias": self.bias,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
 
 
 @keras.saving.register_keras_serializable(package="tasks")
@@ -119,15 +161,31 @@ def cifar10_tutorial(x, num_classes: int, regularizer, **_: Any):
     x = _conv(64, 5, regularizer, padding="same", activation="relu", kernel_initializer=conv_init(), name="conv1")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     x = LocalResponseNormalization(**LRN_SETTINGS, name="norm1")(x)
-    x = _conv(64, 5, regularizer, padding="same", activation="relu", kernel_initializer=conv_init(),
-              bias_initializer=keras.initializers.Constant(0.1), name="conv2")(x)
+    x = _conv(
+        64,
+        5,
+        regularizer,
+        padding="same",
+        activation="relu",
+        kernel_initializer=conv_init(),
+        bias_initializer=keras.initializers.Constant(0.1),
+        name="conv2",
+    )(x)
     x = LocalResponseNormalization(**LRN_SETTINGS, name="norm2")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for units, name in ((384, "local3"), (192, "local4")):
-        x = _dense(units, regularizer, activation="relu", kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.04),
-                   bias_initializer=keras.initializers.Constant(0.1), name=name)(x)
-    return _dense(num_classes, regularizer, kernel_initializer=keras.initializers.TruncatedNormal(stddev=1 / 192.0), name="logits")(x)
+        x = _dense(
+            units,
+            regularizer,
+            activation="relu",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.04),
+            bias_initializer=keras.initializers.Constant(0.1),
+            name=name,
+        )(x)
+    return _dense(
+        num_classes, regularizer, kernel_initializer=keras.initializers.TruncatedNormal(stddev=1 / 192.0), name="logits"
+    )(x)
 
 
 def keras_cnn(x, num_classes: int, regularizer, **_: Any):
@@ -189,10 +247,16 @@ def resnet(x, num_classes: int, regularizer, resnet_n: int, channel_mean: list[f
         for block in range(1, resnet_n + 1):
             stride = 2 if stage > 1 and block == 1 else 1
             prefix = f"stage{stage}_block{block}"
-            shortcut = x if stride == 1 and x.shape[-1] == filters else ParameterFreeShortcut(filters, stride, name=f"{prefix}_shortcut")(x)
+            shortcut = (
+                x
+                if stride == 1 and x.shape[-1] == filters
+                else ParameterFreeShortcut(filters, stride, name=f"{prefix}_shortcut")(x)
+            )
             y = keras.layers.BatchNormalization(name=f"{prefix}_bn1")(x)
             y = keras.layers.ReLU(name=f"{prefix}_relu1")(y)
-            y = _conv(filters, 3, regularizer, strides=stride, padding="same", use_bias=False, name=f"{prefix}_conv1")(y)
+            y = _conv(filters, 3, regularizer, strides=stride, padding="same", use_bias=False, name=f"{prefix}_conv1")(
+                y
+            )
             y = keras.layers.BatchNormalization(name=f"{prefix}_bn2")(y)
             y = keras.layers.ReLU(name=f"{prefix}_relu2")(y)
             y = _conv(filters, 3, regularizer, padding="same", use_bias=False, name=f"{prefix}_conv2")(y)
@@ -206,10 +270,89 @@ def resnet(x, num_classes: int, regularizer, resnet_n: int, channel_mean: list[f
 def inception_v3(x, num_classes: int, regularizer, pretrained_weights: str, **_: Any):
     """Transfer learning: Keras' InceptionV3 without its top, frozen, under a new softmax head."""
     weights = None if pretrained_weights == "none" else pretrained_weights
-    base = keras.applications.InceptionV3(include_top=False, weights=weights, input_shape=tuple(x.shape[1:]), pooling="avg")
+    base = keras.applications.InceptionV3(
+        include_top=False, weights=weights, input_shape=tuple(x.shape[1:]), pooling="avg"
+    )
     base.trainable = False
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_inception_range")(x)  # InceptionV3 was trained on [-1, 1]
-    # training=False keeps its batch norm on the pretrained statistics, also once the top blocks fine-tune.
+    # training=False keeps the frozen base in inference mode; once its top blocks fine-tune, Keras passes
+    # fit's training=True through, so their batch norm stays frozen instead (fine_tuned_layers).
     x = base(x, training=False)
     x = keras.layers.Dropout(0.2, name="head_dropout")(x)
     return _dense(num_classes, regularizer, name="logits")(x)
+
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    weight_decay: float = 0.0,
+    resnet_n: int = 5,
+    channel_mean: list[float] | None = None,
+    pretrained_weights: str = "none",
+) -> keras.Model:
+    """The network `name` for uint8 images of `input_shape`; `weight_decay` puts an L2 penalty on its kernels.
+
+    `channel_mean` (per-channel mean of the training images, in [0, 1]) is subtracted by the networks
+    that say so; `pretrained_weights` (imagenet, none, a file) initialises a pretrained network's base.
+    The model scales the pixels itself and ends in one float32 softmax, so that mixed precision never
+    computes the probabilities in float16.
+    """
+    if name not in networks.NETWORKS:
+        raise errors.BadInput(f"unknown model {name!r}; known: {', '.join(networks.NETWORKS)}")
+    builder = globals()[networks.NETWORKS[name].builder]
+    options = {
+        "name": name,
+        "regularizer": keras.regularizers.L2(weight_decay) if weight_decay else None,
+        "resnet_n": resnet_n,
+        "channel_mean": channel_mean,
+        "pretrained_weights": pretrained_weights,
+    }
+    inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
+    scaled = keras.layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
+    logits = builder(scaled, num_classes, **options)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def fine_tuned_layers(model: keras.Model, name: str) -> list[str]:
+    """The layers of the pretrained base that phase 2 unfreezes, in order: those after `frozen_up_to`, but
+    for batch normalization, which keeps the pretrained statistics (a trainable BatchNormalization layer
+    would normalise with, and learn, the statistics of each small fine-tuning batch: Keras passes fit's
+    training=True into the base whatever the base was called with)."""
+    fine_tuning = networks.NETWORKS[name].fine_tuning
+    if fine_tuning is None:
+        return []
+    layers = model.get_layer(fine_tuning.base).layers
+    names = [layer.name for layer in layers]
+    after = layers[names.index(fine_tuning.frozen_up_to) + 1 :]
+    return [layer.name for layer in after if not isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def set_fine_tuning(model: keras.Model, name: str) -> None:
+    """Makes the top of the pretrained base trainable (phase 2 of transfer learning); recompile after."""
+    fine_tuning = networks.NETWORKS[name].fine_tuning
+    if fine_tuning is None:
+        return
+    base = model.get_layer(fine_tuning.base)
+    base.trainable = True
+    unfrozen = set(fine_tuned_layers(model, name))
+    for layer in base.layers:
+        layer.trainable = layer.name in unfrozen
+
+
+def serving_model(network: keras.Model, image_size: tuple[int, int], input_size: tuple[int, int]) -> keras.Model:
+    """`network` behind its preparation (architectures.PrepareImages): the model that is saved, registered
+    and exported, taking uint8 RGB images of any size. It shares the network's weights."""
+    images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    prepared = PrepareImages(image_size, input_size, name="prepare")(images)
+    return keras.Model(images, network(prepared), name=f"{network.name}_serving")
+
+
+def network_of(model: keras.Model) -> keras.Model:
+    """The network inside a serving model (what takes images of the input size), or `model` itself when it
+    is one already (as models saved before the preparation moved into the model are)."""
+    if len(model.layers) == 3 and isinstance(model.layers[1], PrepareImages):
+        return model.layers[2]
+    return model

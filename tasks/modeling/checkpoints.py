@@ -29,9 +29,13 @@ RUN_FILE = "mlflow_run.json"  # the MLflow run an interrupted training resumes
 BEST_WEIGHTS_FILE = "best.weights.h5"
 
 
-def work_folder(root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool) -> pathlib.Path:
+def work_folder(
+    root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool
+) -> pathlib.Path:
     """<root>/<model>-<hash>: keyed by every train setting, the seed and the data, so a changed config never resumes a stale backup."""
-    settings = params.model_dump(mode="json", exclude={"backup_every_seconds"})  # how often to back up changes no result
+    settings = params.model_dump(
+        mode="json", exclude={"backup_every_seconds"}
+    )  # how often to back up changes no result
     identity = json.dumps({"train": settings, "seed": seed, "data": manifest_sha256}, sort_keys=True)
     folder = root / f"{params.model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if chief:
@@ -117,4 +121,6 @@ class WholeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._last_backup = time.monotonic()
         with files.staged_file(pathlib.Path(self._weights_path)) as weights:
             self.model.save_weights(str(weights), overwrite=True)
-        files.write_json(pathlib.Path(self._training_metadata_path), {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+        files.write_json(
+            pathlib.Path(self._training_metadata_path), {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        )

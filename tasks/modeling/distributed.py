@@ -1,16 +1,14 @@
-"""Devices and tf.distribute strategies for train, and the one training loop Keras cannot run for us.
+"""What train needs to know of its strategy (tasks/modeling/strategies.py makes it), and the one
+training loop Keras cannot run for us.
 
-`train.strategy` picks MirroredStrategy (the tutorial's synchronous towers, one replica per GPU or
-per logical CPU device), MultiWorkerMirroredStrategy (machines named by TF_CONFIG), one device, or
-TensorFlow's default. Keras 3's model.fit does not work under MultiWorkerMirroredStrategy
-(keras-team/keras#20585), so `fit_multi_worker` is a minimal replacement for that case only: the
-same callbacks, the same per-epoch logs and the same backup files as fit with BackupAndRestore.
+Keras 3's model.fit does not work under MultiWorkerMirroredStrategy (keras-team/keras#20585), so
+`fit_multi_worker` is a minimal replacement for that case only: the same callbacks, the same
+per-epoch logs and the same backup files as fit with BackupAndRestore.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import keras
@@ -56,25 +54,7 @@ def fit_multi_worker(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     batches = iter(strategy.experimental_distribute_dataset(train_data.with_options(options)))
-
-    @tf.function
-    def train_step(images, labels):
-        def replica_step(images, labels):
-            with tf.GradientTape() as tape:
-                probabilities = model(images, training=True)
-                per_example = keras.losses.categorical_crossentropy(labels, probabilities, label_smoothing=label_smoothing)
-                loss = tf.nn.compute_average_loss(per_example)  # divided by the global batch, as fit does
-                if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-                scaled_loss = optimizer.scale_loss(loss)  # loss scaling under mixed precision, else the loss
-            gradients = tape.gradient(scaled_loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(labels, -1), tf.argmax(probabilities, -1)), tf.float32))
-            return loss, correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-        loss, correct, count = strategy.run(replica_step, args=(images, labels))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in (loss, correct, count)]
-
+    train_step = _train_step(model, strategy, label_smoothing)
     with strategy.scope():
         optimizer.build(model.trainable_variables)
     initial_epoch = _restore(model, backup_dir)
@@ -105,6 +85,33 @@ def fit_multi_worker(
     return history
 
 
+def _train_step(model: keras.Model, strategy: tf.distribute.Strategy, label_smoothing: float):
+    """One synchronous step on every replica: (mean loss, correct, count) over the global batch."""
+    optimizer = model.optimizer
+
+    @tf.function
+    def train_step(images, labels):
+        def replica_step(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = model(images, training=True)
+                per_example = keras.losses.categorical_crossentropy(
+                    labels, probabilities, label_smoothing=label_smoothing
+                )
+                loss = tf.nn.compute_average_loss(per_example)  # divided by the global batch, as fit does
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                scaled_loss = optimizer.scale_loss(loss)  # loss scaling under mixed precision, else the loss
+            gradients = tape.gradient(scaled_loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(labels, -1), tf.argmax(probabilities, -1)), tf.float32))
+            return loss, correct, tf.cast(tf.shape(labels)[0], tf.float32)
+
+        loss, correct, count = strategy.run(replica_step, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in (loss, correct, count)]
+
+    return train_step
+
+
 def score(model: keras.Model, data: tf.data.Dataset, label_smoothing: float = 0.0) -> tuple[float, float]:
     """(mean loss, accuracy) of `model` on batches of (images, one-hot labels), computed in this process alone.
 
@@ -114,7 +121,9 @@ def score(model: keras.Model, data: tf.data.Dataset, label_smoothing: float = 0.
     batches = [(keras.ops.convert_to_numpy(predict(images)), labels.numpy()) for images, labels in data]
     probabilities = np.concatenate([batch for batch, _ in batches])
     labels = np.concatenate([batch for _, batch in batches])
-    losses = keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(labels, probabilities, label_smoothing=label_smoothing))
+    losses = keras.ops.convert_to_numpy(
+        keras.losses.categorical_crossentropy(labels, probabilities, label_smoothing=label_smoothing)
+    )
     return float(losses.mean()), float((probabilities.argmax(-1) == labels.argmax(-1)).mean())
 
 

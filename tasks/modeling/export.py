@@ -14,7 +14,7 @@ import tempfile
 import tensorflow as tf
 
 from tasks.common import tracking
-from tasks.modeling import networks
+from tasks.modeling import architectures
 
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -27,7 +27,7 @@ def export_model(model_path: pathlib.Path, export_dir: pathlib.Path, tflite_floa
     model.export(str(saved_model), format="tf_saved_model", verbose=False)
     with tempfile.TemporaryDirectory() as folder:
         # Through a SavedModel of the network alone: the checked path from a Keras 3 model to TFLite.
-        networks.network_of(model).export(folder, format="tf_saved_model", verbose=False)
+        architectures.network_of(model).export(folder, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         if tflite_float16:
             # Halves the file; TFLite computes in float32 on CPUs that lack float16 arithmetic.

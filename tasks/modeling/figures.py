@@ -16,8 +16,13 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, class_names: lis
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure, axes = plt.subplots(figsize=(size, size))
     sklearn.metrics.ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=list(range(len(class_names))), display_labels=class_names,
-        ax=axes, colorbar=False, xticks_rotation="vertical",
+        labels,
+        predicted,
+        labels=list(range(len(class_names))),
+        display_labels=class_names,
+        ax=axes,
+        colorbar=False,
+        xticks_rotation="vertical",
     )
     axes.set_title("Confusion matrix (test split)")
     figure.tight_layout()

@@ -41,7 +41,9 @@ class ProgressLogger(keras.callbacks.Callback):
         if self.window_steps >= self.every_steps:
             now = time.perf_counter()
             step = int(self.model.optimizer.iterations.numpy())
-            self.print_fn(f"step {step}, {self._describe(logs)} {self._speed(now - self.window_start, self.window_steps)}")
+            self.print_fn(
+                f"step {step}, {self._describe(logs)} {self._speed(now - self.window_start, self.window_steps)}"
+            )
             self.window_start, self.window_steps = now, 0
 
     def on_epoch_end(self, epoch, logs=None):
@@ -58,7 +60,9 @@ class ProgressLogger(keras.callbacks.Callback):
 
     def _describe(self, logs) -> str:
         logs = logs or {}
-        text = ", ".join(f"{key} = {float(logs[key]):.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs)
+        text = ", ".join(
+            f"{key} = {float(logs[key]):.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs
+        )
         return f"{text}, learning rate = {self.learning_rate():.3g}"
 
     def _speed(self, elapsed: float, steps: int) -> str:
@@ -70,7 +74,9 @@ class MlflowMetrics(keras.callbacks.Callback):
     """Every epoch's logs as MLflow metrics at step = epoch, so that a resumed run continues its curves."""
 
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics({key: float(value) for key, value in (logs or {}).items() if math.isfinite(float(value))}, step=epoch)
+        mlflow.log_metrics(
+            {key: float(value) for key, value in (logs or {}).items() if math.isfinite(float(value))}, step=epoch
+        )
 
 
 class InputImages(keras.callbacks.Callback):
@@ -87,7 +93,9 @@ class InputImages(keras.callbacks.Callback):
         grid = np.zeros((rows * (height + 1), columns * (width + 1), channels), dtype=np.uint8)
         for index, image in enumerate(self.images):
             row, column = divmod(index, columns)
-            grid[row * (height + 1) : row * (height + 1) + height, column * (width + 1) : column * (width + 1) + width] = image
+            grid[
+                row * (height + 1) : row * (height + 1) + height, column * (width + 1) : column * (width + 1) + width
+            ] = image
         with tf.summary.create_file_writer(str(self.log_dir / "images")).as_default():
             tf.summary.image("training inputs", grid[np.newaxis], step=0)
 

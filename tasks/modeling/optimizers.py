@@ -31,7 +31,9 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[config.TrainParams], dict[str, Any]]]
 }
 
 
-def make_optimizer(params: config.TrainParams, total_steps: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    params: config.TrainParams, total_steps: int, learning_rate: float | None = None
+) -> keras.optimizers.Optimizer:
     """`params.optimizer` on `params.schedule` over `total_steps`; `learning_rate` replaces the schedule by a constant."""
     import keras
 
@@ -88,7 +90,9 @@ SCHEDULES: dict[str, Callable[[config.TrainParams, int], Any]] = {
 }
 
 
-def make_schedule(params: config.TrainParams, total_steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def make_schedule(
+    params: config.TrainParams, total_steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate of `params.schedule` over `total_steps` steps."""
     if params.schedule not in SCHEDULES:
         raise errors.BadInput(f"train.schedule = {params.schedule!r}; expected one of {', '.join(SCHEDULES)}")

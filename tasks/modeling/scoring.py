@@ -30,7 +30,11 @@ class Predictions:
 
 
 def predict_test_split(
-    model: keras.Model, shards_dir: pathlib.Path, batch_size: int, image_size: tuple[int, int], input_size: tuple[int, int]
+    model: keras.Model,
+    shards_dir: pathlib.Path,
+    batch_size: int,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int],
 ) -> Predictions:
     """Runs `model` over the test shards, keeping only the few misclassified images a report shows.
 
