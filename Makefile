@@ -25,5 +25,6 @@ flow: $(VENV)/installed
 # worker): most tests wait on subprocesses and servers, so two cores run the suite in about half the time.
 test: $(VENV)/installed
 	ruff check .
+	ruff format --check .
 	python -m pytest --numprocesses 2 --dist loadfile
 

@@ -34,7 +34,8 @@ def stage_seconds(lines: list[tuple[float, str]], total: float) -> dict[str, flo
         if (match := re.match(r"Running stage '(?P<name>[^']+)'", line))
     ]
     ends = [arrived for arrived, _ in starts[1:]] + [total]
-    return {name: end - begun for (begun, name), end in zip(starts, ends)}
+    # strict=False: with no stage line, starts is empty while ends still holds the total.
+    return {name: end - begun for (begun, name), end in zip(starts, ends, strict=False)}
 
 
 def measure(folder: pathlib.Path) -> dict:
@@ -68,7 +69,8 @@ def main() -> int:
     bench_report.print_table(["stage", "seconds", "share"], rows)
     registry = report["registry"]
     print(
-        f"registry: {registry['model_name']} version {registry['version']}, alias {registry['alias']}: {registry['reason']}"
+        f"registry: {registry['model_name']} version {registry['version']}, "
+        f"alias {registry['alias']}: {registry['reason']}"
     )
     time_met = bench_report.check(
         "end to end wall time", report["seconds"], MAX_SECONDS, higher_is_better=False, unit=" s"

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     cheapest = {side: max(timing.images_per_cpu_second for timing in timings) for side, timings in runs.items()}
     cpu_ratios = {side: cheapest[side] / cheapest["anchor"] for side in ("cold", "warm")}
     print(
-        f"{train_count} training images of {SIDE}x{SIDE}, batches of {arguments.batch_size}; faster of two alternating runs each"
+        f"{train_count} training images of {SIDE}x{SIDE}, batches of {arguments.batch_size}; "
+        "faster of two alternating runs each"
     )
     bench_report.print_table(
         ["method", "images", "seconds", "images/s", "ratio", "images/CPU s", "CPU ratio"],

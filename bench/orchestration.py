@@ -173,7 +173,8 @@ def _process_cpu_seconds(pid: int) -> float:
 def _run_in_child(
     mode: str, cwd: pathlib.Path, variables: dict[str, str]
 ) -> tuple[float, float, dict, list[tuple[float, str]]]:
-    """`python -m bench.orchestration --<mode>` in `cwd`: its wall and CPU seconds, the result it printed, its output."""
+    """`python -m bench.orchestration --<mode>` in `cwd`: its wall and CPU seconds, the result it printed,
+    its output."""
     seconds, cpu_seconds, lines = run_timed([sys.executable, "-m", "bench.orchestration", f"--{mode}"], cwd, variables)
     result = next(line for _, line in reversed(lines) if line.startswith(RESULT_MARK))
     return seconds, cpu_seconds, json.loads(result.removeprefix(RESULT_MARK)), lines

@@ -63,9 +63,13 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         all(isinstance(row[index], (int, float)) or row[index] in ("", None) for row in rows)
         for index in range(len(headers))
     ]
-    line = lambda values: "  ".join(
-        value.rjust(width) if right else value.ljust(width) for value, width, right in zip(values, widths, numeric)
-    )  # noqa: E731
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            value.rjust(width) if right else value.ljust(width)
+            for value, width, right in zip(values, widths, numeric, strict=True)
+        )
+
     print(line(headers))
     for row in cells:
         print(line(row))

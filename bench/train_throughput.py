@@ -89,7 +89,8 @@ MODEL_SETTINGS = {
 }
 
 
-# One timed epoch: its wall-clock and CPU seconds, then the matmul rate timed after it, per wall-clock and per CPU second.
+# One timed epoch: its wall-clock and CPU seconds, then the matmul rate timed after it,
+# per wall-clock and per CPU second.
 Epoch = tuple[float, float, float, float]
 
 
@@ -182,7 +183,8 @@ class Result:
 def in_memory(
     shards_dir: pathlib.Path, split: str, params: config.TrainParams, class_count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A split as NumPy arrays, centre-cropped to the input size, with one-hot labels: what a plain script would feed."""
+    """A split as NumPy arrays, centre-cropped to the input size, with one-hot labels:
+    what a plain script would feed."""
     images, labels = [], []
     data = inputs.evaluation_data(shards_dir, split, params.image_size, params.input_size, batch_size=1024)
     for image_batch, label_batch in data:
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{results[0].train_images} training images of 32x32; fp32 matmul: "
         f"{max(result.matmul_rate() for result in results) / 1e9:.1f} GFLOP/s on {device} "
-        f"({max(result.matmul_rate('cpu') for result in results) / 1e9:.1f} per CPU second), the fastest after an epoch; "
+        f"({max(result.matmul_rate('cpu') for result in results) / 1e9:.1f} per CPU second), "
+        "the fastest after an epoch; "
         f"images/s and CPU of the median epoch"
     )
     rows, report_models, passed = [], {}, True

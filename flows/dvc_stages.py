@@ -52,7 +52,8 @@ def exclusive() -> Iterator[None]:
         except dvc.lock.LockError:
             holder = _read(pathlib.Path(repo.tmp_dir) / "lock")
             raise errors.Busy(
-                f"DVC is working in this folder (dvc repro, dvc status or another DVC command{holder} holds {repo.tmp_dir}/lock); "
+                "DVC is working in this folder "
+                f"(dvc repro, dvc status or another DVC command{holder} holds {repo.tmp_dir}/lock); "
                 "nothing was changed. Run again when it has finished"
             ) from None
 

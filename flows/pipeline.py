@@ -119,7 +119,7 @@ def summary_task(
     metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list
 ) -> str:
     """The test metrics, MLflow run and registry decision, as a markdown artifact."""
-    ran = [stage for stage, result in zip(STAGES, results) if result is not None]
+    ran = [stage for stage, result in zip(STAGES, results, strict=True) if result is not None]
     return reports.run_summary(metrics_path, registry_path, model_dir, ran)
 
 

@@ -127,7 +127,8 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
     unknown = [split for split in splits if split not in contracts.SPLITS]
     if unknown or "train" not in splits and splits:
         raise errors.BadInput(
-            f"{raw_dir / contracts.LAYOUT_FILE}: splits {list(splits)} must include 'train' and be among {list(contracts.SPLITS)}; rerun the download stage"
+            f"{raw_dir / contracts.LAYOUT_FILE}: splits {list(splits)} must include 'train' and be among "
+            f"{list(contracts.SPLITS)}; rerun the download stage"
         )
     return splits
 
@@ -161,7 +162,8 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
             class_name = unicodedata.normalize("NFC", entry.name)
             if class_name in by_name:
                 raise errors.BadInput(
-                    f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; rename one"
+                    f"class folders {by_name[class_name]} and {entry} have the same name in different Unicode forms; "
+                    "rename one"
                 )
             by_name[class_name] = entry
             paths = [path for path in entry.rglob("*") if path.is_file()]
@@ -206,7 +208,7 @@ def _prepare_all(
             results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
         )
         with spool_path.open("wb") as spool:
-            for item, result in zip(found, progress):
+            for item, result in zip(found, progress, strict=True):
                 if isinstance(result, images.Rejected):
                     rejected.append((item.source, result.reason))
                     continue
@@ -349,7 +351,8 @@ def summary(manifest: contracts.Manifest, shards_dir: pathlib.Path) -> str:
         else "a class has no images"
     )
     lines.append(
-        f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})"
+        f"  imbalance: largest {imbalance['largest']!r} {per_class[imbalance['largest']]}, "
+        f"smallest {imbalance['smallest']!r} {per_class[imbalance['smallest']]} ({ratio})"
     )
     lines.append(f"  files seen {manifest.files_seen} = accepted {manifest.accepted} + rejected {manifest.rejected}")
     if manifest.rejected:
@@ -363,7 +366,8 @@ def summary(manifest: contracts.Manifest, shards_dir: pathlib.Path) -> str:
     duplicates = manifest.duplicates
     if duplicates["identical_groups"]:
         lines.append(
-            f"  identical files: {duplicates['identical_groups']} group(s); {len(duplicates['label_conflicts'])} under different classes (label conflict), "
+            f"  identical files: {duplicates['identical_groups']} group(s); "
+            f"{len(duplicates['label_conflicts'])} under different classes (label conflict), "
             f"{len(duplicates['leakage'])} across splits (leakage); listed in {shards_dir / contracts.MANIFEST_FILE}"
         )
     return "\n".join(lines)

@@ -130,7 +130,7 @@ def _write_digits(raw_dir: pathlib.Path) -> DownloadResult:
     with files.staged_directory(raw_dir) as staging:
         for class_name in class_names:
             (staging / class_name).mkdir()
-        for index, (image, label) in enumerate(zip(pixels, digits.target)):
+        for index, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
             buffer = io.BytesIO()
             PIL.Image.fromarray(image).save(buffer, format="PNG")
             (staging / class_names[label] / f"{index:04d}.png").write_bytes(buffer.getvalue())
@@ -168,7 +168,7 @@ def _write_cifar10(archive: pathlib.Path, staging: pathlib.Path) -> None:
                 )
             images = rows[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE).transpose(0, 2, 3, 1)  # planes -> pixels
             stem = batch.removesuffix(".bin")
-            for index, (label, image) in enumerate(zip(rows[:, 0], images)):
+            for index, (label, image) in enumerate(zip(rows[:, 0], images, strict=True)):
                 PIL.Image.fromarray(image).save(
                     staging / split / class_names[label] / f"{stem}-{index:05d}.png", format="PNG"
                 )

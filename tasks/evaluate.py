@@ -80,7 +80,8 @@ def evaluate(
 def _write_reports(
     predictions: scoring.Predictions, class_names: list[str], evaluation_dir: pathlib.Path
 ) -> pd.DataFrame:
-    """per_class.csv, predictions.csv and the two pictures, written whole into `evaluation_dir`; returns the per-class table."""
+    """per_class.csv, predictions.csv and the two pictures, written whole into `evaluation_dir`; returns the
+    per-class table."""
     predicted = predictions.probabilities.argmax(axis=1)
     with files.staged_directory(evaluation_dir) as staging:
         precision, recall, f1, support = sklearn.metrics.precision_recall_fscore_support(
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     errors.stage_parser(__doc__).parse_args(argv)
     result = evaluate(**arguments(config.load_params()))
     print(
-        f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, in {result.metrics_path}"
+        f"evaluate: precision@1 {result.precision_at_1:.4f} on {result.test_images} test images, "
+        f"in {result.metrics_path}"
     )
 
 

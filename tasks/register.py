@@ -180,7 +180,10 @@ def _decide(
             f"first version to reach register.min_precision {params.min_precision} (precision@1 {precision:.4f})",
         )
     gain = precision - champion_precision
-    comparison = f"precision@1 {precision:.4f} vs champion version {champion.version}'s {champion_precision:.4f} on the same test set"
+    comparison = (
+        f"precision@1 {precision:.4f} vs champion version {champion.version}'s {champion_precision:.4f} "
+        "on the same test set"
+    )
     if gain >= params.min_improvement:
         return CHAMPION, f"{comparison}: +{gain:.4f} >= register.min_improvement {params.min_improvement}"
     return CHALLENGER, f"{comparison}: {gain:+.4f} < register.min_improvement {params.min_improvement}"
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     errors.stage_parser(__doc__).parse_args(argv)
     result = register(**arguments(config.load_params()))
     print(
-        f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: {result.reason}"
+        f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: "
+        f"{result.reason}"
     )
 
 

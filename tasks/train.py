@@ -187,7 +187,8 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi
 
 
 def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[keras.Model, list[str]]:
-    """The network, built and compiled inside the strategy's scope so that its variables are mirrored; and its summary."""
+    """The network, built and compiled inside the strategy's scope so that its variables are mirrored; and its
+    summary."""
     network = networks.NETWORKS[params.model]
     channel_mean = (
         inputs.channel_mean(data.pipeline["shards_dir"], params.image_size) if network.subtracts_channel_mean else None
@@ -295,7 +296,8 @@ def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_
 
 
 def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras.callbacks.Callback]:
-    """In this order: logs are completed before they are written; backups hold raw weights, the best checkpoint the averages."""
+    """In this order: logs are completed before they are written; backups hold raw weights, the best
+    checkpoint the averages."""
     progress = [keras.callbacks.TerminateOnNaN(), monitoring.ProgressLogger(params.log_every_steps, params.batch_size)]
     if not devices.chief:
         return progress
@@ -306,7 +308,8 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
         *progress,
         keras.callbacks.CSVLogger(str(work / contracts.HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
-        # Step summaries every log_every_steps calls of the training function: every call costs too much (docs/benchmarks.md).
+        # Step summaries every log_every_steps calls of the training function: every call costs too much
+        # (docs/benchmarks.md).
         keras.callbacks.TensorBoard(
             str(work / contracts.TENSORBOARD_DIR),
             histogram_freq=params.histogram_freq,
@@ -385,7 +388,8 @@ def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preproce
 
 
 def _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy) -> str:
-    """The saved model and its last figures to the open MLflow run; then run.json, which marks the model folder finished."""
+    """The saved model and its last figures to the open MLflow run; then run.json, which marks the model
+    folder finished."""
     mlflow.log_metric("validation_accuracy_final", validation_accuracy)
     if raw_accuracy is not None:
         mlflow.log_metric("validation_accuracy_raw", raw_accuracy)  # what the moving averages gained

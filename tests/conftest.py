@@ -7,6 +7,7 @@ import contextlib
 import os
 import pathlib
 import subprocess
+import threading
 
 # DVC sets up its logging when imported, wrapping sys.stderr (colorama) as it is at that moment; Prefect's
 # console log handler later writes through that wrapper. Imported here, they hold the session's stream,
@@ -158,8 +159,6 @@ class _Served:
         credentials: str | None = None,
         redirect_to: str | None = None,
     ):
-        import threading
-
         self.data = data
         self.credentials = credentials  # "user:password": answer 401 to a request without them (HTTP basic)
         self.redirect_to = redirect_to  # a path or URL: answer 302 there
@@ -174,7 +173,6 @@ class LocalServer:
 
     def __init__(self):
         import http.server
-        import threading
 
         self.routes: dict[str, _Served] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers) in arrival order

@@ -182,7 +182,8 @@ def _read_only(folder: pathlib.Path) -> None:
         or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0
     ):
         pytest.skip(
-            "running as root, and this file system cannot mark a folder immutable (chattr +i): nothing makes a folder read-only for root"
+            "running as root, and this file system cannot mark a folder immutable (chattr +i): "
+            "nothing makes a folder read-only for root"
         )
 
 
@@ -246,6 +247,7 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_one(capsys):
         stderr.strip()
         .splitlines()[-1]
         .endswith(
-            "error: a bug, not a problem with the input: KeyError: 'missing' (the traceback above shows where; please report it)"
+            "error: a bug, not a problem with the input: KeyError: 'missing' "
+            "(the traceback above shows where; please report it)"
         )
     )

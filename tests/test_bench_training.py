@@ -35,7 +35,8 @@ def test_train_throughput_benchmark_reports_ratio_and_flop_fraction(workdir):
     assert report["benchmark"] == "train_throughput"
     figures = report["models"]["cifar10_tutorial"]
     assert figures["matmul_flops_per_second"] > 1e8 and figures["matmul_flops_per_cpu_second"] > 1e8
-    # conv1 24x24x64x(5x5x3) + conv2 12x12x64x(5x5x64) + local3 2304x384 + local4 384x192 + logits 192x10 multiply-adds, x2
+    # conv1 24x24x64x(5x5x3) + conv2 12x12x64x(5x5x64) + local3 2304x384 + local4 384x192 + logits 192x10
+    # multiply-adds, x2
     assert figures["forward_flops_per_image"] == 2 * (
         24 * 24 * 64 * 75 + 12 * 12 * 64 * 1600 + 2304 * 384 + 384 * 192 + 192 * 10
     )

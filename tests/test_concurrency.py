@@ -82,7 +82,8 @@ def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys)
     stderr = capsys.readouterr().err
     assert code == errors.BUSY == 3
     assert stderr.startswith(
-        f"tasks.download: error: another pipeline run is working in this folder: the nightly flow (process {os.getpid()} on "
+        "tasks.download: error: another pipeline run is working in this folder: "
+        f"the nightly flow (process {os.getpid()} on "
     )
     assert "nothing was changed. Run again when it has finished" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (workdir / "data").exists()
@@ -91,7 +92,11 @@ def test_a_busy_folder_stops_a_stage_before_it_changes_anything(workdir, capsys)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(workdir):
-    holding = "from tasks.common import locking; import time\nwith locking.pipeline_lock('a run about to be killed'):\n    print('held', flush=True); time.sleep(60)"
+    holding = (
+        "from tasks.common import locking; import time\n"
+        "with locking.pipeline_lock('a run about to be killed'):\n"
+        "    print('held', flush=True); time.sleep(60)"
+    )
     process = subprocess.Popen(
         [sys.executable, "-c", holding],
         cwd=workdir,
@@ -101,9 +106,11 @@ def test_a_killed_holder_leaves_no_stale_lock(workdir):
     )
     try:
         assert process.stdout.readline().strip() == "held"
-        with pytest.raises(errors.PipelineBusy, match="a run about to be killed"):
-            with locking.pipeline_lock("a second run"):
-                pass
+        with (
+            pytest.raises(errors.PipelineBusy, match="a run about to be killed"),
+            locking.pipeline_lock("a second run"),
+        ):
+            pass
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()

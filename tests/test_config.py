@@ -157,7 +157,8 @@ def test_every_model_has_a_readme_row_whose_settings_are_valid():
     for model, row in rows.items():
         words = shlex.split(row.split("|")[3].replace("`", " "))
         overrides = {}
-        for flag, setting in zip(words, words[1:]):
+        # strict=False: each word paired with the next one, so words[1:] is one shorter.
+        for flag, setting in zip(words, words[1:], strict=False):
             if flag == "-S":
                 key, value = setting.split("=", 1)
                 overrides[key] = yaml.safe_load(value)

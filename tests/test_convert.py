@@ -278,7 +278,8 @@ def test_split_folders_from_the_source_are_kept(workdir):
     assert [group["files"][0]["path"] for group in manifest["duplicates"]["leakage"]] == ["test/class_0/leaked.png"]
     assert (workdir / "shards" / "rejected.csv").read_text().splitlines()[1:] == [
         'extra/class_0/x.png,"not inside a split folder (train/, validation/, test/): belongs to no class"',
-        "test/.ipynb_checkpoints/y.png,\"in hidden folder '.ipynb_checkpoints', not a class folder: belongs to no class\"",
+        "test/.ipynb_checkpoints/y.png,"
+        "\"in hidden folder '.ipynb_checkpoints', not a class folder: belongs to no class\"",
         "train/README.txt,not inside a class folder: belongs to no class",
     ]
 

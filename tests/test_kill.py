@@ -231,7 +231,7 @@ def _reached(folder: pathlib.Path, point: KillPoint, reference: Reference) -> bo
 @pytest.mark.parametrize("name", list(KILL_POINTS))
 def test_a_killed_stage_reruns_to_the_uninterrupted_result(reference, name):
     point = KILL_POINTS[name]
-    folder, done = reference.folder, reference.snapshots["done"]
+    folder = reference.folder
     before = reference.snapshots[f"before-{point.stage}"]
     _restore(before, folder)
     upstream = STAGES[: STAGES.index(point.stage)]

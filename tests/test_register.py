@@ -103,7 +103,8 @@ def test_a_model_without_a_champion_yet_takes_one(inside):
 
 
 def test_the_champion_registered_again_stays_as_it_is(inside):
-    """A rerun (`dvc repro --force`, or after a kill before registry.json): no second version, no comparison with itself."""
+    """A rerun (`dvc repro --force`, or after a kill before registry.json): no second version,
+    no comparison with itself."""
     params, _ = run_stages(inside, {"train.epochs": 1})
     first = register_in(inside, params, name="rerun", min_precision=0.0)
     registry = (inside / "reports" / "registry.json").read_bytes()

@@ -88,7 +88,7 @@ def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
 
     processes = [_start(one), _start(two)]
     outputs = [_finish(process) for process in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
     assert "1 replica(s) of cifar10_tutorial (OneDeviceStrategy)" in outputs[0]
     assert "2 replica(s) of cifar10_tutorial (MirroredStrategy)" in outputs[1]
@@ -120,7 +120,7 @@ def test_two_workers_on_loopback_train_together(tmp_path):
         for index in range(2)
     ]
     outputs = [_finish(process) for process in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
         assert "2 replica(s) of cifar10_tutorial (MultiWorkerMirroredStrategy)" in output
         assert "epoch 2/2" in output

@@ -91,7 +91,8 @@ class DatasetParams(_Section):
             and urllib.parse.urlsplit(value).username is not None
         ):
             raise ValueError(
-                "a user name, password or token in the URL would be committed to git with params.yaml and logged to MLflow; "
+                "a user name, password or token in the URL would be committed to git with params.yaml and logged "
+                "to MLflow; "
                 "give the URL without it and put the credentials in ~/.netrc (or the file named by NETRC): "
                 "machine <host> login <user> password <password>"
             )
@@ -102,7 +103,8 @@ class DatasetParams(_Section):
     def _hex_digest(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
             raise ValueError(
-                f"a sha256 digest is 64 hexadecimal characters (`sha256sum FILE` prints it), got {len(value)} characters"
+                "a sha256 digest is 64 hexadecimal characters (`sha256sum FILE` prints it), "
+                f"got {len(value)} characters"
             )
         return value.lower() if value else value
 
@@ -188,7 +190,8 @@ class TrainParams(_Section):
         smallest = network.min_input_side
         if min(input_size) < smallest:
             raise ValueError(
-                f"{self.model} needs an input of at least {smallest}x{smallest} pixels, got {list(input_size)} (crop_size, else image_size)"
+                f"{self.model} needs an input of at least {smallest}x{smallest} pixels, "
+                f"got {list(input_size)} (crop_size, else image_size)"
             )
         if self.schedule == "piecewise" and (
             not self.boundaries or list(self.boundaries) != sorted(set(self.boundaries)) or self.boundaries[0] < 1
@@ -204,7 +207,8 @@ class TrainParams(_Section):
             )
         if "crop" in self.augment and input_size == self.image_size and not self.crop_padding:
             raise ValueError(
-                "augment lists crop, but there is nothing to crop: set crop_size below image_size or crop_padding above 0"
+                "augment lists crop, but there is nothing to crop: "
+                "set crop_size below image_size or crop_padding above 0"
             )
         if len(set(self.augment)) != len(self.augment):
             raise ValueError(f"augment lists an augmentation twice: {list(self.augment)}")
@@ -301,7 +305,8 @@ def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, A
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(
-            f"cannot read the params file {path}: no such file; run from the folder that holds params.yaml (the repository's root)"
+            f"cannot read the params file {path}: no such file; "
+            "run from the folder that holds params.yaml (the repository's root)"
             + ("" if path.name == "params.yaml" else " or name an existing file")
         ) from None
     except OSError as error:
@@ -366,7 +371,10 @@ def _describe_yaml_error(path: pathlib.Path, error: yaml.YAMLError) -> str:
     context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
     if context and context_mark is not None and context_mark.line != getattr(mark, "line", None):
         problem = f"{context} (line {context_mark.line + 1}, column {context_mark.column + 1}), {problem}"
-    return f"{where}: not valid YAML: {problem}; fix the file there (a missing quote, bracket or colon, or wrong indentation)"
+    return (
+        f"{where}: not valid YAML: {problem}; "
+        "fix the file there (a missing quote, bracket or colon, or wrong indentation)"
+    )
 
 
 def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str) -> str:
@@ -393,7 +401,9 @@ def _describe(error: pydantic.ValidationError, raw: dict[str, Any], source: str)
 def _section_model(location: tuple[Any, ...]) -> type[pydantic.BaseModel] | None:
     model: type[pydantic.BaseModel] = Params
     for part in location:
-        field = {key: field for key, field in zip(_keys(model), model.model_fields.values())}.get(str(part))
+        field = {key: field for key, field in zip(_keys(model), model.model_fields.values(), strict=True)}.get(
+            str(part)
+        )
         annotation = field.annotation if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
             return None
@@ -407,7 +417,9 @@ def _keys(model: type[pydantic.BaseModel]) -> list[str]:
 
 def _received(raw: Any, location: tuple[Any, ...]) -> Any:
     for part in location:
-        if isinstance(raw, dict) and part in raw or isinstance(raw, (list, tuple)) and isinstance(part, int) and part < len(raw):
+        in_mapping = isinstance(raw, dict) and part in raw
+        in_sequence = isinstance(raw, (list, tuple)) and isinstance(part, int) and part < len(raw)
+        if in_mapping or in_sequence:
             raw = raw[part]
         else:
             return None

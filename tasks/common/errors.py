@@ -157,7 +157,7 @@ def describe(error: BaseException) -> str:
         if error.errno in _NOT_WRITABLE:
             folder = os.path.dirname(os.fspath(where)) or "."
             message += f"; make {folder} writable, or point its setting in params.yaml (paths.*) at a writable folder"
-        elif isinstance(error, FileExistsError) or isinstance(error, NotADirectoryError):
+        elif isinstance(error, (FileExistsError, NotADirectoryError)):
             message += (
                 "; a file stands where a folder is expected: move it away, or change the path in params.yaml (paths.*)"
             )

@@ -29,7 +29,8 @@ def make_folder(path: pathlib.Path) -> None:
     except (FileExistsError, NotADirectoryError):
         blocking = next((folder for folder in (path, *path.parents) if folder.exists() and not folder.is_dir()), path)
         raise errors.BadInput(
-            f"{blocking} is a file where a folder is expected (to hold {path}); move the file away, or point the path's setting in params.yaml (paths.*) elsewhere"
+            f"{blocking} is a file where a folder is expected (to hold {path}); move the file away, "
+            "or point the path's setting in params.yaml (paths.*) elsewhere"
         ) from None
 
 

@@ -44,7 +44,8 @@ def pipeline_lock(what: str, folder: pathlib.Path | str = ".") -> Iterator[pathl
             stream.seek(0)
             raise errors.Busy(
                 f"another pipeline run is working in this folder: {_holder(stream.read())}; nothing was changed. "
-                f"Run again when it has finished (the lock, {path}, is released when that process ends, even if it is killed)"
+                f"Run again when it has finished (the lock, {path}, is released when that process ends, "
+                "even if it is killed)"
             ) from None
         stream.seek(0)
         stream.truncate()

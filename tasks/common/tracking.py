@@ -86,7 +86,8 @@ def load_model_file(path: pathlib.Path, what: str | None = None):
         if "safe_mode" not in str(error):
             raise
         raise errors.BadInput(
-            f"{what or path}: refused to load: it holds code that loading would run (e.g. a Lambda layer), which Keras' safe mode does "
+            f"{what or path}: refused to load: it holds code that loading would run (e.g. a Lambda layer), "
+            "which Keras' safe mode does "
             "not allow; models this pipeline trains hold none: retrain it, or use a model from a source you trust"
         ) from None
 

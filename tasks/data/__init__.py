@@ -1,1 +1,2 @@
-"""Getting images in: downloads and archives, decoding and validating images, the TFRecord schema, the tf.data input pipelines."""
+"""Getting images in: downloads and archives, decoding and validating images, the TFRecord schema, the
+preparation every image gets, the tf.data input pipelines."""

@@ -96,7 +96,8 @@ def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib
                 ) from None
             wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
             print(
-                f"download: {errors.redact(url)}: {_describe(error)}; retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})",
+                f"download: {errors.redact(url)}: {_describe(error)}; "
+                f"retrying in {wait:g} s ({attempt}/{ATTEMPTS - 1})",
                 file=sys.stderr,
             )
             time.sleep(wait)
@@ -173,26 +174,31 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             files.write_json(validators_path, validators)
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        progress = tqdm.tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name,
-            file=sys.stderr,
-            leave=False,
-        )
-        with progress, partial.open("ab" if resumed else "wb") as stream:
-            for block in iter(lambda: response.read(_BLOCK), b""):
-                stream.write(block)
-                progress.update(len(block))
-            stream.flush()
-            os.fsync(stream.fileno())
-        if total is not None and partial.stat().st_size < total:
-            raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
+        _append(response, partial, url, offset, total, resumed)
     validators_path.unlink(missing_ok=True)
     return validators
+
+
+def _append(response, partial: pathlib.Path, url: str, offset: int, total: int | None, resumed: bool) -> None:
+    """Writes the response's body after `offset` bytes of `partial` (over it when not resumed), with a progress bar."""
+    progress = tqdm.tqdm(
+        total=total,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name,
+        file=sys.stderr,
+        leave=False,
+    )
+    with progress, partial.open("ab" if resumed else "wb") as stream:
+        for block in iter(lambda: response.read(_BLOCK), b""):
+            stream.write(block)
+            progress.update(len(block))
+        stream.flush()
+        os.fsync(stream.fileno())
+    if total is not None and partial.stat().st_size < total:
+        raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
 
 
 def _validators(path: pathlib.Path) -> dict[str, str]:
@@ -213,7 +219,8 @@ def _open(url: str, headers: dict[str, str]):
 
 
 class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
-    """The netrc file's login and password for the host of `url`, for a server of that scheme, host and port that asks."""
+    """The netrc file's login and password for the host of `url`, for a server of that scheme, host and port
+    that asks."""
 
     def __init__(self, url: str):
         super().__init__()

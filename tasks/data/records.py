@@ -49,7 +49,10 @@ def verify_shards(shards_dir: pathlib.Path, manifest: contracts.Manifest, split:
     A flipped bit or a cut-off shard would otherwise surface, if at all, as a TFRecord CRC error
     mid-epoch; the sha256 check stops the stage before it starts, naming the shard.
     """
-    remedy = "run `dvc repro` (it restores the shards from the DVC cache, or runs convert again) or `python -m tasks.convert`"
+    remedy = (
+        "run `dvc repro` (it restores the shards from the DVC cache, or runs convert again) "
+        "or `python -m tasks.convert`"
+    )
     paths = []
     for shard in manifest.splits[split].shards:
         path = shards_dir / shard.file
@@ -62,7 +65,8 @@ def verify_shards(shards_dir: pathlib.Path, manifest: contracts.Manifest, split:
         if identity not in _verified:
             if files.sha256_of(path) != shard.sha256:
                 raise errors.BadInput(
-                    f"shard {path} does not match its sha256 in {shards_dir / contracts.MANIFEST_FILE}: it is corrupted or cut off; {remedy}"
+                    f"shard {path} does not match its sha256 in {shards_dir / contracts.MANIFEST_FILE}: "
+                    f"it is corrupted or cut off; {remedy}"
                 )
             _verified.add(identity)
         paths.append(path)

@@ -1,1 +1,2 @@
-"""The networks and what trains, scores and exports them: the network registry, optimizers, distribution strategies, callbacks."""
+"""The networks and what trains, scores and exports them: the registries of networks, optimizers and
+strategies, the builders, backups, callbacks, scoring and exports."""

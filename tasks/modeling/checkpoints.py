@@ -13,6 +13,7 @@ Keras upgrade changes either.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -32,7 +33,8 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 def work_folder(
     root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool
 ) -> pathlib.Path:
-    """<root>/<model>-<hash>: keyed by every train setting, the seed and the data, so a changed config never resumes a stale backup."""
+    """<root>/<model>-<hash>: keyed by every train setting, the seed and the data, so a changed config never
+    resumes a stale backup."""
     settings = params.model_dump(
         mode="json", exclude={"backup_every_seconds"}
     )  # how often to back up changes no result
@@ -53,7 +55,8 @@ def history_rows(work: pathlib.Path) -> list[dict[str, str]]:
 
 
 def completed_epochs(work: pathlib.Path) -> int:
-    """Epochs a previous, interrupted run finished; history rows past its last backup are dropped (they will be redone)."""
+    """Epochs a previous, interrupted run finished; history rows past its last backup are dropped (they will
+    be redone)."""
     backups = [json.loads(path.read_text())["epoch"] for path in work.glob("backup-*/training_metadata.json")]
     finished_phases = list(work.glob("*.weights.npz"))
     rows = history_rows(work)
@@ -78,10 +81,8 @@ def best_so_far(work: pathlib.Path, monitor: str) -> float | None:
 def remove(work: pathlib.Path) -> None:
     """Deletes a finished (or diverged) configuration's backups, and its root folder when nothing else is there."""
     shutil.rmtree(work, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):  # another configuration's backup, or files of the user's, are there
         work.parent.rmdir()
-    except OSError:
-        pass  # another configuration's backup, or files of the user's, are there
 
 
 def forget_resumed_epoch(model: keras.Model) -> None:

@@ -37,7 +37,8 @@ def misclassified_grid(mistakes: list[tuple[np.ndarray, str, str, str, float]], 
     figure, axes_grid = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
     for axes in axes_grid.flat:
         axes.axis("off")
-    for axes, (image, source, actual, predicted, confidence) in zip(axes_grid.flat, mistakes):
+    # The grid may have empty cells after the last mistake: not strict.
+    for axes, (image, source, actual, predicted, confidence) in zip(axes_grid.flat, mistakes, strict=False):
         axes.imshow(image, interpolation="nearest")
         axes.set_title(f"{source[-28:]}\ntrue {actual}, predicted {predicted} ({confidence:.0%})", fontsize=7)
     if not mistakes:

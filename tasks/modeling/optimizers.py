@@ -34,7 +34,8 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[config.TrainParams], dict[str, Any]]]
 def make_optimizer(
     params: config.TrainParams, total_steps: int, learning_rate: float | None = None
 ) -> keras.optimizers.Optimizer:
-    """`params.optimizer` on `params.schedule` over `total_steps`; `learning_rate` replaces the schedule by a constant."""
+    """`params.optimizer` on `params.schedule` over `total_steps`; `learning_rate` replaces the schedule by a
+    constant."""
     import keras
 
     if params.optimizer not in OPTIMIZERS:

@@ -94,8 +94,9 @@ def _split_cpu(count: int) -> None:
         existing = len(tf.config.list_logical_devices("CPU"))
         if existing != count:
             raise errors.BadInput(
-                f"train.cpu_devices = {count}, but TensorFlow has already started with {existing} CPU device(s) in this "
-                "process; logical devices can only be set before: run the stage in a fresh process (python -m tasks.train)"
+                f"train.cpu_devices = {count}, but TensorFlow has already started with {existing} CPU device(s) "
+                "in this process; logical devices can only be set before: run the stage in a fresh process "
+                "(python -m tasks.train)"
             ) from None
 
 
