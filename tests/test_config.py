@@ -51,7 +51,10 @@ def test_flatten_gives_every_setting_by_dotted_key():
         ({"train.epochs": -1}, "train.epochs = -1: Input should be greater than or equal to 1"),
         ({"train.epochs": 2.5}, "train.epochs = 2.5"),
         ({"train.model": "alexnet"}, "train.model = 'alexnet': Input should be 'mnist_cnn', 'cifar10_tutorial'"),
-        ({"dataset.name": "imagenet"}, "dataset.name = 'imagenet': Input should be 'digits'"),
+        (
+            {"dataset.name": "imagenet"},
+            "dataset.name = 'imagenet': Input should be 'cifar10', 'digits', 'flowers' or 'imagefolder'",
+        ),
         ({"train.epocs": 3}, "train.epocs: unknown key; allowed here: model, image_size, epochs"),
         ({"register.owner": "me"}, "register.owner: unknown key; allowed here: model_name"),
         ({"train.learning_rate": 0}, "train.learning_rate = 0: Input should be greater than 0"),

@@ -69,6 +69,15 @@ def import_closure(root: pathlib.Path, module: str) -> set[str]:
     return closure
 
 
+def folder_modules(root: pathlib.Path, folder: str) -> dict[str, str]:
+    """{file: dotted name} of the modules in a dep folder: a package that loads its modules by name
+    (tasks/data/sources), which no import statement names, so the folder stands for all of them."""
+    return {
+        path.relative_to(root).as_posix(): ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in sorted((root / folder).glob("*.py"))
+    }
+
+
 def dependency_problems(root: pathlib.Path) -> list[str]:
     """One line per stage and module where dvc.yaml's deps and the stage's import closure disagree."""
     problems = []
@@ -76,11 +85,19 @@ def dependency_problems(root: pathlib.Path) -> list[str]:
         command = STAGE_COMMAND.fullmatch(str(definition.get("cmd", "")).strip())
         if command is None:
             continue
+        deps = [str(dep) for dep in definition.get("deps", []) if str(dep).split("/")[0] in PROJECT_PACKAGES]
+        code_deps = {dep for dep in deps if dep.endswith(".py")}
         closure = import_closure(root, command.group(1))
-        code_deps = {
-            dep for dep in definition.get("deps", []) if dep.endswith(".py") and dep.split("/")[0] in PROJECT_PACKAGES
-        }
-        problems += [f"stage {stage}: {module} is imported but not in deps" for module in sorted(closure - code_deps)]
+        in_folders: set[str] = set()
+        for folder in [dep for dep in deps if (root / dep).is_dir()]:
+            if f"{folder}/__init__.py" not in closure:
+                problems.append(f"stage {stage}: {folder} is in deps but not imported")
+                continue
+            for file, name in folder_modules(root, folder).items():
+                in_folders.add(file)
+                closure |= import_closure(root, name.removesuffix(".__init__"))
+        listed = code_deps | set(in_folders)
+        problems += [f"stage {stage}: {module} is imported but not in deps" for module in sorted(closure - listed)]
         problems += [f"stage {stage}: {module} is in deps but not imported" for module in sorted(code_deps - closure)]
     return problems
 
@@ -123,3 +140,24 @@ def test_closure_follows_packages_with_code_and_relative_imports(tmp_path):
         "tasks/common/errors.py",
         "tasks/common/files.py",
     }
+
+
+def test_a_folder_dep_stands_for_the_modules_a_package_loads_by_name(tmp_path):
+    # tasks/sources/ loads its modules by name: the folder dep covers them, and what they import must be listed.
+    (tmp_path / "tasks" / "sources").mkdir(parents=True)
+    (tmp_path / "tasks" / "__init__.py").write_text("")
+    (tmp_path / "tasks" / "sources" / "__init__.py").write_text("import importlib\nLOAD = importlib.import_module\n")
+    (tmp_path / "tasks" / "sources" / "one.py").write_text("from tasks import shared\n")
+    (tmp_path / "tasks" / "shared.py").write_text("")
+    (tmp_path / "tasks" / "stage.py").write_text("from tasks import sources\n")
+    (tmp_path / "tasks" / "other.py").write_text("")
+    stage = (
+        "stages:\n  stage:\n    cmd: python -m tasks.stage\n    deps:\n      - tasks/stage.py\n      - tasks/sources\n"
+    )
+    (tmp_path / "dvc.yaml").write_text(stage)
+    assert dependency_problems(tmp_path) == ["stage stage: tasks/shared.py is imported but not in deps"]
+    (tmp_path / "dvc.yaml").write_text(stage + "      - tasks/shared.py\n")
+    assert dependency_problems(tmp_path) == []
+    (tmp_path / "tasks" / "stage.py").write_text("from tasks import other\n")
+    (tmp_path / "dvc.yaml").write_text(stage.replace("tasks/stage.py", "tasks/stage.py\n      - tasks/other.py"))
+    assert dependency_problems(tmp_path) == ["stage stage: tasks/sources is in deps but not imported"]

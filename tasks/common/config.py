@@ -16,10 +16,11 @@ import pydantic
 import yaml
 
 from tasks.common import errors
+from tasks.data import sources
 from tasks.modeling import networks, optimizers, strategies
 
-DATASETS = ("digits", "cifar10", "flowers", "imagefolder")
 # The names a user picks come from the registries that build them.
+DATASETS = sources.names()
 MODELS = tuple(networks.NETWORKS)
 OPTIMIZERS = tuple(optimizers.OPTIMIZERS)
 SCHEDULES = tuple(optimizers.SCHEDULES)
@@ -110,15 +111,7 @@ class DatasetParams(_Section):
 
     @pydantic.model_validator(mode="after")
     def _source_fits_the_name(self) -> DatasetParams:
-        if self.name == "imagefolder" and self.source is None:
-            raise ValueError(
-                "name 'imagefolder' needs dataset.source: a folder with one sub-folder per class, "
-                "a .zip/.tar/.tar.gz/.tgz archive of one, or an http(s):// URL of such an archive"
-            )
-        if self.name == "digits" and (self.source is not None or self.sha256 is not None):
-            raise ValueError(
-                "name 'digits' is bundled with scikit-learn: dataset.source and dataset.sha256 must be null"
-            )
+        sources.load(self.name).check(self)  # each source says which dataset.source and sha256 it takes
         return self
 
     @pydantic.model_validator(mode="after")
