@@ -236,7 +236,7 @@ def train_stage(
             shards_dir,
             folder / "models",
             checkpoints_dir=folder / "checkpoints",
-            extra_callbacks=[epoch_ends],
+            callbacks=[epoch_ends],
         )
     return epoch_ends.steady_epochs()
 

@@ -54,21 +54,21 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         dvc_stages.exclusive(),
     ):
         tracked = dvc_stages.tracked(params_file, overrides)  # DVC keeps the books of ./params.yaml only
-        progress = reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)
+        progress = [reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)]  # train's callbacks
         # Each stage is skipped (shown as Skipped) when DVC says its code, params, inputs and outputs are unchanged.
         results = [
-            skipped("download") if up_to_date("download", params, tracked) else run("download", params, tracked),
-            skipped("convert") if up_to_date("convert", params, tracked) else run("convert", params, tracked),
+            skipped("download") if unchanged("download", params, tracked) else run("download", params, tracked),
+            skipped("convert") if unchanged("convert", params, tracked) else run("convert", params, tracked),
             skipped("train")
-            if up_to_date("train", params, tracked)
-            else run("train", params, tracked, extra_callbacks=[progress]),
-            skipped("evaluate") if up_to_date("evaluate", params, tracked) else run("evaluate", params, tracked),
-            skipped("register") if up_to_date("register", params, tracked) else run("register", params, tracked),
+            if unchanged("train", params, tracked)
+            else run("train", params, tracked, callbacks=progress),
+            skipped("evaluate") if unchanged("evaluate", params, tracked) else run("evaluate", params, tracked),
+            skipped("register") if unchanged("register", params, tracked) else run("register", params, tracked),
         ]
         return summary_task(params.metrics_path, params.registry_path, params.model_dir, results)
 
 
-def up_to_date(stage: str, params: config.Params, tracked: bool) -> bool:
+def unchanged(stage: str, params: config.Params, tracked: bool) -> bool:
     """Whether DVC's books say `stage` need not run. A user's image folder is outside DVC's sight:
     download also runs when the folder changed since the raw copy was made."""
     if not tracked:

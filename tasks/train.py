@@ -68,11 +68,11 @@ def train(
     model_dir: pathlib.Path,
     run_settings: dict[str, Any] | None = None,
     checkpoints_dir: pathlib.Path | None = None,
-    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainResult:
     """Trains `params.model` on the shards of `shards_dir`; `run_settings` (all of params.yaml) go to MLflow.
 
-    `extra_callbacks` are more Keras callbacks, e.g. the flow's progress report. Backups go to
+    `callbacks` are more Keras callbacks, e.g. the flow's progress report. Backups go to
     `checkpoints_dir` (default: inside `model_dir`, where a rerun by DVC cannot find them).
     """
     devices = _devices(params, seed)  # first: logical CPU devices and collectives must exist before any other op
@@ -85,7 +85,7 @@ def train(
     if resumed_from_epoch:
         print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
     with _start_run(params, data, shards_dir, work, run_settings) if devices.chief else contextlib.nullcontext():
-        history, raw_scores = _fit_phases(model, params, devices, data, work, list(extra_callbacks or []))
+        history, raw_scores = _fit_phases(model, params, devices, data, work, list(callbacks or []))
         final_loss = _final_loss(history, work, devices.chief)
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
         if not devices.chief:

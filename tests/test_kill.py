@@ -223,7 +223,8 @@ def _kill(reference: Reference, point: KillPoint) -> str:
 
 def _reached(folder: pathlib.Path, point: KillPoint, reference: Reference) -> bool:
     if point.outside == "stalled transfer":
-        partial = [path for path in (folder / "data" / "downloads").glob("*.partial")]
+        # The download's own <name>.partial; not the short-lived hidden temporary files written beside it.
+        partial = [path for path in (folder / "data" / "downloads").glob("*.partial") if not path.name.startswith(".")]
         return reference.server.stalled(ARCHIVE_PATH).is_set() and bool(partial) and partial[0].stat().st_size == BLOCK
     return (folder / "reports" / "metrics.json").is_file()
 

@@ -120,7 +120,7 @@ def trained(pretrained, tmp_path_factory) -> Trained:
             pretrained.shards_dir,
             folder / "models",
             checkpoints_dir=folder / "checkpoints",
-            extra_callbacks=[at_fit_end],
+            callbacks=[at_fit_end],
         )
     assert len(at_fit_end.phases) == 2, "train.fine_tune_epochs: 1 runs a second fit"
     network = architectures.network_of(tracking.load_model_file(folder / "models" / "model.keras"))

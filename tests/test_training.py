@@ -224,7 +224,7 @@ def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_step
             self.count = int(self.model.optimizer.iterations)
 
     optimizer_steps = OptimizerSteps()
-    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", extra_callbacks=[optimizer_steps])
+    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", callbacks=[optimizer_steps])
     assert optimizer_steps.count == 3 * steps_per_epoch
     assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
 
