@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import json
 import math
 import pathlib
 import shutil
@@ -27,16 +24,21 @@ import sys
 from typing import Any
 
 import keras
-import mlflow
-import mlflow.models
-import mlflow.tensorflow
-import mlflow.types
 import numpy as np
 import tensorflow as tf
 
-from tasks.common import config, contracts, errors, files, tracking
+from tasks.common import config, contracts, errors, files
 from tasks.data import inputs
-from tasks.modeling import architectures, checkpoints, distributed, monitoring, networks, optimizers, strategies
+from tasks.modeling import (
+    architectures,
+    checkpoints,
+    distributed,
+    monitoring,
+    networks,
+    optimizers,
+    strategies,
+    training_run,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +86,36 @@ def train(
     resumed_from_epoch = checkpoints.completed_epochs(work)
     if resumed_from_epoch:
         print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
-    with _start_run(params, data, shards_dir, work, run_settings) if devices.chief else contextlib.nullcontext():
+    with _mlflow_run(devices, params, data, shards_dir, work, run_settings):
         history, raw_scores = _fit_phases(model, params, devices, data, work, list(callbacks or []))
         final_loss = _final_loss(history, work, devices.chief)
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
         if not devices.chief:
             return TrainResult(None, None, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
         serving = _save(model, params, data, work, model_dir)
-        run_id = _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy)
+        figures = {"validation_accuracy_final": validation_accuracy, "validation_accuracy_raw": raw_accuracy}
+        run_id = training_run.log_model(
+            serving,
+            _preprocessing(params, data),
+            data.manifest,
+            data.manifest_sha256,
+            shards_dir,
+            work,
+            model_dir,
+            summary,
+            figures,
+        )
     checkpoints.remove(work)  # finished: nothing left to resume
     return TrainResult(
         run_id, model_dir / contracts.MODEL_FILE, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch
     )
+
+
+def _mlflow_run(devices, params, data, shards_dir, work, run_settings):
+    """The MLflow run (training_run.start), on the chief only: the other workers of a cluster write nothing."""
+    if not devices.chief:
+        return contextlib.nullcontext()
+    return training_run.start(params, data.manifest, data.manifest_sha256, shards_dir, work, run_settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,97 +405,6 @@ def _save(
 def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preprocessing:
     stored_size = tuple(data.manifest.image_size) if data.manifest.image_size else None
     return contracts.Preprocessing(stored_size=stored_size, image_size=params.image_size, input_size=params.input_size)
-
-
-def _log(serving, params, data, work, model_dir, summary, validation_accuracy, raw_accuracy) -> str:
-    """The saved model and its last figures to the open MLflow run; then run.json, which marks the model
-    folder finished."""
-    mlflow.log_metric("validation_accuracy_final", validation_accuracy)
-    if raw_accuracy is not None:
-        mlflow.log_metric("validation_accuracy_raw", raw_accuracy)  # what the moving averages gained
-    mlflow.log_text("\n".join(summary), "model_summary.txt")
-    mlflow.log_artifacts(str(work / contracts.TENSORBOARD_DIR), contracts.TENSORBOARD_DIR)
-    # Uncropped validation images: the model prepares them itself, and takes any size.
-    example = next(
-        iter(inputs.evaluation_data(data.pipeline["shards_dir"], "validation", params.image_size, params.image_size, 4))
-    )[0].numpy()
-    signature = mlflow.models.ModelSignature(
-        inputs=mlflow.types.Schema([mlflow.types.TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "image")]),
-        outputs=mlflow.types.Schema(
-            [mlflow.types.TensorSpec(np.dtype(np.float32), (-1, len(data.manifest.classes)), "probabilities")]
-        ),
-    )
-    # Three of our layers (preparation, LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles
-    # every registered object with any model: the tasks package travels with it, so it loads anywhere.
-    model_info = mlflow.tensorflow.log_model(
-        serving,
-        name="model",
-        signature=signature,
-        input_example=example,
-        metadata={
-            "class_names": data.manifest.classes,
-            "preprocessing": _preprocessing(params, data).model_dump(mode="json"),
-        },
-        code_paths=[str(pathlib.Path(architectures.__file__).parents[1])],  # the whole tasks package
-        pip_requirements=_requirements(),
-    )
-    mlflow.log_text(json.dumps(data.manifest.classes), "labels.json")
-    run = mlflow.active_run().info
-    contracts.RunRecord(
-        run_id=run.run_id,
-        experiment_id=run.experiment_id,
-        tracking_uri=mlflow.get_tracking_uri(),
-        model_uri=model_info.model_uri,
-        dataset=data.manifest.dataset,
-        manifest_sha256=data.manifest_sha256,
-    ).write(model_dir)
-    return run.run_id
-
-
-def _requirements() -> list[str]:
-    """What the logged model needs to load, pinned to this environment. Named, not inferred: MLflow's
-    inference loads the model again in a subprocess (about 9 s per run here) and lists this project,
-    which no package index has; the code travels with the model instead (code_paths)."""
-    return [
-        f"{package}=={importlib.metadata.version(package)}"
-        for package in ("tensorflow", "keras", "numpy", "cloudpickle")
-    ]
-
-
-def _start_run(
-    params: config.TrainParams,
-    data: Data,
-    shards_dir: pathlib.Path,
-    work: pathlib.Path,
-    run_settings: dict[str, Any] | None,
-):
-    """The MLflow run of this configuration: the interrupted one when resuming, else a new one."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    client = mlflow.MlflowClient()
-    previous = files.read_json(work / checkpoints.RUN_FILE, "") if (work / checkpoints.RUN_FILE).is_file() else {}
-    if previous.get("tracking_uri") == errors.without_credentials(mlflow.get_tracking_uri()):
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            client.get_run(previous["run_id"])
-            client.set_tag(previous["run_id"], "resumed", "true")
-            return mlflow.start_run(run_id=previous["run_id"])
-    experiment_id = tracking.experiment_id(client, params.experiment_name)
-    dataset = data.manifest.dataset
-    run_name = f"{dataset}-{params.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    tags = {
-        "dataset": dataset,
-        "manifest_sha256": data.manifest_sha256,
-        **tracking.git_tags(),
-        **tracking.dvc_tags(shards_dir),
-    }
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    settings = run_settings or {"train": params.model_dump(mode="json")}
-    mlflow.log_params(config.flatten(settings))
-    mlflow.log_dict(settings, "params.yaml")
-    files.write_json(
-        work / checkpoints.RUN_FILE,
-        {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())},
-    )
-    return run
 
 
 def _weights(setting: str) -> str:
