@@ -32,9 +32,9 @@ from tasks.modeling import architectures
 BATCH_SIZE = 64  # images per model call
 
 
-def load(model: str) -> tuple[keras.Model, list[str], contracts.Preprocessing]:
-    """The saved model (taking images of any size), its class names and how its images were prepared,
-    from a local path or an MLflow model URI."""
+def load(model: str) -> tuple[keras.Model, list[str], tuple[int, int] | None]:
+    """The model (taking images of any size), its class names and the size convert resized images to
+    (None: kept), from a local path or an MLflow model URI."""
     if ":/" in model:
         import mlflow
         import mlflow.models
@@ -43,25 +43,28 @@ def load(model: str) -> tuple[keras.Model, list[str], contracts.Preprocessing]:
         metadata = mlflow.models.get_model_info(model).metadata or {}
         if not metadata.get("class_names"):
             raise errors.BadInput(f"{model} carries no class_names metadata; was it logged by the train stage?")
-        loaded = tracking.load_logged_model(model)
-        fixed = tuple(loaded.input_shape[1:3])  # a model logged before its metadata said how to prepare images
-        recorded = metadata.get("preprocessing") or {"image_size": fixed, "input_size": fixed}
-        preprocessing = contracts.Preprocessing.model_validate(recorded)
-        return _serving(loaded, preprocessing), list(metadata["class_names"]), preprocessing
+        recorded = metadata.get("preprocessing")
+        preprocessing = contracts.Preprocessing.model_validate(recorded) if recorded else None
+        loaded, stored_size = _prepared(tracking.load_logged_model(model), preprocessing)
+        return loaded, list(metadata["class_names"]), stored_size
     path = pathlib.Path(model)
     model_file = path / contracts.MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise errors.MissingInput(f"{model_file} is not a model file: give models/, a .keras file or a models:/ URI")
-    loaded = tracking.load_model_file(model_file)
-    preprocessing = contracts.Preprocessing.read(model_file.parent)
-    return _serving(loaded, preprocessing), contracts.read_labels(model_file.parent), preprocessing
+    recorded = (model_file.parent / contracts.PREPROCESSING_FILE).is_file()
+    preprocessing = contracts.Preprocessing.read(model_file.parent) if recorded else None
+    loaded, stored_size = _prepared(tracking.load_model_file(model_file), preprocessing)
+    return loaded, contracts.read_labels(model_file.parent), stored_size
 
 
-def _serving(model: keras.Model, preprocessing: contracts.Preprocessing) -> keras.Model:
-    """A model that prepares its images itself: the saved one, or an older one behind the same preparation."""
-    if tuple(model.input_shape[1:3]) == (None, None):
-        return model
-    return architectures.serving_model(model, preprocessing.image_size, preprocessing.input_size)
+def _prepared(model: keras.Model, preprocessing: contracts.Preprocessing | None) -> tuple[keras.Model, tuple | None]:
+    """The model behind its preparation, and convert's resize (stored_size) for reading files. A model saved
+    before the preparation moved into it is put behind it here; without a record, at its input size."""
+    fixed = tuple(model.input_shape[1:3])
+    if fixed != (None, None):
+        sizes = preprocessing or contracts.Preprocessing(image_size=fixed, input_size=fixed)
+        model = architectures.serving_model(model, sizes.image_size, sizes.input_size)
+    return model, preprocessing.stored_size if preprocessing else None
 
 
 def find_images(pattern: str) -> list[pathlib.Path]:
@@ -122,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)"
     )
     options = errors.add_verbose_option(parser).parse_args(argv)
-    model, class_names, preprocessing = load(options.model)
+    model, class_names, stored_size = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
-    rows = predict(model, class_names, find_images(options.input), options.top_k, preprocessing.stored_size)
+    rows = predict(model, class_names, find_images(options.input), options.top_k, stored_size)
 
     columns = (
         ["file"]

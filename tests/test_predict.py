@@ -91,12 +91,10 @@ def test_predict_evaluate_and_the_registered_model_give_the_same_probabilities(t
     )
     test_files = [trained / "raw" / source for source in evaluated.sources]
 
-    model, _, loaded_preprocessing = predict.load("models")
+    model, _, stored_size = predict.load("models")
     registered = mlflow.pyfunc.load_model("models:/reader@champion")
     for file, from_evaluate in zip(test_files, evaluated.probabilities, strict=True):
-        from_predict = np.asarray(
-            model.predict_on_batch(predict.read_image(file, loaded_preprocessing.stored_size)[np.newaxis])
-        )[0]
+        from_predict = np.asarray(model.predict_on_batch(predict.read_image(file, stored_size)[np.newaxis]))[0]
         pixels = np.asarray(PIL.Image.open(file).convert("RGB"))[
             np.newaxis
         ]  # what a user of the registered model sends
@@ -115,7 +113,7 @@ def test_predict_evaluate_and_the_registered_model_give_the_same_probabilities(t
     assert pixels.shape[1:3] != tuple(preprocessing.image_size)
     np.testing.assert_allclose(
         np.asarray(registered.predict(pixels))[0],
-        np.asarray(model.predict_on_batch(predict.read_image(odd, loaded_preprocessing.stored_size)[np.newaxis]))[0],
+        np.asarray(model.predict_on_batch(predict.read_image(odd, stored_size)[np.newaxis]))[0],
         rtol=0,
         atol=1e-6,
     )
