@@ -49,6 +49,19 @@ class Timing:
         return self.images / self.seconds
 
 
+def folder_dataset() -> config.DatasetParams:
+    """A benchmark's image folder: each image's own size, params.yaml's split fractions and shard size."""
+    return config.DatasetParams(
+        name="imagefolder",
+        source="bench",
+        sha256=None,
+        image_size=None,
+        validation_fraction=0.1,
+        test_fraction=0.2,
+        shard_size_mb=100.0,
+    )
+
+
 def make_folder(
     root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg"
 ) -> pathlib.Path:
@@ -117,15 +130,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=3000, help="JPEGs to convert (default: %(default)s)")
     parser.add_argument("--side", type=int, default=128, help="their width and height in pixels (default: %(default)s)")
     arguments = parser.parse_args()
-    dataset = config.DatasetParams(
-        name="imagefolder",
-        source="bench",
-        sha256=None,
-        image_size=None,
-        validation_fraction=0.1,
-        test_fraction=0.2,
-        shard_size_mb=100.0,
-    )
+    dataset = folder_dataset()
     half = (arguments.side // 2, arguments.side // 2)
     cases = {"keep size": dataset, f"resize to {half[0]}x{half[1]}": dataset.model_copy(update={"image_size": half})}
     results = {}

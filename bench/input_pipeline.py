@@ -41,7 +41,7 @@ import numpy as np
 from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks import convert
-from tasks.common import config, contracts
+from tasks.common import contracts
 from tasks.data import inputs, records
 
 REQUIRED_RATIO = 10.0
@@ -70,15 +70,7 @@ class Timing:
 def make_shards(folder: pathlib.Path, image_count: int, side: int = SIDE) -> pathlib.Path:
     """`image_count` CIFAR-like PNGs (gradients plus noise, a colour per class) converted by the convert stage."""
     raw_dir = bench_convert.make_folder(folder / "raw", image_count, side, CLASSES, extension=".png")
-    dataset = config.DatasetParams(
-        name="imagefolder",
-        source="bench",
-        sha256=None,
-        image_size=None,
-        validation_fraction=0.1,
-        test_fraction=0.2,
-        shard_size_mb=100.0,
-    )
+    dataset = bench_convert.folder_dataset()
     shards_dir = folder / "shards"
     convert.convert(dataset, seed=0, raw_dir=raw_dir, shards_dir=shards_dir)
     return shards_dir

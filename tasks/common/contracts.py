@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pydantic
 
-from tasks.common import errors, files
+from tasks.common import config, errors, files
 
 # The raw folder (download -> convert).
 LAYOUT_FILE = "layout.json"
@@ -192,13 +192,7 @@ class Scores(_Contract):
 
     def flat(self) -> dict[str, float]:
         """{"macro_avg_f1": 0.9, ...}: MLflow metrics and tags are flat."""
-        flat: dict[str, float] = {}
-        for key, value in self.model_dump(exclude_none=True).items():
-            if isinstance(value, dict):
-                flat.update({f"{key}_{name}": float(item) for name, item in value.items()})
-            else:
-                flat[key] = float(value)
-        return flat
+        return {key: float(value) for key, value in config.flatten(self.model_dump(exclude_none=True), "_").items()}
 
 
 class Decision(_Contract):
