@@ -68,6 +68,8 @@ class DatasetParams(_Section):
     validation_fraction: Real = pydantic.Field(gt=0, lt=1)
     test_fraction: Real = pydantic.Field(gt=0, lt=1)
     shard_size_mb: Real = pydantic.Field(gt=0)
+    max_class_drop: Real = pydantic.Field(ge=0, le=1)
+    accept_data_changes: bool
 
     @pydantic.field_validator("image_size", mode="before")
     @classmethod
@@ -161,6 +163,29 @@ class TrainParams(_Section):
     log_every_steps: int = pydantic.Field(ge=1)
     histogram_freq: int = pydantic.Field(ge=0)
     experiment_name: str = pydantic.Field(min_length=1)
+    init_from: str | None = pydantic.Field(min_length=1)
+    warm_start_epochs: int = pydantic.Field(ge=1)
+    from_scratch_every: int = pydantic.Field(ge=0)
+    class_weight: Literal["balanced"] | dict[str, Real] | None
+
+    @pydantic.field_validator("class_weight")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        if isinstance(value, dict) and (not value or min(value.values()) <= 0):
+            raise ValueError(
+                "null (unweighted), balanced, or a mapping of class name to a positive weight, e.g. {cat: 2.0}; "
+                f"got {value}"
+            )
+        return value
+
+    @pydantic.field_validator("init_from")
+    @classmethod
+    def _known_start(cls, value: str | None) -> str | None:
+        if value is not None and value != "champion" and value.startswith("models:") and not value.startswith(
+            "models:/"
+        ):
+            raise ValueError(f"a registry URI is models:/<name>/<version> or models:/<name>@<alias>, got {value!r}")
+        return value
 
     @pydantic.field_validator("image_size", "crop_size", "boundaries", "augment", mode="before")
     @classmethod
