@@ -34,7 +34,7 @@ import tensorflow as tf
 import tqdm
 
 from tasks.common import config, contracts, errors, files
-from tasks.data import images, records
+from tasks.data import changes, images, records, reuse, splits
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
@@ -48,6 +48,8 @@ class ConvertResult:
     counts: dict[str, int]
     files_seen: int
     rejected_count: int
+    decoded: int  # files decoded by this run; the others were taken from the previous shards by content
+    report: changes.Report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +59,51 @@ class _File:
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
 
+    @property
+    def path_in_class(self) -> str:
+        """The path below its class folder: what its split is derived from."""
+        return self.source.split("/", 2 if self.split else 1)[-1]
+
 
 @dataclasses.dataclass(frozen=True)
 class _Image:
     source: str
-    split: str | None
+    split: str
+    place: float  # splits.position: the split's order in its shards, too
     label: int
     offset: int  # of its encoded bytes in the spool file
     size: int
     sha256: str  # of the source file
+    difference_hash: str
+    encoding: str
 
 
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
-    return dict(dataset=params.dataset, seed=params.base.seed, raw_dir=params.raw_dir, shards_dir=params.shards_dir)
+    return dict(
+        dataset=params.dataset,
+        seed=params.base.seed,
+        raw_dir=params.raw_dir,
+        shards_dir=params.shards_dir,
+        report_dir=params.data_report_dir,
+        model_name=params.registered_model_name,
+    )
 
 
-def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, shards_dir: pathlib.Path) -> ConvertResult:
-    """Validates every file of `raw_dir`, splits the images (stratified, seeded) and writes them as shards."""
+def convert(
+    dataset: config.DatasetParams,
+    seed: int,
+    raw_dir: pathlib.Path,
+    shards_dir: pathlib.Path,
+    report_dir: pathlib.Path | None = None,
+    model_name: str | None = None,
+) -> ConvertResult:
+    """Validates every file of `raw_dir`, splits the images by their names and writes them as shards.
+
+    Files whose content the shards already in `shards_dir` hold are taken from there, not decoded again.
+    The data-change report (against the data the champion of `model_name` was trained on, else the
+    previous shards) goes to `report_dir`; its guard stops the run before the shards are replaced.
+    """
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = tuple(sorted({item.class_name for item in found}))
@@ -83,37 +112,40 @@ def convert(dataset: config.DatasetParams, seed: int, raw_dir: pathlib.Path, sha
             f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}; "
             "a classifier needs two or more: add a folder of images for each other class (in dataset.source)"
         )
+    baseline = changes.baseline(model_name, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
-        accepted, rejected, encodings = _prepare_all(found, class_names, dataset.image_size, spool_path)
+        carve = _carved_fractions(given_splits, dataset)
+        accepted, rejected, decoded = _prepare_all(
+            found, class_names, dataset.image_size, _Placer(seed, carve), shards_dir, spool_path
+        )
+        conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         rejected = sorted(outside + rejected)
-        splits = _assign_splits(accepted, len(class_names), given_splits, dataset, seed)
+        conversion["rejected"] = len(rejected)
+        grouped = _group_splits(accepted, dataset)
+        entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
+        report = changes.compare(baseline, entries, class_names, dataset, conversion)
+        changes.write(report, report_dir)
+        changes.guard(report, dataset, report_dir)
         with spool_path.open("rb") as spool:
             written = {
                 split: _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
-                for split, split_images in splits.items()
+                for split, split_images in grouped.items()
             }
         spool_path.unlink()
-        manifest = contracts.Manifest(
-            dataset=dataset.name,
-            classes=list(class_names),
-            seed=seed,
-            image_size=list(dataset.image_size) if dataset.image_size else None,
-            source_splits=list(given_splits),
-            files_seen=len(found) + len(outside),
-            accepted=len(accepted),
-            rejected=len(rejected),
-            encodings=encodings,
-            per_class=_per_class(accepted, class_names),
-            imbalance=_imbalance(accepted, class_names),
-            duplicates=_duplicates(splits, class_names),
-            splits=written,
-        )
+        manifest = _manifest(dataset, seed, class_names, given_splits, len(found) + len(outside), rejected, grouped)
+        manifest = manifest.model_copy(update={"splits": written})
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
+        contracts.write_index(staging, entries)
         manifest.write(staging)
-    counts = {split: len(split_images) for split, split_images in splits.items()}
+    counts = {split: len(split_images) for split, split_images in grouped.items()}
     return ConvertResult(
-        shards_dir=shards_dir, counts=counts, files_seen=manifest.files_seen, rejected_count=len(rejected)
+        shards_dir=shards_dir,
+        counts=counts,
+        files_seen=manifest.files_seen,
+        rejected_count=len(rejected),
+        decoded=decoded,
+        report=report,
     )
 
 
@@ -185,90 +217,159 @@ def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
     return [path.relative_to(raw_dir).as_posix() for path in paths]
 
 
+def _carved_fractions(given_splits: tuple[str, ...], dataset: config.DatasetParams) -> dict[str, float]:
+    """The splits made here from train images, and their fractions: those the source does not bring."""
+    carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
+    return {split: fraction for split, fraction in carved.items() if split not in given_splits}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placer:
+    seed: int
+    carved: dict[str, float]
+
+    def place(self, item: _File) -> tuple[str, float]:
+        place = splits.position(self.seed, item.class_name, item.path_in_class)
+        return splits.split_of(place, item.split, self.carved), place
+
+
 def _prepare_all(
-    found: list[_File], class_names: tuple[str, ...], image_size: tuple[int, int] | None, spool_path: pathlib.Path
-):
-    """Decodes every file on all cores; appends accepted images to the spool, in `found` order."""
-    worker = functools.partial(images.prepare, image_size=image_size)
-    paths = [str(item.path) for item in found]
+    found: list[_File],
+    class_names: tuple[str, ...],
+    image_size: tuple[int, int] | None,
+    placer: _Placer,
+    shards_dir: pathlib.Path,
+    spool_path: pathlib.Path,
+) -> tuple[list[_Image], list[tuple[str, str]], int]:
+    """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores."""
+    digests = _hash_all(found)
     labels = {name: label for label, name in enumerate(class_names)}
-    accepted, rejected, encodings = [], [], collections.Counter()
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    accepted, rejected = [], []
+    with spool_path.open("wb") as spool:
+        reused = reuse.spool_previous(shards_dir, image_size, set(filter(None, digests)), spool)
+        to_decode = []
+        for item, digest in zip(found, digests, strict=True):
+            if digest not in reused:
+                to_decode.append(item)
+                continue
+            offset, size, previous = reused[digest]
+            split, place = placer.place(item)
+            accepted.append(
+                _Image(
+                    item.source,
+                    split,
+                    place,
+                    labels[item.class_name],
+                    offset,
+                    size,
+                    digest,
+                    previous.difference_hash,
+                    previous.encoding,
+                )
+            )
+        for item, result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
+            if isinstance(result, images.Rejected):
+                rejected.append((item.source, result.reason))
+                continue
+            offset = spool.tell()
+            spool.write(result.encoded)
+            split, place = placer.place(item)
+            accepted.append(
+                _Image(
+                    item.source,
+                    split,
+                    place,
+                    labels[item.class_name],
+                    offset,
+                    len(result.encoded),
+                    result.source_sha256,
+                    result.difference_hash,
+                    result.encoding,
+                )
+            )
+    return accepted, rejected, len(to_decode)
+
+
+def _hash_all(found: list[_File]) -> list[str | None]:
+    """The sha256 of every file (None: unreadable), on threads: hashlib and reads release the GIL."""
+    with concurrent.futures.ThreadPoolExecutor(_workers() * 2) as pool:
+        return list(pool.map(images.file_sha256, [str(item.path) for item in found], chunksize=16))
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
+    """images.prepare of every file, in order, on all cores; with a progress bar."""
+    worker = functools.partial(images.prepare, image_size=image_size)
+    paths = [str(item.path) for item in to_decode]
+    workers = _workers()
     pool = None
     if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
     try:
-        # map keeps the input order whatever order the workers finish in: the shards stay deterministic.
+        # map keeps the input order whatever order the workers finish in.
         results = (
             pool.map(worker, paths, chunksize=max(1, min(64, len(paths) // (workers * 8))))
             if pool
             else map(worker, paths)
         )
-        progress = tqdm.tqdm(
+        yield from tqdm.tqdm(
             results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
         )
-        with spool_path.open("wb") as spool:
-            for item, result in zip(found, progress, strict=True):
-                if isinstance(result, images.Rejected):
-                    rejected.append((item.source, result.reason))
-                    continue
-                offset = spool.tell()
-                spool.write(result.encoded)
-                encodings[result.encoding] += 1
-                accepted.append(
-                    _Image(
-                        item.source,
-                        item.split,
-                        labels[item.class_name],
-                        offset,
-                        len(result.encoded),
-                        result.source_sha256,
-                    )
-                )
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    return accepted, rejected, dict(sorted(encodings.items()))
 
 
-def _assign_splits(
-    accepted: list[_Image], class_count: int, given_splits: tuple[str, ...], dataset: config.DatasetParams, seed: int
-) -> dict[str, list[_Image]]:
-    # Per class rather than sklearn's train_test_split: every class gets its exact share in each split
-    # even when it has only a handful of images, and one class's images never move another's.
-    random = np.random.default_rng(seed)
-    splits: dict[str, list[_Image]] = {
-        split: [image for image in accepted if image.split == split] for split in contracts.SPLITS
+def _group_splits(accepted: list[_Image], dataset: config.DatasetParams) -> dict[str, list[_Image]]:
+    """The images of each split in their place order: shards mix classes, and the order is the same for the
+    same images however they were found (decoded now or taken from the previous shards)."""
+    grouped: dict[str, list[_Image]] = {
+        split: sorted(
+            (image for image in accepted if image.split == split), key=lambda image: (image.place, image.source)
+        )
+        for split in contracts.SPLITS
     }
-    if not given_splits:
-        splits["train"] = list(accepted)
-    carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
-    carved = {split: fraction for split, fraction in carved.items() if split not in given_splits}
-    if carved:
-        pool, splits["train"] = splits["train"], []
-        for label in range(class_count):
-            members = [image for image in pool if image.label == label]
-            order = random.permutation(len(members))
-            test_count = round(len(members) * carved.get("test", 0.0))
-            validation_count = round(len(members) * carved.get("validation", 0.0))
-            for position, index in enumerate(order):
-                split = (
-                    "test"
-                    if position < test_count
-                    else "validation"
-                    if position < test_count + validation_count
-                    else "train"
-                )
-                splits[split].append(members[index])
-    for split, split_images in splits.items():
+    for split, split_images in grouped.items():
         if not split_images:
             raise errors.BadInput(
                 f"the {split} split is empty: {len(accepted)} images are too few for "
                 f"validation_fraction={dataset.validation_fraction}, test_fraction={dataset.test_fraction}"
             )
-        # Shards mix classes, so that reading one shard alone still sees every class.
-        splits[split] = [split_images[index] for index in random.permutation(len(split_images))]
-    return splits
+    return grouped
+
+
+def _entry(image: _Image, class_names: tuple[str, ...]) -> contracts.IndexEntry:
+    return contracts.IndexEntry(
+        path=image.source,
+        class_name=class_names[image.label],
+        split=image.split,
+        sha256=image.sha256,
+        difference_hash=image.difference_hash,
+        encoding=image.encoding,
+    )
+
+
+def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped) -> contracts.Manifest:
+    """The manifest but for its splits' shards, which the caller adds once they are written."""
+    accepted = [image for split_images in grouped.values() for image in split_images]
+    return contracts.Manifest(
+        dataset=dataset.name,
+        classes=list(class_names),
+        seed=seed,
+        image_size=list(dataset.image_size) if dataset.image_size else None,
+        source_splits=list(given_splits),
+        files_seen=files_seen,
+        accepted=len(accepted),
+        rejected=len(rejected),
+        encodings=dict(sorted(collections.Counter(image.encoding for image in accepted).items())),
+        per_class=_per_class(accepted, class_names),
+        imbalance=_imbalance(accepted, class_names),
+        duplicates=_duplicates(grouped, class_names),
+        splits={},
+    )
 
 
 def _write_split(
@@ -379,6 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     print(f"convert: {counts} images, {result.rejected_count} rejected, in {result.shards_dir}")
     print(summary(contracts.Manifest.read(result.shards_dir), result.shards_dir))
+    print(f"convert: {changes.summary_line(result.report)}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import mlflow.exceptions
 
 from tasks.common import config, contracts, errors, tracking
 
-CHAMPION = "champion"
+CHAMPION = tracking.CHAMPION
 CHALLENGER = "challenger"
 REGISTRATION_TAG = "registration"  # "unfinished" from registering until the alias is set, then "complete"
 REEVALUATION_BATCH_SIZE = 128  # images per step when the champion is re-scored on a new test set

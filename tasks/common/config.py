@@ -53,6 +53,7 @@ class PathsParams(_Section):
     raw: str
     downloads: str
     shards: str
+    data_report: str
     models: str
     metrics: str
     evaluation: str
@@ -181,8 +182,11 @@ class TrainParams(_Section):
     @pydantic.field_validator("init_from")
     @classmethod
     def _known_start(cls, value: str | None) -> str | None:
-        if value is not None and value != "champion" and value.startswith("models:") and not value.startswith(
-            "models:/"
+        if (
+            value is not None
+            and value != "champion"
+            and value.startswith("models:")
+            and not value.startswith("models:/")
         ):
             raise ValueError(f"a registry URI is models:/<name>/<version> or models:/<name>@<alias>, got {value!r}")
         return value
@@ -290,6 +294,10 @@ class Params(_Section):
     @property
     def shards_dir(self) -> pathlib.Path:
         return pathlib.Path(self.paths.shards) / self.dataset.name
+
+    @property
+    def data_report_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.paths.data_report)
 
     @property
     def model_dir(self) -> pathlib.Path:

@@ -19,6 +19,8 @@ import yaml
 
 from tasks.common import errors
 
+CHAMPION = "champion"  # the registry alias of the model in production: register moves it, the others read it
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the SQLite file in the working folder.

@@ -10,6 +10,8 @@ Runs in the convert stage's worker processes, so it imports nothing heavier than
 - Stored encoding: a JPEG that needs no change keeps its original bytes (no second lossy pass, no
   growth); a JPEG that was rotated, converted or resized is re-encoded as JPEG at quality 95;
   everything else (PNG, GIF, BMP, TIFF, WebP, ...) is stored as PNG, losslessly.
+- Each image also gets a perceptual hash (a difference hash of its upright grayscale picture), which
+  finds near-duplicates that identical-bytes checks miss: the same photo resized or re-saved.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Prepared:
     encoded: bytes  # JPEG or PNG of the RGB image
     encoding: str  # "original" (the source JPEG's bytes), "jpeg" or "png" (encoded here)
     source_sha256: str  # of the source file's bytes: finds the same image under two classes or splits
+    difference_hash: str  # 16 hex digits, see difference_hash(); empty for an image too small to compare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,7 @@ def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejecte
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit (~89 and ~179 megapixels): refuse both.
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            encoded, encoding = _decode_and_encode(data, image_size)
+            encoded, encoding, picture_hash = _decode_and_encode(data, image_size)
     except PIL.UnidentifiedImageError:
         return Rejected("not an image: no image format recognised in its content")
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
@@ -63,17 +66,45 @@ def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejecte
         return Rejected(f"truncated or corrupt image data: {error}")
     except Exception as error:  # noqa: BLE001 - a decoder fed untrusted bytes may raise anything; one file must not stop the rest
         return Rejected(f"unreadable image: {type(error).__name__}: {error}")
-    return Prepared(encoded=encoded, encoding=encoding, source_sha256=source_sha256)
+    return Prepared(encoded=encoded, encoding=encoding, source_sha256=source_sha256, difference_hash=picture_hash)
 
 
-def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple[bytes, str]:
+def file_sha256(path: str) -> str | None:
+    """The sha256 of a file's bytes, or None when it cannot be read (prepare then says why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def difference_hash(image: PIL.Image.Image) -> str:
+    """64 bits: is each pixel of a 9x8 grayscale thumbnail brighter than its right neighbour.
+
+    Empty below 32 pixels a side: the thumbnail of an 8x8 digit is the digit itself, and half of all
+    the 1s would look alike.
+
+    Written here rather than taken from the imagehash package: it is these few lines of Pillow, and
+    the package would bring PyWavelets for hashes the pipeline does not use. Near-duplicates differ in
+    a few bits (tasks/data/changes.py compares them).
+    """
+    if min(image.size) < 32:
+        return ""
+    pixels = np.asarray(image.convert("L").resize((9, 8), PIL.Image.Resampling.BILINEAR), dtype=np.int16)
+    return np.packbits(pixels[:, 1:] > pixels[:, :-1]).tobytes().hex()
+
+
+def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple[bytes, str, str]:
     with PIL.Image.open(io.BytesIO(data)) as image:
         is_jpeg = image.format == "JPEG"
         target = None if image_size is None else (image_size[1], image_size[0])  # Pillow sizes are (width, height)
         upright = image.getexif().get(_ORIENTATION_TAG, 1) in (0, 1)
         if is_jpeg and upright and image.mode in ("RGB", "L") and target in (None, image.size):
             image.load()  # decodes every byte: a truncated file fails here, not in training
-            return data, "original"
+            return data, "original", difference_hash(image)
         if is_jpeg and target is not None:
             # Lets the JPEG decoder scale down by 2, 4 or 8 while decoding, never below the target
             # in either orientation: much faster for large photos, same result after resizing.
@@ -82,14 +113,15 @@ def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple
         image.load()
         image = PIL.ImageOps.exif_transpose(image)
         rgb = _as_rgb(image)
+    picture_hash = difference_hash(rgb)
     if target is not None and rgb.size != target:
         rgb = rgb.resize(target, PIL.Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     if is_jpeg:
         rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        return buffer.getvalue(), "jpeg"
+        return buffer.getvalue(), "jpeg", picture_hash
     rgb.save(buffer, format="PNG")
-    return buffer.getvalue(), "png"
+    return buffer.getvalue(), "png", picture_hash
 
 
 def _as_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

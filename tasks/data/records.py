@@ -38,6 +38,13 @@ def serialize(encoded: bytes, label: int, source: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
+def read_encoded(path: pathlib.Path):
+    """(source path, encoded image bytes) of every record of one shard, in order."""
+    for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        feature = tf.train.Example.FromString(serialized).features.feature
+        yield os.fsdecode(feature["image/source"].bytes_list.value[0]), feature["image/encoded"].bytes_list.value[0]
+
+
 # Shards already checked by this process, by (path, size, modification time, inode): train reads its
 # training split twice (the images and a preview); hashing costs ~0.2 s per 100 MB shard.
 _verified: set[tuple[str, int, int, int]] = set()

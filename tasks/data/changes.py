@@ -1,0 +1,328 @@
+"""The data-change report: what changed since the data the champion was trained on, and the guard on it.
+
+convert writes it (changes.json for programs, changes.md for people) to <paths.data_report>; train
+logs both to its MLflow run and the flow shows the Markdown as a Prefect artifact before training.
+
+- per class: images now and before, and the files added, removed and changed (same path, other bytes);
+  new and vanished classes;
+- images whose split differs from the baseline's (only a change of the fractions or base.seed moves
+  one), and how many of them the champion trained on and are now test images;
+- identical files and near-duplicates (difference hashes a few bits apart: the same photo resized or
+  re-saved) that sit in two splits (leakage) or under two classes (label conflicts);
+- class imbalance; how many files this conversion decoded and how many it took from the last one.
+
+The baseline is the index of the champion's training data (an artifact of its MLflow run), else the
+previous conversion's index, else none (a first conversion). The guard stops convert, before any shard
+is replaced, when a class vanished or lost more than dataset.max_class_drop of its images: a bad sync,
+not new data. dataset.accept_data_changes lets one run through.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import pathlib
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from tasks.common import config, contracts, errors, files
+
+CHANGES_JSON = "changes.json"
+CHANGES_MARKDOWN = "changes.md"
+INDEX_ARTIFACT = "data/index.csv"  # where train logs the shards' index in its MLflow run
+NEAR_DUPLICATE_BITS = 3  # of 64; at most 3 lets 4 bands of 16 bits find every such pair (pigeonhole)
+_LISTED = 10  # files per class and groups shown in the Markdown; the JSON lists all
+_MOST_ALIKE = 20  # images of one difference hash paired: 1,000 blank images make 190 pairs, not 499,500
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    kind: str  # champion, previous (conversion) or none
+    description: str
+    entries: tuple[contracts.IndexEntry, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    values: dict[str, Any]  # what changes.json holds
+
+    @property
+    def problems(self) -> list[str]:
+        return self.values["guard"]["problems"]
+
+    def markdown(self) -> str:
+        return _markdown(self.values)
+
+
+def baseline(model_name: str | None, shards_dir: pathlib.Path) -> Baseline:
+    """The champion's training data, else the previous shards' index, else nothing."""
+    champion = _champion_index(model_name) if model_name else None
+    if champion is not None:
+        return champion
+    if (shards_dir / contracts.INDEX_FILE).is_file():
+        try:
+            entries = contracts.read_index(shards_dir)
+        except (errors.BadInput, errors.MissingInput) as error:
+            return Baseline("none", f"nothing: the previous index is unreadable ({error})", ())
+        return Baseline("previous", f"the previous conversion in {shards_dir}", tuple(entries))
+    return Baseline("none", "nothing: a first conversion", ())
+
+
+def _champion_index(model_name: str) -> Baseline | None:
+    """The index logged by the champion's training run, or None (no champion, no index, no store yet)."""
+    import mlflow  # here: a first conversion or one without a model name never pays for importing MLflow
+
+    from tasks.common import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not pathlib.Path(uri.removeprefix("sqlite:///")).is_file():
+        return None  # no local store yet: nothing was ever trained here
+    client = mlflow.MlflowClient(uri)
+    try:
+        version_number = client.get_registered_model(model_name).aliases.get(tracking.CHAMPION)
+        if version_number is None:
+            return None
+        version = client.get_model_version(model_name, str(version_number))
+        with tempfile.TemporaryDirectory() as folder:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path=INDEX_ARTIFACT, dst_path=folder, tracking_uri=uri
+            )
+            entries = contracts.read_index(pathlib.Path(path))
+    except mlflow.exceptions.MlflowException as error:
+        if error.get_http_status_code() == 404 or "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
+            return None  # no such model yet, or a champion trained before the index was logged
+        raise errors.Outage(f"MLflow at {errors.without_credentials(uri)}: {error.message}") from None
+    description = f"the data champion {model_name} version {version.version} was trained on (run {version.run_id})"
+    return Baseline("champion", description, tuple(entries))
+
+
+def compare(
+    base: Baseline,
+    entries: list[contracts.IndexEntry],
+    class_names: tuple[str, ...],
+    dataset: config.DatasetParams,
+    conversion: dict[str, int],
+) -> Report:
+    """The report of `entries` (the new index) against `base`; its guard problems under `dataset`'s limits."""
+    before = {entry.path: entry for entry in base.entries}
+    now = {entry.path: entry for entry in entries}
+    old_classes = sorted({entry.class_name for entry in base.entries})
+    classes = {name: _class_changes(name, before, now) for name in sorted(set(class_names) | set(old_classes))}
+    moved = [path for path, entry in now.items() if path in before and before[path].split != entry.split]
+    into_test = [path for path in moved if now[path].split == "test"]
+    values = {
+        "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "baseline": {"kind": base.kind, "description": base.description, "images": len(base.entries)},
+        "images": len(entries),
+        "conversion": conversion,
+        "classes": classes,
+        "new_classes": sorted(set(class_names) - set(old_classes)) if base.entries else [],
+        "vanished_classes": sorted(set(old_classes) - set(class_names)),
+        "moved_between_splits": {"count": len(moved), "into_test": len(into_test), "files": sorted(moved)},
+        "identical": _groups(_identical_groups(entries)),
+        "near_duplicates": _groups(_near_duplicate_pairs(entries)),
+        "imbalance": _imbalance(entries, class_names),
+    }
+    values["guard"] = {
+        "max_class_drop": dataset.max_class_drop,
+        "accepted": dataset.accept_data_changes,
+        "problems": _problems(values, dataset.max_class_drop),
+    }
+    return Report(values)
+
+
+def _class_changes(name: str, before: dict, now: dict) -> dict[str, Any]:
+    old = {path for path, entry in before.items() if entry.class_name == name}
+    new = {path for path, entry in now.items() if entry.class_name == name}
+    return {
+        "before": len(old),
+        "now": len(new),
+        "added": sorted(new - old),
+        "removed": sorted(old - new),
+        "changed": sorted(path for path in old & new if before[path].sha256 != now[path].sha256),
+    }
+
+
+def _problems(values: dict[str, Any], max_class_drop: float) -> list[str]:
+    problems = [f"class {name!r} vanished (no images left)" for name in values["vanished_classes"]]
+    for name, counts in values["classes"].items():
+        lost = len(counts["removed"])
+        if counts["now"] and counts["before"] and lost / counts["before"] > max_class_drop:
+            problems.append(
+                f"class {name!r} lost {lost} of its {counts['before']} images "
+                f"({lost / counts['before']:.0%}, more than dataset.max_class_drop {max_class_drop:.0%})"
+            )
+    return problems
+
+
+def _identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
+    by_digest = collections.defaultdict(list)
+    for entry in entries:
+        by_digest[entry.sha256].append(entry)
+    return [members for _, members in sorted(by_digest.items()) if len(members) > 1]
+
+
+def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
+    """Pairs of images whose difference hashes differ in at most NEAR_DUPLICATE_BITS bits.
+
+    Pairs, not groups: similar pictures chain (a ~ b ~ c), and a chain's ends need not look alike.
+    By hand: no library here compares hashes this way. Candidates come from 4 bands of 16 bits (two
+    hashes that close agree on a whole band), so the work grows with the images, not their square.
+    Images too small for the hash (an empty one) are not compared.
+    """
+    by_hash = collections.defaultdict(list)
+    for entry in entries:
+        if entry.difference_hash:
+            by_hash[entry.difference_hash].append(entry)
+    distinct = sorted(by_hash)
+    values = np.array([int(value, 16) for value in distinct], dtype=np.uint64)
+    close = {(index, index) for index in range(len(distinct)) if len(by_hash[distinct[index]]) > 1}
+    for band in range(4):
+        buckets = collections.defaultdict(list)
+        for index, key in enumerate(((values >> np.uint64(16 * band)) & np.uint64(0xFFFF)).tolist()):
+            buckets[key].append(index)
+        for members in (np.array(members) for members in buckets.values() if len(members) > 1):
+            distances = np.bitwise_count(values[members][:, None] ^ values[members][None, :])
+            for first, second in zip(*np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1)), strict=True):
+                close.add((int(members[first]), int(members[second])))
+    pairs = []
+    for first, second in sorted(close):
+        left = by_hash[distinct[first]][:_MOST_ALIKE]
+        right = by_hash[distinct[second]][:_MOST_ALIKE]
+        pairs += [[a, b] for a in left for b in right if a.path < b.path]
+    return pairs
+
+
+def _groups(groups: list[list[contracts.IndexEntry]]) -> dict[str, Any]:
+    """The groups (or pairs) that matter: in two splits (leakage) or under two classes (label conflicts)."""
+
+    def listed(members):
+        return [
+            {"path": entry.path, "class": entry.class_name, "split": entry.split}
+            for entry in sorted(members, key=lambda entry: entry.path)
+        ]
+
+    across_splits = [listed(members) for members in groups if len({entry.split for entry in members}) > 1]
+    across_classes = [listed(members) for members in groups if len({entry.class_name for entry in members}) > 1]
+    return {
+        "groups": len(groups),
+        "across_splits": sorted(across_splits, key=lambda group: group[0]["path"]),
+        "across_classes": sorted(across_classes, key=lambda group: group[0]["path"]),
+    }
+
+
+def _imbalance(entries: list[contracts.IndexEntry], class_names: tuple[str, ...]) -> dict[str, Any]:
+    counts = collections.Counter(entry.class_name for entry in entries)
+    largest = max(class_names, key=lambda name: counts[name])
+    smallest = min(class_names, key=lambda name: counts[name])
+    ratio = round(counts[largest] / counts[smallest], 3) if counts[smallest] else None
+    return {
+        "largest": largest,
+        "largest_images": counts[largest],
+        "smallest": smallest,
+        "smallest_images": counts[smallest],
+        "ratio": ratio,
+    }
+
+
+def write(report: Report, report_dir: pathlib.Path | None) -> None:
+    if report_dir is None:
+        return
+    files.make_folder(report_dir)
+    files.write_json(report_dir / CHANGES_JSON, report.values)
+    files.write_bytes(report_dir / CHANGES_MARKDOWN, report.markdown().encode("utf-8", "surrogateescape"))
+
+
+def guard(report: Report, dataset: config.DatasetParams, report_dir: pathlib.Path | None) -> None:
+    """Stops the run (BadInput) on the report's problems, unless dataset.accept_data_changes lets them through."""
+    if not report.problems or dataset.accept_data_changes:
+        return
+    where = f"; the report is in {report_dir / CHANGES_MARKDOWN}" if report_dir else ""
+    raise errors.BadInput(
+        f"the data changed more than a nightly run should accept, since {report.values['baseline']['description']}: "
+        + "; ".join(report.problems)
+        + ". If the source folder lost these images by mistake, restore them; if the change is intended, "
+        "set dataset.accept_data_changes: true for one run (then back to false)" + where
+    )
+
+
+def summary_line(report: Report) -> str:
+    """One line for logs: what changed, against what."""
+    values = report.values
+    added = sum(len(counts["added"]) for counts in values["classes"].values())
+    removed = sum(len(counts["removed"]) for counts in values["classes"].values())
+    changed = sum(len(counts["changed"]) for counts in values["classes"].values())
+    conversion = values["conversion"]
+    return (
+        f"{added} added, {removed} removed, {changed} changed since {values['baseline']['description']}; "
+        f"{conversion['decoded']} file(s) decoded, {conversion['reused']} taken from the previous shards"
+    )
+
+
+def _markdown(values: dict[str, Any]) -> str:
+    lines = [
+        "# Data changes",
+        "",
+        f"Compared with {values['baseline']['description']} ({values['baseline']['images']:,} images). "
+        f"Converted {values['converted_at']}: {values['images']:,} images; "
+        f"{values['conversion']['decoded']:,} file(s) decoded, {values['conversion']['reused']:,} taken from the "
+        f"previous shards, {values['conversion']['rejected']:,} rejected.",
+        "",
+        "| class | before | now | added | removed | changed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, counts in values["classes"].items():
+        lines.append(
+            f"| {name} | {counts['before']:,} | {counts['now']:,} | {len(counts['added']):,} | "
+            f"{len(counts['removed']):,} | {len(counts['changed']):,} |"
+        )
+    lines += ["", *_findings(values), "", *_listings(values)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _findings(values: dict[str, Any]) -> list[str]:
+    guard = values["guard"]
+    verdict = (
+        "passed"
+        if not guard["problems"]
+        else ("let through by dataset.accept_data_changes: " if guard["accepted"] else "**stopped the run**: ")
+        + "; ".join(guard["problems"])
+    )
+    moved = values["moved_between_splits"]
+    imbalance = values["imbalance"]
+    identical, near = values["identical"], values["near_duplicates"]
+    return [
+        f"- Guard (a class vanished or lost more than {guard['max_class_drop']:.0%}): {verdict}",
+        f"- New classes: {', '.join(values['new_classes']) or 'none'}; "
+        f"vanished: {', '.join(values['vanished_classes']) or 'none'}",
+        f"- Moved between splits: {moved['count']:,}"
+        + (f", {moved['into_test']:,} of them now test images the baseline trained on" if moved["into_test"] else ""),
+        f"- Identical files in two splits: {len(identical['across_splits'])} group(s); "
+        f"under two classes: {len(identical['across_classes'])}",
+        f"- Near-duplicate pairs (difference hash within {NEAR_DUPLICATE_BITS} bits) in two splits: "
+        f"{len(near['across_splits'])}; under two classes: {len(near['across_classes'])}",
+        f"- Imbalance: largest {imbalance['largest']!r} {imbalance['largest_images']:,}, smallest "
+        f"{imbalance['smallest']!r} {imbalance['smallest_images']:,}"
+        + (f" ({imbalance['ratio']:g}x)" if imbalance["ratio"] else ""),
+    ]
+
+
+def _listings(values: dict[str, Any]) -> list[str]:
+    lines = []
+    for kind in ("added", "removed", "changed"):
+        for name, counts in values["classes"].items():
+            if counts[kind] and values["baseline"]["kind"] != "none":
+                shown = ", ".join(f"`{path}`" for path in counts[kind][:_LISTED])
+                more = f" and {len(counts[kind]) - _LISTED:,} more" if len(counts[kind]) > _LISTED else ""
+                lines.append(f"- {kind} in {name}: {shown}{more}")
+    for title, groups in (
+        ("Near-duplicates in two splits", values["near_duplicates"]["across_splits"]),
+        ("Near-duplicates under two classes", values["near_duplicates"]["across_classes"]),
+    ):
+        for group in groups[:_LISTED]:
+            members = ", ".join(f"`{item['path']}` ({item['class']}, {item['split']})" for item in group)
+            lines.append(f"- {title}: {members}")
+    return lines + (["", f"Every file is listed in {CHANGES_JSON}."] if lines else [])

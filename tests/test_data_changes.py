@@ -1,0 +1,159 @@
+"""A folder that grows: stable splits, incremental conversion, the data-change report and its guard."""
+
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from tasks import convert
+from tasks.common import config, contracts, errors
+from tasks.data import splits
+from tests.conftest import REPOSITORY, make_image_folder
+
+
+def _dataset(**changes) -> config.DatasetParams:
+    return config.load_params(REPOSITORY / "params.yaml").dataset.model_copy(update=changes)
+
+
+def _splits_of(shards_dir) -> dict[str, str]:
+    return {entry.path: entry.split for entry in contracts.read_index(shards_dir)}
+
+
+def _add_images(folder, class_name, names, seed):
+    random = np.random.default_rng(seed)
+    (folder / class_name).mkdir(exist_ok=True)
+    for name in names:
+        pixels = random.integers(0, 255, (8, 8), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(folder / class_name / name)
+
+
+def _convert(raw, workdir, shards="shards", **changes):
+    return convert.convert(
+        _dataset(**changes), seed=3, raw_dir=raw, shards_dir=workdir / shards, report_dir=workdir / "report"
+    )
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_adding_removing_renaming_files_moves_no_other_image(workdir):
+    raw = make_image_folder(workdir / "raw", classes=3, per_class=30)
+    _convert(raw, workdir)
+    before = _splits_of(workdir / "shards")
+
+    _add_images(raw, "class_1", [f"new_{index}.png" for index in range(15)], seed=1)
+    (raw / "class_0" / "000.png").unlink()
+    (raw / "class_2" / "001.png").rename(raw / "class_2" / "renamed.png")
+    result = _convert(raw, workdir)
+    after = _splits_of(workdir / "shards")
+
+    kept = set(before) - {"class_0/000.png", "class_2/001.png"}
+    assert {path: after[path] for path in kept} == {path: before[path] for path in kept}
+    assert result.decoded == 15, "only the new files: the renamed one's bytes are known"
+
+
+def test_incremental_conversion_decodes_only_new_files_and_matches_a_full_one(workdir):
+    raw = make_image_folder(workdir / "raw", classes=3, per_class=30)
+    first = _convert(raw, workdir)
+    assert first.decoded == 90
+
+    _add_images(raw, "class_0", ["a.png", "b.png"], seed=2)
+    _add_images(raw, "class_2", ["c.png"], seed=3)
+    (raw / "class_1" / "002.png").unlink()
+    changed = raw / "class_1" / "003.png"
+    changed.write_bytes((raw / "class_1" / "004.png").read_bytes())  # other bytes, same name
+    incremental = _convert(raw, workdir)
+    full = _convert(raw, workdir, shards="full")
+
+    assert incremental.decoded == 3, "the renamed-bytes file is known by its content: only the 3 new ones decode"
+    assert full.decoded == 92
+    assert _tree(workdir / "shards") == _tree(workdir / "full"), "byte-identical to converting from nothing"
+    report = json.loads((workdir / "report" / "changes.json").read_text())  # the full conversion's: no baseline
+    values = incremental.report.values
+    assert values["baseline"]["kind"] == "previous"
+    assert values["classes"]["class_0"]["added"] == ["class_0/a.png", "class_0/b.png"]
+    assert values["classes"]["class_2"]["added"] == ["class_2/c.png"]
+    assert values["classes"]["class_1"]["removed"] == ["class_1/002.png"]
+    assert values["classes"]["class_1"]["changed"] == ["class_1/003.png"]
+    assert values["conversion"] == {"decoded": 3, "reused": 89, "rejected": 0}
+    assert report["baseline"]["kind"] == "none"
+    assert "| class_0 | 30 | 32 | 2 | 0 | 0 |" in incremental.report.markdown()
+    assert "Compared with nothing: a first conversion" in (workdir / "report" / "changes.md").read_text()
+
+
+def test_a_corrupted_previous_shard_is_not_reused(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
+    _convert(raw, workdir)
+    shard = next((workdir / "shards").glob("train-*.tfrecord"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert _convert(raw, workdir).decoded == 60
+
+
+def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=40)
+    _convert(raw, workdir)
+    before = _splits_of(workdir / "shards")
+    result = _convert(raw, workdir, test_fraction=0.3)
+    after = _splits_of(workdir / "shards")
+
+    moved = {path for path in before if before[path] != after[path]}
+    assert moved and all(after[path] in ("test", "validation") for path in moved)
+    assert all(before[path] in ("validation", "train") for path in moved)
+    assert result.report.values["moved_between_splits"]["count"] == len(moved)
+    assert result.decoded == 0
+
+
+def test_the_split_rule_depends_on_the_image_alone():
+    fractions = {"test": 0.2, "validation": 0.1}
+    places = [splits.position(5, "cat", f"{index}.jpg") for index in range(20000)]
+    shares = np.histogram(places, bins=[0, 0.2, 0.3, 1])[0] / len(places)
+    np.testing.assert_allclose(shares, [0.2, 0.1, 0.7], atol=0.01)
+    assert splits.position(5, "cat", "x.jpg") != splits.position(5, "dog", "x.jpg")
+    assert splits.position(5, "cat", "x.jpg") != splits.position(6, "cat", "x.jpg")
+    assert splits.split_of(0.05, "test", fractions) == "test", "a split folder the source brings is kept"
+    assert splits.split_of(0.05, "train", {"validation": 0.1}) == "validation"
+    assert [splits.split_of(place, None, fractions) for place in (0.1, 0.25, 0.9)] == ["test", "validation", "train"]
+
+
+def test_the_guard_stops_on_a_vanished_or_emptied_class_and_keeps_the_shards(workdir):
+    raw = make_image_folder(workdir / "raw", classes=3, per_class=30)
+    _convert(raw, workdir)
+    shards_before = _tree(workdir / "shards")
+    for path in sorted((raw / "class_1").iterdir())[:20]:
+        path.unlink()
+    shutil.rmtree(raw / "class_2")
+    _add_images(raw, "class_3", [f"{index}.png" for index in range(30)], seed=4)
+
+    with pytest.raises(errors.BadInput) as stopped:
+        _convert(raw, workdir)
+    message = str(stopped.value)
+    assert "class 'class_2' vanished" in message
+    assert "class 'class_1' lost 20 of its 30 images (67%, more than dataset.max_class_drop 50%)" in message
+    assert "dataset.accept_data_changes: true" in message and "changes.md" in message
+    assert _tree(workdir / "shards") == shards_before, "the shards the champion was trained on stay"
+    report = (workdir / "report" / "changes.md").read_text()
+    assert "**stopped the run**" in report and "New classes: class_3" in report
+
+    let_through = _convert(raw, workdir, accept_data_changes=True)
+    assert let_through.counts["train"] > 0
+    assert contracts.Manifest.read(workdir / "shards").classes == ["class_0", "class_1", "class_3"]
+
+
+def test_near_duplicates_across_splits_and_classes_are_reported(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
+    random = np.random.default_rng(9)
+    photo = PIL.Image.fromarray(random.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((256, 256))
+    photo.save(raw / "class_0" / "photo.png")
+    photo.resize((200, 200)).save(raw / "class_1" / "photo_small.jpg", quality=80)  # other bytes, same picture
+    values = _convert(raw, workdir).report.values
+
+    conflicts = values["near_duplicates"]["across_classes"]
+    assert [[member["path"] for member in group] for group in conflicts] == [
+        ["class_0/photo.png", "class_1/photo_small.jpg"]
+    ]
+    assert values["identical"]["across_classes"] == []
