@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
+import time
 from typing import Any
 
 import prefect
@@ -65,7 +65,7 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
             skipped("evaluate") if unchanged("evaluate", params, tracked) else run("evaluate", params, tracked),
             skipped("register") if unchanged("register", params, tracked) else run("register", params, tracked),
         ]
-        return summary_task(params.metrics_path, params.registry_path, params.model_dir, results)
+        return summary_task(params, results)
 
 
 def unchanged(stage: str, params: config.Params, tracked: bool) -> bool:
@@ -99,7 +99,12 @@ def _worth_retrying(task, task_run, state) -> bool:
 @prefect.task(cache_policy=prefect.cache_policies.NO_CACHE, retry_condition_fn=_worth_retrying)
 def stage_task(stage: str, params: config.Params, tracked: bool, **extra: Any) -> Any:
     """Runs one stage on the arguments its module chooses, then records it in dvc.lock as `dvc repro` would."""
-    result = stages.call(stage, params, **extra)
+    started = time.time()
+    try:
+        result = stages.call(stage, params, **extra)
+    finally:
+        if stage == "convert":  # also when its guard stopped the run: the report says why
+            reports.data_changes(params.data_report_dir, since=started)
     if tracked:
         dvc_stages.commit(stage)
     if stage == "convert":
@@ -115,12 +120,10 @@ def skip_task(stage: str) -> prefect.states.State:
 
 
 @prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
-def summary_task(
-    metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, results: list
-) -> str:
-    """The test metrics, MLflow run and registry decision, as a markdown artifact."""
+def summary_task(params: config.Params, results: list) -> str:
+    """What changed in the data, the test metrics, MLflow run and registry decision, as a markdown artifact."""
     ran = [stage for stage, result in zip(STAGES, results, strict=True) if result is not None]
-    return reports.run_summary(metrics_path, registry_path, model_dir, ran)
+    return reports.run_summary(params.metrics_path, params.registry_path, params.model_dir, params.data_report_dir, ran)
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

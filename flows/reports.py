@@ -9,7 +9,8 @@ from collections import Counter
 import keras
 import prefect.artifacts
 
-from tasks.common import contracts, errors
+from tasks.common import contracts, errors, files
+from tasks.data import changes
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -53,10 +54,39 @@ def rejections(shards_dir: pathlib.Path) -> None:
     )
 
 
+def data_changes(report_dir: pathlib.Path, since: float) -> None:
+    """convert's data-change report (reports/data/changes.md), when this run wrote it."""
+    path = report_dir / changes.CHANGES_MARKDOWN
+    if path.is_file() and path.stat().st_mtime >= since:
+        prefect.artifacts.create_markdown_artifact(
+            path.read_text(encoding="utf-8", errors="replace"),
+            key="data-changes",
+            description="what changed in the data since the champion's training data",
+        )
+
+
+def _data_line(report_dir: pathlib.Path, ran: list[str]) -> str:
+    """What the data did: changed (a line of the report), or nothing new since the last conversion."""
+    path = report_dir / changes.CHANGES_JSON
+    values = files.read_json(path, "written by the convert stage") if path.is_file() else None
+    if "convert" in ran and values is not None:
+        return f"Data: {changes.summary_line(changes.Report(values))}"
+    if values is None:
+        return "Data: unchanged (no change report yet: convert has not run with this release)"
+    since = values["converted_at"].replace("T", " ").replace("+00:00", " UTC")
+    trained = "" if "train" in ran else "; nothing trained"
+    return f"Data: no new data since {since} (the last conversion){trained}"
+
+
 def run_summary(
-    metrics_path: pathlib.Path, registry_path: pathlib.Path, model_dir: pathlib.Path, ran: list[str]
+    metrics_path: pathlib.Path,
+    registry_path: pathlib.Path,
+    model_dir: pathlib.Path,
+    report_dir: pathlib.Path,
+    ran: list[str],
 ) -> str:
-    """The run's test metrics, its MLflow run and the registry decision, as a markdown artifact."""
+    """The data's changes, the run's test metrics, its MLflow run and the registry decision, as a markdown
+    artifact."""
     scores = contracts.Scores.read(metrics_path)
     registry = contracts.Decision.read(registry_path)
     run = contracts.RunRecord.read(model_dir)
@@ -72,6 +102,8 @@ def run_summary(
         f"Decision: {registry.reason}",
         "",
         f"Stages run: {what_ran}",
+        "",
+        _data_line(report_dir, ran),
         "",
         f"MLflow run: {run_link}",
         "",

@@ -45,12 +45,14 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
     first = pipeline.pipeline("params.yaml", return_state=True)
     assert first.is_completed(), first.message
     assert "Stages run: download, convert, train, evaluate, register" in first.result()
+    assert "Data: 1797 added, 0 removed, 0 changed since nothing: a first conversion" in first.result()
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
     nothing = _dvc("repro", cwd=repository_copy)
     assert nothing.returncode == 0 and "Running stage" not in nothing.stdout
 
     second = pipeline.pipeline("params.yaml", return_state=True)
     assert "Stages run: nothing: every stage was up to date" in second.result()
+    assert "Data: no new data since 20" in second.result() and "; nothing trained" in second.result()
     assert _task_states(second) == {
         "download": "Skipped",
         "convert": "Skipped",
