@@ -59,15 +59,17 @@ def folder_dataset() -> config.DatasetParams:
         validation_fraction=0.1,
         test_fraction=0.2,
         shard_size_mb=100.0,
+        max_class_drop=0.5,
+        accept_data_changes=False,
     )
 
 
 def make_folder(
-    root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg"
+    root: pathlib.Path, image_count: int, side: int, classes: int = 10, extension: str = ".jpg", seed: int = 0
 ) -> pathlib.Path:
     """Photo-like images (smooth gradients plus sensor-like noise, a colour per class), one folder per class:
     JPEGs of quality 90, or PNGs with `extension=".png"` (Pillow's PNG writer ignores the quality)."""
-    random = np.random.default_rng(0)
+    random = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, side)
     for index in range(image_count):
         label = index % classes

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import pathlib
 from collections import Counter
 
 import keras
+import mlflow
 import prefect.artifacts
 
 from tasks.common import contracts, errors, files
@@ -65,17 +67,16 @@ def data_changes(report_dir: pathlib.Path, since: float) -> None:
         )
 
 
-def _data_line(report_dir: pathlib.Path, ran: list[str]) -> str:
-    """What the data did: changed (a line of the report), or nothing new since the last conversion."""
+def _data_line(report_dir: pathlib.Path, ran: list[str], run: contracts.RunRecord) -> str:
+    """What the data did: changed (a line of the report), or nothing new since the current model was trained."""
     path = report_dir / changes.CHANGES_JSON
-    values = files.read_json(path, "written by the convert stage") if path.is_file() else None
-    if "convert" in ran and values is not None:
-        return f"Data: {changes.summary_line(changes.Report(values))}"
-    if values is None:
-        return "Data: unchanged (no change report yet: convert has not run with this release)"
-    since = values["converted_at"].replace("T", " ").replace("+00:00", " UTC")
+    if "convert" in ran and path.is_file():
+        return f"Data: {changes.summary_line(changes.Report(files.read_json(path, 'written by the convert stage')))}"
+    # The report holds no date (it would make identical data look changed to DVC): the training run has one.
+    started = mlflow.MlflowClient(run.tracking_uri).get_run(run.run_id).info.start_time
+    since = datetime.datetime.fromtimestamp(started / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     trained = "" if "train" in ran else "; nothing trained"
-    return f"Data: no new data since {since} (the last conversion){trained}"
+    return f"Data: no new data since {since}, when the current model was trained{trained}"
 
 
 def run_summary(
@@ -103,7 +104,7 @@ def run_summary(
         "",
         f"Stages run: {what_ran}",
         "",
-        _data_line(report_dir, ran),
+        _data_line(report_dir, ran, run),
         "",
         f"MLflow run: {run_link}",
         "",

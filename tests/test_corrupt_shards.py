@@ -110,10 +110,10 @@ def test_dvc_sees_the_damaged_shard_and_repro_brings_it_back(tmp_path):
     status = dvc("status", "convert")
     assert "modified:" in status and "data/shards/imagefolder" in status, status
     restored = dvc("repro", "convert")
-    # DVC's cache holds the shards as convert made them: checked out, nothing runs. Without the cache,
-    # convert runs again and makes the same bytes (tests/test_convert.py: the same bytes in every process).
-    assert "Stage 'convert' is cached - skipping run, checking out outputs" in restored
-    assert "Running stage" not in restored
+    # The shards are a persistent output (convert reuses them): DVC runs convert again, which finds the damaged
+    # shard, trusts none of them, and converts every file again to the same bytes.
+    assert "Running stage 'convert'" in restored
+    assert "converting every file again, as the previous shards do not check out" in restored
     assert shard.read_bytes() == good
     manifest = json.loads((shard.parent / contracts.MANIFEST_FILE).read_text())
     assert files.sha256_of(shard) == manifest["splits"]["train"]["shards"][0]["sha256"]

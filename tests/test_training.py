@@ -35,12 +35,12 @@ TINY = {
 TIMEOUT = 300  # seconds; every process is killed past it
 
 
-def _prepare(folder: pathlib.Path, overrides: dict) -> config.Params:
+def _prepare(folder: pathlib.Path, overrides: dict, per_class: int = 20) -> config.Params:
     """A working folder as `dvc repro` sees it: params.yaml and the converted shards of a tiny image folder."""
     folder.mkdir(parents=True, exist_ok=True)
     write_params(folder / "params.yaml", overrides)
     params = config.load_params(folder / "params.yaml")
-    make_image_folder(folder / "raw", classes=3, per_class=20)
+    make_image_folder(folder / "raw", classes=3, per_class=per_class)
     convert.convert(params.dataset, params.base.seed, folder / "raw", folder / params.shards_dir)
     return params
 
@@ -74,7 +74,8 @@ def _history(folder: pathlib.Path) -> list[dict[str, str]]:
 
 def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     one = tmp_path / "one"
-    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"})
+    # 18 images a class: 42 training images (splits follow the file names), in whole batches of 14.
+    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"}, per_class=18)
     count = json.loads((one / params.shards_dir / "manifest.json").read_text())["splits"]["train"]["count"]
     batch = next(size for size in (14, 12, 10, 8, 6) if count % size == 0)  # whole batches split evenly in two
     write_params(
@@ -84,6 +85,7 @@ def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     _prepare(
         two,
         {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch},
+        per_class=18,
     )
 
     processes = [_start(one), _start(two)]
@@ -133,7 +135,7 @@ def test_two_workers_on_loopback_train_together(tmp_path):
         tmp_path / "metrics.json",
         tmp_path / "evaluation",
     )
-    assert evaluated.test_images == 12
+    assert evaluated.test_images == contracts.Manifest.read(tmp_path / params.shards_dir).count("test")
 
 
 # Runs the stage and kills its own process, as a power cut would, right after epoch 2's backup is written.
@@ -256,7 +258,8 @@ def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):
         workdir / "metrics.json",
         workdir / "evaluation",
     )
-    assert evaluated.test_images == 12 and result.validation_accuracy_raw is not None
+    assert evaluated.test_images == contracts.Manifest.read(workdir / params.shards_dir).count("test")
+    assert result.validation_accuracy_raw is not None
 
 
 def test_a_backup_cut_off_mid_write_leaves_the_one_before_it_whole(tmp_path, monkeypatch):

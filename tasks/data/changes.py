@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 import pathlib
 import tempfile
 from typing import Any
@@ -114,7 +113,6 @@ def compare(
     moved = [path for path, entry in now.items() if path in before and before[path].split != entry.split]
     into_test = [path for path in moved if now[path].split == "test"]
     values = {
-        "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "baseline": {"kind": base.kind, "description": base.description, "images": len(base.entries)},
         "images": len(entries),
         "conversion": conversion,
@@ -267,7 +265,7 @@ def _markdown(values: dict[str, Any]) -> str:
         "# Data changes",
         "",
         f"Compared with {values['baseline']['description']} ({values['baseline']['images']:,} images). "
-        f"Converted {values['converted_at']}: {values['images']:,} images; "
+        f"Now {values['images']:,} images; "
         f"{values['conversion']['decoded']:,} file(s) decoded, {values['conversion']['reused']:,} taken from the "
         f"previous shards, {values['conversion']['rejected']:,} rejected.",
         "",
