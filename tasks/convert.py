@@ -71,11 +71,14 @@ class _Image:
     split: str
     place: float  # splits.position: the split's order in its shards, too
     label: int
-    offset: int  # of its encoded bytes in the spool file
-    size: int
-    sha256: str  # of the source file
-    difference_hash: str
-    encoding: str
+    offset: int  # of its bytes in the spool file
+    length: int  # of its bytes in the spool file
+    size: int = 0  # of the encoded image: what the shards are sized by
+    serialized: bool = False  # the spool holds a whole record (from the previous shards), not only the image
+    as_is: bool = False  # that record is this file's, under its label: written unchanged
+    sha256: str = ""  # of the source file
+    difference_hash: str = ""
+    encoding: str = ""
 
 
 def arguments(params: config.Params) -> dict[str, Any]:
@@ -244,27 +247,26 @@ def _prepare_all(
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores."""
     digests = _hash_all(found)
     labels = {name: label for label, name in enumerate(class_names)}
-    accepted, rejected = [], []
+    wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
+    accepted, rejected, to_decode = [], [], []
     with spool_path.open("wb") as spool:
-        reused = reuse.spool_previous(shards_dir, image_size, set(filter(None, digests)), spool)
-        to_decode = []
+        whole, encoded_only = reuse.spool_previous(shards_dir, image_size, wanted, spool)
+        whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
         for item, digest in zip(found, digests, strict=True):
-            if digest not in reused:
+            stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
+            if stored is None or stored.entry.sha256 != digest:
                 to_decode.append(item)
                 continue
-            offset, size, previous = reused[digest]
-            split, place = placer.place(item)
+            image = _Image(item.source, *placer.place(item), labels[item.class_name], stored.offset, stored.length)
             accepted.append(
-                _Image(
-                    item.source,
-                    split,
-                    place,
-                    labels[item.class_name],
-                    offset,
-                    size,
-                    digest,
-                    previous.difference_hash,
-                    previous.encoding,
+                dataclasses.replace(
+                    image,
+                    size=stored.encoded_size,
+                    serialized=stored.serialized,
+                    as_is=stored.serialized and stored is whole.get(item.source),
+                    sha256=digest,
+                    difference_hash=stored.entry.difference_hash,
+                    encoding=stored.entry.encoding,
                 )
             )
         for item, result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
@@ -273,27 +275,30 @@ def _prepare_all(
                 continue
             offset = spool.tell()
             spool.write(result.encoded)
-            split, place = placer.place(item)
+            image = _Image(item.source, *placer.place(item), labels[item.class_name], offset, len(result.encoded))
             accepted.append(
-                _Image(
-                    item.source,
-                    split,
-                    place,
-                    labels[item.class_name],
-                    offset,
-                    len(result.encoded),
-                    result.source_sha256,
-                    result.difference_hash,
-                    result.encoding,
+                dataclasses.replace(
+                    image,
+                    size=len(result.encoded),
+                    sha256=result.source_sha256,
+                    difference_hash=result.difference_hash,
+                    encoding=result.encoding,
                 )
             )
     return accepted, rejected, len(to_decode)
 
 
 def _hash_all(found: list[_File]) -> list[str | None]:
-    """The sha256 of every file (None: unreadable), on threads: hashlib and reads release the GIL."""
+    """The sha256 of every file (None: unreadable), on threads (hashlib and reads release the GIL), in
+    batches: one task per file would cost more than hashing a small file."""
+    paths = [str(item.path) for item in found]
+    batches = [paths[start : start + 256] for start in range(0, len(paths), 256)]
     with concurrent.futures.ThreadPoolExecutor(_workers() * 2) as pool:
-        return list(pool.map(images.file_sha256, [str(item.path) for item in found], chunksize=16))
+        return [digest for batch in pool.map(_hash_batch, batches) for digest in batch]
+
+
+def _hash_batch(paths: list[str]) -> list[str | None]:
+    return [images.file_sha256(path) for path in paths]
 
 
 def _workers() -> int:
@@ -389,7 +394,10 @@ def _write_split(
             for position in positions:
                 image = split_images[position]
                 spool.seek(image.offset)
-                writer.write(records.serialize(spool.read(image.size), image.label, image.source))
+                data = spool.read(image.length)
+                if image.serialized and not image.as_is:  # another file's record holds the same bytes
+                    data = records.encoded_image(data)
+                writer.write(data if image.as_is else records.serialize(data, image.label, image.source))
         shards.append(contracts.Shard(file=name, records=len(positions), sha256=files.sha256_of(folder / name)))
     return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
 

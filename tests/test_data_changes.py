@@ -157,3 +157,15 @@ def test_near_duplicates_across_splits_and_classes_are_reported(workdir):
         ["class_0/photo.png", "class_1/photo_small.jpg"]
     ]
     assert values["identical"]["across_classes"] == []
+
+
+def test_a_new_class_that_shifts_every_label_still_gives_the_full_conversion_bytes(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
+    _convert(raw, workdir)
+    _add_images(raw, "a_first_class", [f"{index}.png" for index in range(30)], seed=6)  # sorts first: labels move
+    incremental = _convert(raw, workdir)
+    full = _convert(raw, workdir, shards="full")
+
+    assert incremental.decoded == 30 and full.decoded == 90
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+    assert incremental.report.values["new_classes"] == ["a_first_class"]

@@ -145,7 +145,11 @@ def write_index(shards_dir: pathlib.Path, entries: list[IndexEntry]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(_INDEX_COLUMNS)
-    writer.writerows(dataclasses.astuple(entry) for entry in entries)
+    # Not dataclasses.astuple, which deep-copies every field: a tenth of a nightly conversion's time.
+    writer.writerows(
+        (entry.path, entry.class_name, entry.split, entry.sha256, entry.difference_hash, entry.encoding)
+        for entry in entries
+    )
     # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk.
     files.write_bytes(shards_dir / INDEX_FILE, buffer.getvalue().encode("utf-8", "surrogateescape"))
 

@@ -157,10 +157,12 @@ def _problems(values: dict[str, Any], max_class_drop: float) -> list[str]:
 
 
 def _identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
+    repeated = {digest for digest, count in collections.Counter(entry.sha256 for entry in entries).items() if count > 1}
     by_digest = collections.defaultdict(list)
     for entry in entries:
-        by_digest[entry.sha256].append(entry)
-    return [members for _, members in sorted(by_digest.items()) if len(members) > 1]
+        if entry.sha256 in repeated:
+            by_digest[entry.sha256].append(entry)
+    return [by_digest[digest] for digest in sorted(by_digest)]
 
 
 def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:

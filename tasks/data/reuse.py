@@ -10,39 +10,63 @@ not check out is converted again from its source.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import BinaryIO
 
 from tasks.common import contracts, errors
 from tasks.data import records
 
-Reused = dict[str, tuple[int, int, contracts.IndexEntry]]  # source sha256 -> (spool offset, size, its old row)
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """An image of the previous shards, copied to the spool."""
+
+    offset: int
+    length: int  # in the spool
+    encoded_size: int
+    serialized: bool  # the whole record, for the same file under the same label; else the encoded image
+    entry: contracts.IndexEntry  # its row in the previous index
 
 
 def spool_previous(
-    shards_dir: pathlib.Path, image_size: tuple[int, int] | None, wanted: set[str], spool: BinaryIO
-) -> Reused:
-    """Copies the encoded images of the shards in `shards_dir` whose source sha256 is in `wanted` to `spool`."""
+    shards_dir: pathlib.Path,
+    image_size: tuple[int, int] | None,
+    wanted: dict[str, tuple[str, int]],
+    spool: BinaryIO,
+) -> tuple[dict[str, Stored], dict[str, Stored]]:
+    """Copies to `spool` what the shards in `shards_dir` hold of `wanted` (path -> (sha256, label) of each
+    file now): (by path: whole records of files unchanged in name, bytes and label; by sha256: the
+    encoded images of any other wanted content)."""
     previous = _previous(shards_dir, image_size)
     if previous is None:
-        return {}
+        return {}, {}
     manifest, entries = previous
-    by_path = {entry.path: entry for entry in entries if entry.sha256 in wanted}
+    wanted_digests = {digest for digest, _ in wanted.values()}
+    by_path = {entry.path: entry for entry in entries if entry.sha256 in wanted_digests}
     if not by_path:
-        return {}
+        return {}, {}
     try:
         paths = [path for split in manifest.splits for path in records.verify_shards(shards_dir, manifest, split)]
     except (errors.BadInput, errors.MissingInput) as error:
         print(f"convert: converting every file again, as the previous shards do not check out: {error}")
-        return {}
-    reused: Reused = {}
+        return {}, {}
+    old_labels = {name: label for label, name in enumerate(manifest.classes)}
+    whole: dict[str, Stored] = {}
+    encoded_only: dict[str, Stored] = {}
     for path in paths:
-        for source, encoded in records.read_encoded(path):
+        for serialized, source, encoded in records.read_records(path):
             entry = by_path.get(source)
-            if entry is not None and entry.sha256 not in reused:
-                reused[entry.sha256] = (spool.tell(), len(encoded), entry)
+            if entry is None:
+                continue
+            if wanted.get(source) == (entry.sha256, old_labels[entry.class_name]):
+                # The same file, bytes and label: its record is copied whole, not built again.
+                whole[source] = Stored(spool.tell(), len(serialized), len(encoded), True, entry)
+                spool.write(serialized)
+            elif entry.sha256 not in encoded_only:
+                encoded_only[entry.sha256] = Stored(spool.tell(), len(encoded), len(encoded), False, entry)
                 spool.write(encoded)
-    return reused
+    return whole, encoded_only
 
 
 def _previous(
