@@ -7,8 +7,12 @@ Builds `train.model` inside the distribution strategy of `train.strategy`, train
 metrics, the model summary and TensorBoard logs to MLflow, and saves the model with the moving averages
 of its weights (`train.ema_momentum`), as the seed's evaluator uses them.
 
+`train.init_from` starts it from an earlier model's weights instead of random ones (the champion, a
+registry URI or a model folder: tasks/modeling/warm_start.py), for `train.warm_start_epochs` epochs;
+`train.class_weight` weighs each class's images in the loss (tasks/modeling/class_weights.py).
+
 An interrupted run resumes: every epoch is backed up under <paths.checkpoints>/<model>-<hash of the
-settings, seed and data>/, which DVC does not delete, so running the stage again with the same params
+settings, seed, data and start>/, which DVC does not delete, so running the stage again with the same params
 continues from the last completed epoch in the same MLflow run. Other settings start afresh. The MLflow
 run stays open for evaluate and register: its id goes to <paths.models>/run.json.
 """
@@ -32,12 +36,14 @@ from tasks.data import inputs
 from tasks.modeling import (
     architectures,
     checkpoints,
+    class_weights,
     distributed,
     monitoring,
     networks,
     optimizers,
     strategies,
     training_run,
+    warm_start,
 )
 
 
@@ -60,6 +66,8 @@ def arguments(params: config.Params) -> dict[str, Any]:
         model_dir=params.model_dir,
         run_settings=config.as_dict(params),
         checkpoints_dir=params.checkpoints_dir,
+        registered_model_name=params.registered_model_name,
+        data_report_dir=params.data_report_dir,
     )
 
 
@@ -71,22 +79,33 @@ def train(
     run_settings: dict[str, Any] | None = None,
     checkpoints_dir: pathlib.Path | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    registered_model_name: str | None = None,
+    data_report_dir: pathlib.Path | None = None,
 ) -> TrainResult:
     """Trains `params.model` on the shards of `shards_dir`; `run_settings` (all of params.yaml) go to MLflow.
 
     `callbacks` are more Keras callbacks, e.g. the flow's progress report. Backups go to
     `checkpoints_dir` (default: inside `model_dir`, where a rerun by DVC cannot find them).
+    `registered_model_name` is where `train.init_from: champion` looks for the champion; convert's data-change
+    report in `data_report_dir`, if any, goes to the MLflow run.
     """
     devices = _devices(params, seed)  # first: logical CPU devices and collectives must exist before any other op
     data = _data(params, seed, shards_dir, devices.multi_worker)
+    start = warm_start.resolve(params, registered_model_name)
+    if start.warm:  # it starts near the answer: fewer epochs, and a schedule over those
+        params = params.model_copy(update={"epochs": params.warm_start_epochs})
+    print(start.describe(params.epochs))
     model, summary = _model(params, devices, data)
+    if start.warm:
+        with devices.strategy.scope():
+            warm_start.copy_weights(start, model, data.manifest.classes, params)
     work = checkpoints.work_folder(
-        checkpoints_dir or model_dir / ".checkpoints", params, seed, data.manifest_sha256, devices.chief
+        checkpoints_dir or model_dir / ".checkpoints", params, seed, data.manifest_sha256, devices.chief, start.identity
     )
     resumed_from_epoch = checkpoints.completed_epochs(work)
     if resumed_from_epoch:
         print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
-    with _mlflow_run(devices, params, data, shards_dir, work, run_settings):
+    with _mlflow_run(devices, params, data, shards_dir, work, run_settings, start):
         history, raw_scores = _fit_phases(model, params, devices, data, work, list(callbacks or []))
         final_loss = _final_loss(history, work, devices.chief)
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
@@ -104,6 +123,7 @@ def train(
             model_dir,
             summary,
             figures,
+            data_report_dir,
         )
     checkpoints.remove(work)  # finished: nothing left to resume
     return TrainResult(
@@ -111,11 +131,13 @@ def train(
     )
 
 
-def _mlflow_run(devices, params, data, shards_dir, work, run_settings):
+def _mlflow_run(devices, params, data, shards_dir, work, run_settings, start):
     """The MLflow run (training_run.start), on the chief only: the other workers of a cluster write nothing."""
     if not devices.chief:
         return contextlib.nullcontext()
-    return training_run.start(params, data.manifest, data.manifest_sha256, shards_dir, work, run_settings)
+    return training_run.start(
+        params, data.manifest, data.manifest_sha256, shards_dir, work, run_settings, start.tags(), data.class_weight
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +179,7 @@ class Data:
     steps_per_epoch: int
     steps_per_execution: int
     pipeline: dict[str, Any]  # the arguments of inputs.training_data, for the preview of input images
+    class_weight: dict[str, float] | None  # train.class_weight, per class name; None: unweighted
 
 
 def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi_worker: bool) -> Data:
@@ -203,6 +226,7 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi
         steps_per_epoch=steps_per_epoch,
         steps_per_execution=math.gcd(params.log_every_steps, steps_per_epoch),
         pipeline=pipeline,
+        class_weight=class_weights.compute(params.class_weight, manifest),
     )
 
 
@@ -300,6 +324,7 @@ def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_
             params.label_smoothing,
             callbacks,
             backup_dir,
+            class_weights.by_index(data.class_weight, data.manifest.classes),
         )
     checkpoints.forget_resumed_epoch(model)  # a stale one, from phase 1's backup, would skip phase 2
     # train_data shuffles itself, seeded.
@@ -310,6 +335,7 @@ def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_
         initial_epoch=first_epoch,
         epochs=last_epoch,
         callbacks=callbacks,
+        class_weight=class_weights.by_index(data.class_weight, data.manifest.classes),
         shuffle=False,
         verbose=0,
     )

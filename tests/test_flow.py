@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import FAST, make_image_folder, stop, write_params
+from tests.conftest import FAST, stop, write_params
 from tests.test_pipeline import _dvc
 
 
@@ -80,32 +79,6 @@ def test_stage_outputs_are_pushed_to_the_default_dvc_remote(repository_copy, pre
     status = _dvc("status", "--cloud", cwd=repository_copy)
     assert status.returncode == 0 and "Cache and remote 'shared' are in sync." in status.stdout, status.stdout
     assert any((tmp_path / "remote").rglob("*")), "the remote holds the pushed outputs"
-
-
-def test_one_new_image_in_the_source_folder_retrains(repository_copy, prefect_server, tmp_path):
-    from flows import pipeline
-
-    source = make_image_folder(tmp_path / "labelled", classes=3, per_class=20)
-    settings = {**FAST, "register.min_precision": 0.0, "dataset.name": "imagefolder", "dataset.source": str(source)}
-    write_params(repository_copy / "params.yaml", settings)
-    untouched = {
-        path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes())
-        for path in source.rglob("*")
-        if path.is_file()
-    }
-    assert "Stages run: download, convert, train, evaluate, register" in pipeline.pipeline("params.yaml")
-    assert "Stages run: nothing" in pipeline.pipeline("params.yaml")
-    now = {
-        path: (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes())
-        for path in source.rglob("*")
-        if path.is_file()
-    }
-    assert now == untouched, "DVC caching the raw folder never touches the user's files"
-
-    shutil.copy(source / "class_1" / "001.png", source / "class_1" / "new.png")
-    after = pipeline.pipeline("params.yaml")
-    assert "Stages run: download, convert, train, evaluate, register" in after
-    assert _versions(repository_copy) == 2
 
 
 def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(

@@ -40,7 +40,8 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
     assert not (workdir / "mlflow.db").exists(), "nothing goes to a local store when a server is set"
     run = _get(mlflow_server, "runs/get", run_id=result.run_id)["run"]
     metrics = {metric["key"]: metric["value"] for metric in run["data"]["metrics"]}
-    assert metrics["test_images"] == contracts.Manifest.read(workdir / "shards").count("test") and "test_precision_at_1" in metrics
+    assert metrics["test_images"] == contracts.Manifest.read(workdir / "shards").count("test")
+    assert "test_precision_at_1" in metrics
     assert {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["dataset"] == "digits"
     artifacts = _get(mlflow_server, "artifacts/list", run_id=result.run_id, path="evaluation")["files"]
     assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/metrics.json"} <= {

@@ -74,8 +74,9 @@ def _history(folder: pathlib.Path) -> list[dict[str, str]]:
 
 def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     one = tmp_path / "one"
-    # 18 images a class: 42 training images (splits follow the file names), in whole batches of 14.
-    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"}, per_class=18)
+    # 15 images a class: 36 training images (splits follow the file names), in whole batches of 12, and an
+    # even validation split (an odd last batch fails on two replicas: Keras' AddN of unequal shards).
+    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"}, per_class=15)
     count = json.loads((one / params.shards_dir / "manifest.json").read_text())["splits"]["train"]["count"]
     batch = next(size for size in (14, 12, 10, 8, 6) if count % size == 0)  # whole batches split evenly in two
     write_params(
@@ -85,7 +86,7 @@ def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
     _prepare(
         two,
         {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch},
-        per_class=18,
+        per_class=15,
     )
 
     processes = [_start(one), _start(two)]

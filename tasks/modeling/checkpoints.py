@@ -31,14 +31,15 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 
 
 def work_folder(
-    root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool
+    root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool, start: str = "random"
 ) -> pathlib.Path:
-    """<root>/<model>-<hash>: keyed by every train setting, the seed and the data, so a changed config never
-    resumes a stale backup."""
+    """<root>/<model>-<hash>: keyed by every train setting, the seed, the data and the weights it starts from
+    (`start`: warm_start.Start.identity), so a changed config never resumes a stale backup, and a resumed run
+    never mixes two starts (the champion changed while it was stopped)."""
     settings = params.model_dump(
         mode="json", exclude={"backup_every_seconds"}
     )  # how often to back up changes no result
-    identity = json.dumps({"train": settings, "seed": seed, "data": manifest_sha256}, sort_keys=True)
+    identity = json.dumps({"train": settings, "seed": seed, "data": manifest_sha256, "start": start}, sort_keys=True)
     folder = root / f"{params.model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     if chief:
         # Only the latest configuration's backup is kept: backups of large models take gigabytes.

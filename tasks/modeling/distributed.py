@@ -44,17 +44,19 @@ def fit_multi_worker(
     label_smoothing: float,
     callbacks: list[keras.callbacks.Callback],
     backup_dir: pathlib.Path | None,
+    class_weight: dict[int, float] | None = None,
 ) -> keras.callbacks.History:
     """model.fit's loop for MultiWorkerMirroredStrategy: `train_data`, repeated, is batched at the global batch size.
 
-    One iterator serves every epoch, as in the stage's model.fit (tasks/train.py says why).
+    One iterator serves every epoch, as in the stage's model.fit (tasks/train.py says why). `class_weight`
+    ({class index: weight}) weighs each image's loss as fit's class_weight does.
     """
     optimizer = model.optimizer
     # Every worker reads all shards and keeps its share of each global batch: works with any shard count.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     batches = iter(strategy.experimental_distribute_dataset(train_data.with_options(options)))
-    train_step = _train_step(model, strategy, label_smoothing)
+    train_step = _train_step(model, strategy, label_smoothing, class_weight)
     with strategy.scope():
         optimizer.build(model.trainable_variables)
     initial_epoch = _restore(model, backup_dir)
@@ -85,9 +87,16 @@ def fit_multi_worker(
     return history
 
 
-def _train_step(model: keras.Model, strategy: tf.distribute.Strategy, label_smoothing: float):
-    """One synchronous step on every replica: (mean loss, correct, count) over the global batch."""
+def _train_step(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    label_smoothing: float,
+    class_weight: dict[int, float] | None = None,
+):
+    """One synchronous step on every replica: (mean loss, correct, count) over the global batch; each image's
+    loss weighed by its class's `class_weight`, as fit does (the weighted sum over the batch size)."""
     optimizer = model.optimizer
+    weights = None if class_weight is None else tf.constant([class_weight[index] for index in sorted(class_weight)])
 
     @tf.function
     def train_step(images, labels):
@@ -97,6 +106,8 @@ def _train_step(model: keras.Model, strategy: tf.distribute.Strategy, label_smoo
                 per_example = keras.losses.categorical_crossentropy(
                     labels, probabilities, label_smoothing=label_smoothing
                 )
+                if weights is not None:
+                    per_example *= tf.gather(weights, tf.argmax(labels, -1))
                 loss = tf.nn.compute_average_loss(per_example)  # divided by the global batch, as fit does
                 if model.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))

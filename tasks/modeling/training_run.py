@@ -26,6 +26,12 @@ from tasks.common import config, contracts, errors, files, tracking
 from tasks.data import inputs
 from tasks.modeling import checkpoints
 
+# Logged with the model, under data/, when convert wrote them: the index of every image (index.csv, in
+# the shards folder; the next conversion compares its data with the champion's through it) and the
+# report of what changed since the champion's data (changes.json, changes.md; in the shards folder or
+# the data report folder).
+DATA_FILES = ("index.csv", "changes.json", "changes.md")
+
 
 def start(
     params: config.TrainParams,
@@ -34,10 +40,14 @@ def start(
     shards_dir: pathlib.Path,
     work: pathlib.Path,
     run_settings: dict[str, Any] | None,
+    lineage: dict[str, str] | None = None,
+    class_weight: dict[str, float] | None = None,
 ) -> mlflow.ActiveRun:
     """The MLflow run of this configuration: the interrupted one when resuming, else a new one.
 
-    Only the chief of a cluster calls it; `run_settings` (all of params.yaml) become its params.
+    Only the chief of a cluster calls it; `run_settings` (all of params.yaml) become its params, `lineage`
+    (what the weights started from: warm_start.Start.tags) its tags, and the `class_weight` used
+    class_weight.json.
     """
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
@@ -54,11 +64,14 @@ def start(
         "manifest_sha256": manifest_sha256,
         **tracking.git_tags(),
         **tracking.dvc_tags(shards_dir),
+        **(lineage or {}),
     }
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     settings = run_settings or {"train": params.model_dump(mode="json")}
     mlflow.log_params(config.flatten(settings))
     mlflow.log_dict(settings, "params.yaml")
+    if class_weight is not None:
+        mlflow.log_dict(class_weight, "class_weight.json")
     files.write_json(
         work / checkpoints.RUN_FILE,
         {"run_id": run.info.run_id, "tracking_uri": errors.without_credentials(mlflow.get_tracking_uri())},
@@ -76,12 +89,18 @@ def log_model(
     model_dir: pathlib.Path,
     summary: list[str],
     figures: dict[str, float | None],
+    data_report_dir: pathlib.Path | None = None,
 ) -> str:
     """The saved model (`serving`) and its last `figures` to the open run, with validation images of
-    `shards_dir` as its input example; then run.json. Returns the run id."""
+    `shards_dir` as its input example, and the data's index and change report; then run.json. Returns the
+    run id."""
     mlflow.log_metrics({name: value for name, value in figures.items() if value is not None})
     mlflow.log_text("\n".join(summary), "model_summary.txt")
     mlflow.log_artifacts(str(work / contracts.TENSORBOARD_DIR), contracts.TENSORBOARD_DIR)
+    for folder in (shards_dir, data_report_dir):
+        for name in DATA_FILES if folder else ():
+            if (folder / name).is_file():
+                mlflow.log_artifact(str(folder / name), "data")
     classes = manifest.classes
     # Uncropped validation images: the model prepares them itself, and takes any size.
     size = preprocessing.image_size
