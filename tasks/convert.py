@@ -8,15 +8,20 @@ splits, shard names with record counts and sha256) and rejected.csv (every file 
 usable image, with the reason). Files seen = accepted + rejected. The source folder is only read.
 
 Split folders recorded by the download stage (layout.json) are kept; a split the source lacks is
-carved from its train images, per class and seeded. Without split folders every class is split
-into train, validation and test. Decoding runs on all cores; writing stays in this process, in a
-fixed order, so the same input always gives byte-identical shards.
+carved from its train images. An image's split follows from a hash of its class and name alone
+(tasks/data/splits.py), so a growing folder never moves an image between splits. Files whose bytes
+the previous shards hold are copied from there (tasks/data/reuse.py); only new or changed files are
+decoded, on all cores. Writing stays in this process, in a fixed order, so the same input always
+gives byte-identical shards, however much was reused. index.csv lists every accepted image; the
+data-change report (tasks/data/changes.py) goes to <paths.data_report>, and its guard stops the
+stage before any shard is replaced when a class vanished or lost too many images.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -71,10 +76,10 @@ class _Image:
     split: str
     place: float  # splits.position: the split's order in its shards, too
     label: int
-    offset: int  # of its bytes in the spool file
-    length: int  # of its bytes in the spool file
+    offset: int  # of its bytes in the spool file, or in `origin`
+    length: int
     size: int = 0  # of the encoded image: what the shards are sized by
-    serialized: bool = False  # the spool holds a whole record (from the previous shards), not only the image
+    origin: pathlib.Path | None = None  # the previous shard that holds its whole record; None: the spool
     as_is: bool = False  # that record is this file's, under its label: written unchanged
     sha256: str = ""  # of the source file
     difference_hash: str = ""
@@ -125,19 +130,20 @@ def convert(
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
-        grouped = _group_splits(accepted, dataset)
+        grouped = _group_splits(accepted)
         entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
         report = changes.compare(baseline, entries, class_names, dataset, conversion)
         changes.write(report, report_dir)
         changes.guard(report, dataset, report_dir)
+        _require_every_split(grouped, len(accepted), dataset)
         with spool_path.open("rb") as spool:
             written = {
                 split: _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
                 for split, split_images in grouped.items()
             }
         spool_path.unlink()
-        manifest = _manifest(dataset, seed, class_names, given_splits, len(found) + len(outside), rejected, grouped)
-        manifest = manifest.model_copy(update={"splits": written})
+        files_seen = len(found) + len(outside)
+        manifest = _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped, written)
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
         manifest.write(staging)
@@ -250,7 +256,7 @@ def _prepare_all(
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
     accepted, rejected, to_decode = [], [], []
     with spool_path.open("wb") as spool:
-        whole, encoded_only = reuse.spool_previous(shards_dir, image_size, wanted, spool)
+        whole, encoded_only = reuse.find_previous(shards_dir, image_size, wanted, spool)
         whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
         for item, digest in zip(found, digests, strict=True):
             stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
@@ -262,8 +268,8 @@ def _prepare_all(
                 dataclasses.replace(
                     image,
                     size=stored.encoded_size,
-                    serialized=stored.serialized,
-                    as_is=stored.serialized and stored is whole.get(item.source),
+                    origin=stored.origin,
+                    as_is=stored is whole.get(item.source),
                     sha256=digest,
                     difference_hash=stored.entry.difference_hash,
                     encoding=stored.entry.encoding,
@@ -328,22 +334,25 @@ def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
             pool.shutdown(cancel_futures=True)
 
 
-def _group_splits(accepted: list[_Image], dataset: config.DatasetParams) -> dict[str, list[_Image]]:
+def _group_splits(accepted: list[_Image]) -> dict[str, list[_Image]]:
     """The images of each split in their place order: shards mix classes, and the order is the same for the
     same images however they were found (decoded now or taken from the previous shards)."""
-    grouped: dict[str, list[_Image]] = {
+    return {
         split: sorted(
             (image for image in accepted if image.split == split), key=lambda image: (image.place, image.source)
         )
         for split in contracts.SPLITS
     }
+
+
+def _require_every_split(grouped: dict[str, list[_Image]], accepted: int, dataset: config.DatasetParams) -> None:
     for split, split_images in grouped.items():
         if not split_images:
             raise errors.BadInput(
-                f"the {split} split is empty: {len(accepted)} images are too few for "
-                f"validation_fraction={dataset.validation_fraction}, test_fraction={dataset.test_fraction}"
+                f"the {split} split is empty: {accepted} images are too few for "
+                f"validation_fraction={dataset.validation_fraction}, test_fraction={dataset.test_fraction} "
+                "(each image falls in a split by a hash of its name); add images or raise the fraction"
             )
-    return grouped
 
 
 def _entry(image: _Image, class_names: tuple[str, ...]) -> contracts.IndexEntry:
@@ -357,8 +366,7 @@ def _entry(image: _Image, class_names: tuple[str, ...]) -> contracts.IndexEntry:
     )
 
 
-def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped) -> contracts.Manifest:
-    """The manifest but for its splits' shards, which the caller adds once they are written."""
+def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped, written) -> contracts.Manifest:
     accepted = [image for split_images in grouped.values() for image in split_images]
     return contracts.Manifest(
         dataset=dataset.name,
@@ -373,7 +381,7 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, gr
         per_class=_per_class(accepted, class_names),
         imbalance=_imbalance(accepted, class_names),
         duplicates=_duplicates(grouped, class_names),
-        splits={},
+        splits=written,
     )
 
 
@@ -387,19 +395,35 @@ def _write_split(
 ) -> contracts.Split:
     total_bytes = sum(image.size for image in split_images)
     shard_count = min(len(split_images), max(1, math.ceil(total_bytes / (shard_size_mb * 1e6))))
-    shards = []
-    for index, positions in enumerate(np.array_split(np.arange(len(split_images)), shard_count)):
-        name = records.shard_name(split, index, shard_count)
-        with tf.io.TFRecordWriter(str(folder / name)) as writer:
-            for position in positions:
-                image = split_images[position]
-                spool.seek(image.offset)
-                data = spool.read(image.length)
-                if image.serialized and not image.as_is:  # another file's record holds the same bytes
-                    data = records.encoded_image(data)
-                writer.write(data if image.as_is else records.serialize(data, image.label, image.source))
-        shards.append(contracts.Shard(file=name, records=len(positions), sha256=files.sha256_of(folder / name)))
+    origins: dict[pathlib.Path, Any] = {}
+    # Each shard is hashed on a thread while the next one is written.
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as hashing:
+        digests = []
+        for index, positions in enumerate(np.array_split(np.arange(len(split_images)), shard_count)):
+            name = records.shard_name(split, index, shard_count)
+            with tf.io.TFRecordWriter(str(folder / name)) as writer:
+                for position in positions:
+                    writer.write(_record(split_images[position], spool, origins, stack))
+            digests.append((name, len(positions), hashing.submit(files.sha256_of, folder / name)))
+        shards = [contracts.Shard(file=name, records=count, sha256=digest.result()) for name, count, digest in digests]
     return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
+
+
+def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) -> bytes:
+    """The image's serialized record: copied whole from the previous shard when it is this file's, else built."""
+    if image.origin is None:
+        source = spool
+    else:
+        if image.origin not in origins:
+            origins[image.origin] = stack.enter_context(image.origin.open("rb"))
+        source = origins[image.origin]
+    source.seek(image.offset)
+    data = source.read(image.length)
+    if image.as_is:
+        return data
+    if image.origin is not None:  # another file's record holds the same bytes
+        data = records.encoded_image(data)
+    return records.serialize(data, image.label, image.source)
 
 
 def _per_class(split_images: list[_Image], class_names: tuple[str, ...]) -> dict[str, int]:

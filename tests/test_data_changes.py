@@ -84,14 +84,21 @@ def test_incremental_conversion_decodes_only_new_files_and_matches_a_full_one(wo
     assert "Compared with nothing: a first conversion" in (workdir / "report" / "changes.md").read_text()
 
 
-def test_a_corrupted_previous_shard_is_not_reused(workdir):
+def test_a_corrupted_previous_shard_is_not_reused(workdir, capsys):
     raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
-    _convert(raw, workdir)
-    shard = next((workdir / "shards").glob("train-*.tfrecord"))
+    _convert(raw, workdir, shard_size_mb=0.002)  # several shards
+    manifest = contracts.Manifest.read(workdir / "shards")
+    damaged = manifest.splits["train"].shards[1]
+    shard = workdir / "shards" / damaged.file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert _convert(raw, workdir).decoded == 60
+
+    result = _convert(raw, workdir, shard_size_mb=0.002)
+    assert result.decoded == damaged.records, "only the damaged shard's images are decoded again"
+    assert f"decoding the images of {shard} again" in capsys.readouterr().out
+    _convert(raw, workdir, shards="full", shard_size_mb=0.002)
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
 
 
 def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdir):

@@ -4,13 +4,14 @@ A nightly run adds a few images to a folder of thousands: decoding, validating a
 file again would cost the whole conversion each night. The previous shards hold every accepted image
 as it would be encoded now (same Pillow, same image_size), and their index names each record's source
 file and its sha256, so a file whose bytes were converted before is copied from there instead: renamed
-or moved files too. The shards are checked against their manifest's sha256 first; anything that does
-not check out is converted again from its source.
+or moved files too. Each shard is checked against its manifest's sha256 as it is read; the images of
+one that does not check out are converted again from their sources.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import BinaryIO
 
@@ -20,51 +21,50 @@ from tasks.data import records
 
 @dataclasses.dataclass(frozen=True)
 class Stored:
-    """An image of the previous shards, copied to the spool."""
+    """An image of the previous shards: its whole record, left where it is, or its encoded image in the spool."""
 
+    origin: pathlib.Path | None  # the previous shard that holds the whole record; None: in the spool
     offset: int
-    length: int  # in the spool
+    length: int
     encoded_size: int
-    serialized: bool  # the whole record, for the same file under the same label; else the encoded image
     entry: contracts.IndexEntry  # its row in the previous index
 
 
-def spool_previous(
+def find_previous(
     shards_dir: pathlib.Path,
     image_size: tuple[int, int] | None,
     wanted: dict[str, tuple[str, int]],
     spool: BinaryIO,
 ) -> tuple[dict[str, Stored], dict[str, Stored]]:
-    """Copies to `spool` what the shards in `shards_dir` hold of `wanted` (path -> (sha256, label) of each
-    file now): (by path: whole records of files unchanged in name, bytes and label; by sha256: the
-    encoded images of any other wanted content)."""
+    """What the shards in `shards_dir` hold of `wanted` (path -> (sha256, label) of each file now): (by path:
+    the whole records of files unchanged in name, bytes and label, left in their shards; by sha256: the
+    encoded images of any other wanted content, copied to `spool`). A shard that does not match its
+    sha256 is skipped: its images are decoded again."""
     previous = _previous(shards_dir, image_size)
     if previous is None:
         return {}, {}
     manifest, entries = previous
     wanted_digests = {digest for digest, _ in wanted.values()}
     by_path = {entry.path: entry for entry in entries if entry.sha256 in wanted_digests}
-    if not by_path:
-        return {}, {}
-    try:
-        paths = [path for split in manifest.splits for path in records.verify_shards(shards_dir, manifest, split)]
-    except (errors.BadInput, errors.MissingInput) as error:
-        print(f"convert: converting every file again, as the previous shards do not check out: {error}")
-        return {}, {}
     old_labels = {name: label for label, name in enumerate(manifest.classes)}
     whole: dict[str, Stored] = {}
     encoded_only: dict[str, Stored] = {}
-    for path in paths:
-        for serialized, source, encoded in records.read_records(path):
+    shards = [shard for split in manifest.splits.values() for shard in split.shards] if by_path else []
+    for shard in shards:
+        path = shards_dir / shard.file
+        data = path.read_bytes() if path.is_file() else b""  # one shard, at most about dataset.shard_size_mb
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            print(f"convert: decoding the images of {path} again: it is missing or does not match its sha256")
+            continue
+        for offset, serialized, source, encoded in records.iterate_records(data, path):
             entry = by_path.get(source)
             if entry is None:
                 continue
             if wanted.get(source) == (entry.sha256, old_labels[entry.class_name]):
-                # The same file, bytes and label: its record is copied whole, not built again.
-                whole[source] = Stored(spool.tell(), len(serialized), len(encoded), True, entry)
-                spool.write(serialized)
+                # The same file, bytes and label: its record is copied whole when the new shards are written.
+                whole[source] = Stored(path, offset, len(serialized), len(encoded), entry)
             elif entry.sha256 not in encoded_only:
-                encoded_only[entry.sha256] = Stored(spool.tell(), len(encoded), len(encoded), False, entry)
+                encoded_only[entry.sha256] = Stored(None, spool.tell(), len(encoded), len(encoded), entry)
                 spool.write(encoded)
     return whole, encoded_only
 
