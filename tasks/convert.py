@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import stat
 import sys
 import unicodedata
 from typing import Any
@@ -63,6 +64,7 @@ class _File:
     source: str  # relative to the raw folder, with "/" separators, as named on disk
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
+    identity: tuple[int, int, int] | None = None  # size, modification time (ns) and inode: unchanged, same bytes
 
     @property
     def path_in_class(self) -> str:
@@ -95,6 +97,8 @@ def arguments(params: config.Params) -> dict[str, Any]:
         shards_dir=params.shards_dir,
         report_dir=params.data_report_dir,
         model_name=params.registered_model_name,
+        # Not in the shards folder: a DVC output must hold the same bytes for the same images, and times differ.
+        digests_file=params.checkpoints_dir / f"convert-{params.dataset.name}-digests.csv",
     )
 
 
@@ -105,36 +109,33 @@ def convert(
     shards_dir: pathlib.Path,
     report_dir: pathlib.Path | None = None,
     model_name: str | None = None,
+    digests_file: pathlib.Path | None = None,
 ) -> ConvertResult:
     """Validates every file of `raw_dir`, splits the images by their names and writes them as shards.
 
     Files whose content the shards already in `shards_dir` hold are taken from there, not decoded again.
     The data-change report (against the data the champion of `model_name` was trained on, else the
     previous shards) goes to `report_dir`; its guard stops the run before the shards are replaced.
+    `digests_file` keeps each file's sha256 by its size, time and inode, so that the next run reads only
+    the files that changed.
     """
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
-    class_names = tuple(sorted({item.class_name for item in found}))
-    if len(class_names) < 2:
-        raise errors.BadInput(
-            f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}; "
-            "a classifier needs two or more: add a folder of images for each other class (in dataset.source)"
-        )
+    class_names = _class_names(found, raw_dir)
     baseline = changes.baseline(model_name, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
+        digests = _hash_all(found, reuse.read_digests(digests_file) if digests_file else {})
         accepted, rejected, decoded = _prepare_all(
-            found, class_names, dataset.image_size, _Placer(seed, carve), shards_dir, spool_path
+            found, digests, class_names, dataset.image_size, _Placer(seed, carve), shards_dir, spool_path
         )
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
         grouped = _group_splits(accepted)
         entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
-        report = changes.compare(baseline, entries, class_names, dataset, conversion)
-        changes.write(report, report_dir)
-        changes.guard(report, dataset, report_dir)
+        report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(grouped, len(accepted), dataset)
         with spool_path.open("rb") as spool:
             written = {
@@ -147,6 +148,8 @@ def convert(
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
         manifest.write(staging)
+    if digests_file:
+        reuse.write_digests(digests_file, [(item.source, item.identity) for item in found], digests)
     counts = {split: len(split_images) for split, split_images in grouped.items()}
     return ConvertResult(
         shards_dir=shards_dir,
@@ -156,6 +159,24 @@ def convert(
         decoded=decoded,
         report=report,
     )
+
+
+def _class_names(found: list[_File], raw_dir: pathlib.Path) -> tuple[str, ...]:
+    class_names = tuple(sorted({item.class_name for item in found}))
+    if len(class_names) < 2:
+        raise errors.BadInput(
+            f"{raw_dir} must hold one sub-folder per class and at least 2 classes, found {list(class_names)}; "
+            "a classifier needs two or more: add a folder of images for each other class (in dataset.source)"
+        )
+    return class_names
+
+
+def _report_changes(baseline, entries, class_names, dataset, conversion, report_dir) -> changes.Report:
+    """The data-change report, written; its guard stops the stage here when the data lost too much."""
+    report = changes.compare(baseline, entries, class_names, dataset, conversion)
+    changes.write(report, report_dir)
+    changes.guard(report, dataset, report_dir)
+    return report
 
 
 def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
@@ -207,18 +228,36 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
                     "rename one"
                 )
             by_name[class_name] = entry
-            paths = [path for path in entry.rglob("*") if path.is_file()]
-            if not paths:
+            in_class = _class_files(entry, raw_dir, split, class_name)
+            if not in_class:
                 raise errors.BadInput(
                     f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder"
                 )
-            for path in paths:
-                found.append(
-                    _File(path=path, source=path.relative_to(raw_dir).as_posix(), split=split, class_name=class_name)
-                )
+            found += in_class
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
     found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
     return found, outside
+
+
+def _class_files(folder: pathlib.Path, raw_dir: pathlib.Path, split: str | None, class_name: str) -> list[_File]:
+    """Every file under a class folder, with its size, time and inode (os.walk: pathlib's rglob and
+    relative_to cost a second on 50,000 files)."""
+    prefix = folder.relative_to(raw_dir).as_posix() + "/"
+    found = []
+    for directory, _, names in os.walk(folder):
+        inside = os.path.relpath(directory, folder)
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                status = os.stat(path)
+            except OSError:  # vanished, or a broken link: prepare names the reason
+                status = None
+            if status is not None and not stat.S_ISREG(status.st_mode):
+                continue
+            relative = name if inside == "." else f"{inside}/{name}".replace(os.sep, "/")
+            identity = (status.st_size, status.st_mtime_ns, status.st_ino) if status else None
+            found.append(_File(pathlib.Path(path), prefix + relative, split, class_name, identity))
+    return found
 
 
 def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
@@ -244,6 +283,7 @@ class _Placer:
 
 def _prepare_all(
     found: list[_File],
+    digests: list[str | None],
     class_names: tuple[str, ...],
     image_size: tuple[int, int] | None,
     placer: _Placer,
@@ -251,7 +291,6 @@ def _prepare_all(
     spool_path: pathlib.Path,
 ) -> tuple[list[_Image], list[tuple[str, str]], int]:
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores."""
-    digests = _hash_all(found)
     labels = {name: label for label, name in enumerate(class_names)}
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
     accepted, rejected, to_decode = [], [], []
@@ -294,13 +333,22 @@ def _prepare_all(
     return accepted, rejected, len(to_decode)
 
 
-def _hash_all(found: list[_File]) -> list[str | None]:
-    """The sha256 of every file (None: unreadable), on threads (hashlib and reads release the GIL), in
-    batches: one task per file would cost more than hashing a small file."""
-    paths = [str(item.path) for item in found]
-    batches = [paths[start : start + 256] for start in range(0, len(paths), 256)]
+def _hash_all(found: list[_File], known: dict[str, tuple[tuple[int, int, int], str]]) -> list[str | None]:
+    """The sha256 of every file (None: unreadable). A file whose size, time and inode are those `known`
+    recorded keeps its digest, as git and DVC do; the others are read on threads (hashlib and reads
+    release the GIL), in batches: one task per file would cost more than hashing a small file."""
+    digests: list[str | None] = [
+        known[item.source][1] if item.identity and known.get(item.source, (None,))[0] == item.identity else None
+        for item in found
+    ]
+    todo = [index for index, digest in enumerate(digests) if digest is None]
+    batches = [todo[start : start + 256] for start in range(0, len(todo), 256)]
+    paths = [[str(found[index].path) for index in batch] for batch in batches]
     with concurrent.futures.ThreadPoolExecutor(_workers() * 2) as pool:
-        return [digest for batch in pool.map(_hash_batch, batches) for digest in batch]
+        for batch, batch_digests in zip(batches, pool.map(_hash_batch, paths), strict=True):
+            for index, digest in zip(batch, batch_digests, strict=True):
+                digests[index] = digest
+    return digests
 
 
 def _hash_batch(paths: list[str]) -> list[str | None]:

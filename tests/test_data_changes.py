@@ -1,6 +1,7 @@
 """A folder that grows: stable splits, incremental conversion, the data-change report and its guard."""
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from tasks import convert
 from tasks.common import config, contracts, errors
-from tasks.data import splits
+from tasks.data import images, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -176,3 +177,20 @@ def test_a_new_class_that_shifts_every_label_still_gives_the_full_conversion_byt
     assert incremental.decoded == 30 and full.decoded == 90
     assert _tree(workdir / "shards") == _tree(workdir / "full")
     assert incremental.report.values["new_classes"] == ["a_first_class"]
+
+
+def test_unchanged_files_are_not_even_read_again(workdir, monkeypatch):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
+    digests_file = workdir / "checkpoints" / "digests.csv"
+    convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    _add_images(raw, "class_0", ["late.png"], seed=8)
+    (raw / "class_1" / "005.png").write_bytes((raw / "class_1" / "006.png").read_bytes())  # new bytes, new time
+    hashed = []
+    original = images.file_sha256
+    monkeypatch.setattr(images, "file_sha256", lambda path: hashed.append(path) or original(path))
+
+    result = convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert sorted(pathlib.Path(path).name for path in hashed) == ["005.png", "late.png"]
+    assert result.decoded == 1, "005.png now holds 006.png's bytes, which the shards have"
+    convert.convert(_dataset(), 3, raw, workdir / "full")
+    assert _tree(workdir / "shards") == _tree(workdir / "full")

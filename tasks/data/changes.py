@@ -109,7 +109,11 @@ def compare(
     before = {entry.path: entry for entry in base.entries}
     now = {entry.path: entry for entry in entries}
     old_classes = sorted({entry.class_name for entry in base.entries})
-    classes = {name: _class_changes(name, before, now) for name in sorted(set(class_names) | set(old_classes))}
+    before_by_class, now_by_class = _by_class(base.entries), _by_class(entries)
+    classes = {
+        name: _class_changes(before_by_class.get(name, {}), now_by_class.get(name, {}))
+        for name in sorted(set(class_names) | set(old_classes))
+    }
     moved = [path for path, entry in now.items() if path in before and before[path].split != entry.split]
     into_test = [path for path in moved if now[path].split == "test"]
     values = {
@@ -132,15 +136,20 @@ def compare(
     return Report(values)
 
 
-def _class_changes(name: str, before: dict, now: dict) -> dict[str, Any]:
-    old = {path for path, entry in before.items() if entry.class_name == name}
-    new = {path for path, entry in now.items() if entry.class_name == name}
+def _by_class(entries) -> dict[str, dict[str, contracts.IndexEntry]]:
+    grouped = collections.defaultdict(dict)
+    for entry in entries:
+        grouped[entry.class_name][entry.path] = entry
+    return grouped
+
+
+def _class_changes(before: dict[str, contracts.IndexEntry], now: dict[str, contracts.IndexEntry]) -> dict[str, Any]:
     return {
-        "before": len(old),
-        "now": len(new),
-        "added": sorted(new - old),
-        "removed": sorted(old - new),
-        "changed": sorted(path for path in old & new if before[path].sha256 != now[path].sha256),
+        "before": len(before),
+        "now": len(now),
+        "added": sorted(now.keys() - before.keys()),
+        "removed": sorted(before.keys() - now.keys()),
+        "changed": sorted(path for path in now.keys() & before.keys() if before[path].sha256 != now[path].sha256),
     }
 
 
@@ -181,10 +190,15 @@ def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[cont
     values = np.array([int(value, 16) for value in distinct], dtype=np.uint64)
     close = {(index, index) for index in range(len(distinct)) if len(by_hash[distinct[index]]) > 1}
     for band in range(4):
-        buckets = collections.defaultdict(list)
-        for index, key in enumerate(((values >> np.uint64(16 * band)) & np.uint64(0xFFFF)).tolist()):
-            buckets[key].append(index)
-        for members in (np.array(members) for members in buckets.values() if len(members) > 1):
+        keys = (values >> np.uint64(16 * band)) & np.uint64(0xFFFF)
+        order = np.argsort(keys, kind="stable")
+        # Runs of equal keys in sorted order: the buckets, of which those with more than one hash matter.
+        sorted_keys = keys[order]
+        boundaries = (np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1).tolist()
+        for start, end in zip([0, *boundaries], [*boundaries, len(order)], strict=True):
+            if end - start < 2:
+                continue
+            members = order[start:end]
             distances = np.bitwise_count(values[members][:, None] ^ values[members][None, :])
             for first, second in zip(*np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1)), strict=True):
                 close.add((int(members[first]), int(members[second])))

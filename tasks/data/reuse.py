@@ -10,12 +10,14 @@ one that does not check out are converted again from their sources.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import pathlib
 from typing import BinaryIO
 
-from tasks.common import contracts, errors
+from tasks.common import contracts, errors, files
 from tasks.data import records
 
 
@@ -83,3 +85,29 @@ def _previous(
     if manifest.image_size != (list(image_size) if image_size else None):
         return None  # stored at another size: every image is resized again
     return manifest, entries
+
+
+def read_digests(path: pathlib.Path) -> dict[str, tuple[tuple[int, int, int], str]]:
+    """source -> ((size, modification time in ns, inode), sha256), as write_digests kept them; {} without."""
+    try:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
+            return {
+                row[0]: ((int(row[1]), int(row[2]), int(row[3])), row[4]) for row in csv.reader(stream) if len(row) == 5
+            }
+    except (OSError, ValueError):  # none yet, or unreadable: every file is hashed again, nothing is lost
+        return {}
+
+
+def write_digests(
+    path: pathlib.Path, identities: list[tuple[str, tuple[int, int, int] | None]], digests: list[str | None]
+) -> None:
+    """Each file's (source, (size, time, inode)) with its sha256, for read_digests in the next run."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows(
+        (source, *identity, digest)
+        for (source, identity), digest in zip(identities, digests, strict=True)
+        if identity and digest
+    )
+    files.make_folder(path.parent)
+    files.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
