@@ -97,8 +97,9 @@ def arguments(params: config.Params) -> dict[str, Any]:
         shards_dir=params.shards_dir,
         report_dir=params.data_report_dir,
         model_name=params.registered_model_name,
-        # Not in the shards folder: a DVC output must hold the same bytes for the same images, and times differ.
-        digests_file=params.checkpoints_dir / f"convert-{params.dataset.name}-digests.csv",
+        # Beside the downloads, not in the shards folder: a DVC output must hold the same bytes for the same
+        # images, and file times differ from one checkout to the next.
+        digests_file=params.downloads_dir / f"convert-{params.dataset.name}-digests.csv",
     )
 
 
