@@ -94,12 +94,12 @@ def measure_case(dataset, raw_dir: pathlib.Path, work: pathlib.Path, added: int,
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50_000, help="images in the folder (default: %(default)s)")
     parser.add_argument("--added", type=int, default=100, help="images added before the rerun (default: %(default)s)")
     parser.add_argument("--side", type=int, default=384, help="their typical side in pixels (default: %(default)s)")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     dataset = folder_dataset()
     cases = {"keep size": dataset, "resize to 224x224": dataset.model_copy(update={"image_size": (224, 224)})}
     results = {}
