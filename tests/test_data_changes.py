@@ -194,3 +194,12 @@ def test_unchanged_files_are_not_even_read_again(workdir, monkeypatch):
     assert result.decoded == 1, "005.png now holds 006.png's bytes, which the shards have"
     convert.convert(_dataset(), 3, raw, workdir / "full")
     assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
+def test_a_class_whose_files_all_became_unreadable_counts_as_vanished(workdir):
+    raw = make_image_folder(workdir / "raw", classes=3, per_class=20)
+    _convert(raw, workdir)
+    for path in (raw / "class_2").iterdir():
+        path.write_bytes(b"half-synced")  # the folder is still there, its images are not
+    with pytest.raises(errors.BadInput, match="class 'class_2' vanished"):
+        _convert(raw, workdir)

@@ -115,14 +115,15 @@ def compare(
         for name in sorted(set(class_names) | set(old_classes))
     }
     moved = [path for path, entry in now.items() if path in before and before[path].split != entry.split]
-    into_test = [path for path in moved if now[path].split == "test"]
+    into_test = [path for path in moved if now[path].split == "test" and before[path].split == "train"]
     values = {
         "baseline": {"kind": base.kind, "description": base.description, "images": len(base.entries)},
         "images": len(entries),
         "conversion": conversion,
         "classes": classes,
-        "new_classes": sorted(set(class_names) - set(old_classes)) if base.entries else [],
-        "vanished_classes": sorted(set(old_classes) - set(class_names)),
+        "new_classes": sorted(set(now_by_class) - set(old_classes)) if base.entries else [],
+        # Without an accepted image: its folder gone, emptied, or every file in it unreadable now.
+        "vanished_classes": sorted(set(old_classes) - set(now_by_class)),
         "moved_between_splits": {"count": len(moved), "into_test": len(into_test), "files": sorted(moved)},
         "identical": _groups(_identical_groups(entries)),
         "near_duplicates": _groups(_near_duplicate_pairs(entries)),
