@@ -20,7 +20,8 @@ def compute(setting: str | dict[str, Any] | None, manifest: contracts.Manifest) 
     if setting == "balanced":
         counts = manifest.splits["train"].per_class
         total = sum(counts.get(name, 0) for name in classes)
-        # A class without training images has nothing to weigh: 1.0 keeps the mapping complete.
+        # scikit-learn's compute_class_weight("balanced") by its formula: it wants every label, the manifest
+        # has the counts. A class without training images has nothing to weigh: 1.0 keeps the mapping complete.
         return {name: total / (len(classes) * counts[name]) if counts.get(name) else 1.0 for name in classes}
     unknown = [name for name in setting if name not in classes]
     if unknown:
