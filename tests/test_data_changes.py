@@ -10,7 +10,7 @@ import pytest
 
 from tasks import convert
 from tasks.common import config, contracts, errors
-from tasks.data import images, splits
+from tasks.data import changes, images, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -113,6 +113,10 @@ def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdi
     assert moved and all(after[path] in ("test", "validation") for path in moved)
     assert all(before[path] in ("validation", "train") for path in moved)
     assert result.report.values["moved_between_splits"]["count"] == len(moved)
+    into_test = sum(before[path] == "train" and after[path] == "test" for path in moved)  # 0: train moves up one
+    assert f"; {len(moved)} moved between splits (a fraction or base.seed changed), {into_test} of them" in (
+        changes.summary_line(result.report)
+    )
     assert result.decoded == 0
 
 

@@ -271,9 +271,16 @@ def summary_line(report: Report) -> str:
     removed = sum(len(counts["removed"]) for counts in values["classes"].values())
     changed = sum(len(counts["changed"]) for counts in values["classes"].values())
     conversion = values["conversion"]
+    moved = values["moved_between_splits"]
     return (
         f"{added} added, {removed} removed, {changed} changed since {values['baseline']['description']}; "
         f"{conversion['decoded']} file(s) decoded, {conversion['reused']} taken from the previous shards"
+        + (
+            f"; {moved['count']} moved between splits (a fraction or base.seed changed), "
+            f"{moved['into_test']} of them from the baseline's training split into test"
+            if moved["count"]
+            else ""
+        )
     )
 
 
