@@ -72,11 +72,12 @@ def _data_line(report_dir: pathlib.Path, ran: list[str], run: contracts.RunRecor
     path = report_dir / changes.CHANGES_JSON
     if "convert" in ran and path.is_file():
         return f"Data: {changes.summary_line(changes.Report(files.read_json(path, 'written by the convert stage')))}"
+    if "train" in ran:
+        return "Data: unchanged; trained again for changed code or settings"
     # The report holds no date (it would make identical data look changed to DVC): the training run has one.
     started = mlflow.MlflowClient(run.tracking_uri).get_run(run.run_id).info.start_time
     since = datetime.datetime.fromtimestamp(started / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    trained = "" if "train" in ran else "; nothing trained"
-    return f"Data: no new data since {since}, when the current model was trained{trained}"
+    return f"Data: no new data since {since}, when the current model was trained; nothing trained"
 
 
 def run_summary(

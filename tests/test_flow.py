@@ -65,6 +65,7 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 0.0, "train.epochs": 2})
     third = pipeline.pipeline("params.yaml", return_state=True)
     assert "Stages run: train, evaluate, register" in third.result()
+    assert "Data: unchanged; trained again for changed code or settings" in third.result()
     assert _versions(repository_copy) == 2
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
 
