@@ -123,13 +123,14 @@ def convert(
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
-    baseline = changes.baseline(model_name, shards_dir)
+    earlier = reuse.previous(shards_dir)
+    baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
         digests = _hash_all(found, reuse.read_digests(digests_file) if digests_file else {})
         accepted, rejected, decoded = _prepare_all(
-            found, digests, class_names, dataset.image_size, _Placer(seed, carve), shards_dir, spool_path
+            found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
         )
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         rejected = sorted(outside + rejected)
@@ -288,6 +289,7 @@ def _prepare_all(
     class_names: tuple[str, ...],
     image_size: tuple[int, int] | None,
     placer: _Placer,
+    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
     spool_path: pathlib.Path,
 ) -> tuple[list[_Image], list[tuple[str, str]], int]:
@@ -296,7 +298,7 @@ def _prepare_all(
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
     accepted, rejected, to_decode = [], [], []
     with spool_path.open("wb") as spool:
-        whole, encoded_only = reuse.find_previous(shards_dir, image_size, wanted, spool)
+        whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
         whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
         for item, digest in zip(found, digests, strict=True):
             stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)

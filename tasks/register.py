@@ -77,7 +77,7 @@ def register(
     model_id = run.model_uri.removeprefix("models:/")
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
         raise errors.Outage(f"the model of run {run.run_id} was not completely uploaded; rerun the train stage")
-    champion = _current(client, model_name, CHAMPION)
+    champion = tracking.version_with_alias(client, model_name, CHAMPION)
     registered = _version_of_run(client, model_name, run.run_id)
     if champion is not None and champion.run_id == run.run_id:
         version, alias, reason = str(champion.version), CHAMPION, champion.tags.get("decision", "already the champion")
@@ -113,19 +113,6 @@ def register(
         model_name=model_name, version=version, alias=alias, reason=reason, run_id=run.run_id, model_uri=run.model_uri
     ).write(registry_path)
     return RegisterResult(model_name=model_name, version=version, alias=alias, reason=reason)
-
-
-def _current(
-    client: mlflow.MlflowClient, model_name: str, alias: str
-) -> mlflow.entities.model_registry.ModelVersion | None:
-    # Through the model's aliases: asking for an alias no version holds raises the same error code as a bad request.
-    try:
-        version = client.get_registered_model(model_name).aliases.get(alias)
-    except mlflow.exceptions.MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return None if version is None else client.get_model_version(model_name, str(version))
 
 
 def _version_of_run(

@@ -41,6 +41,20 @@ def tracking_uri() -> str:
     return uri
 
 
+def version_with_alias(client: mlflow.MlflowClient, model_name: str, alias: str):
+    """The registered version of `model_name` that holds `alias`, or None (no such model, or no version holds it).
+
+    Through the model's aliases: asking for an alias no version holds raises the same error code as a bad request.
+    """
+    try:
+        version = client.get_registered_model(model_name).aliases.get(alias)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if version is None else client.get_model_version(model_name, str(version))
+
+
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

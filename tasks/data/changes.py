@@ -56,17 +56,17 @@ class Report:
         return _markdown(self.values)
 
 
-def baseline(model_name: str | None, shards_dir: pathlib.Path) -> Baseline:
-    """The champion's training data, else the previous shards' index, else nothing."""
+def baseline(
+    model_name: str | None, previous_entries: list[contracts.IndexEntry] | None, shards_dir: pathlib.Path
+) -> Baseline:
+    """The champion's training data, else the previous shards' index (`previous_entries`), else nothing."""
     champion = _champion_index(model_name) if model_name else None
     if champion is not None:
         return champion
+    if previous_entries is not None:
+        return Baseline("previous", f"the previous conversion in {shards_dir}", tuple(previous_entries))
     if (shards_dir / contracts.INDEX_FILE).is_file():
-        try:
-            entries = contracts.read_index(shards_dir)
-        except (errors.BadInput, errors.MissingInput) as error:
-            return Baseline("none", f"nothing: the previous index is unreadable ({error})", ())
-        return Baseline("previous", f"the previous conversion in {shards_dir}", tuple(entries))
+        return Baseline("none", f"nothing: the previous conversion in {shards_dir} is unreadable", ())
     return Baseline("none", "nothing: a first conversion", ())
 
 
@@ -81,10 +81,9 @@ def _champion_index(model_name: str) -> Baseline | None:
         return None  # no local store yet: nothing was ever trained here
     client = mlflow.MlflowClient(uri)
     try:
-        version_number = client.get_registered_model(model_name).aliases.get(tracking.CHAMPION)
-        if version_number is None:
+        version = tracking.version_with_alias(client, model_name, tracking.CHAMPION)
+        if version is None:
             return None
-        version = client.get_model_version(model_name, str(version_number))
         with tempfile.TemporaryDirectory() as folder:
             path = mlflow.artifacts.download_artifacts(
                 run_id=version.run_id, artifact_path=INDEX_ARTIFACT, dst_path=folder, tracking_uri=uri

@@ -33,19 +33,20 @@ class Stored:
 
 
 def find_previous(
+    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
     image_size: tuple[int, int] | None,
     wanted: dict[str, tuple[str, int]],
     spool: BinaryIO,
 ) -> tuple[dict[str, Stored], dict[str, Stored]]:
-    """What the shards in `shards_dir` hold of `wanted` (path -> (sha256, label) of each file now): (by path:
-    the whole records of files unchanged in name, bytes and label, left in their shards; by sha256: the
-    encoded images of any other wanted content, copied to `spool`). A shard that does not match its
-    sha256 is skipped: its images are decoded again."""
-    previous = _previous(shards_dir, image_size)
-    if previous is None:
+    """What the shards in `shards_dir` (`earlier`: their manifest and index) hold of `wanted` (path ->
+    (sha256, label) of each file now): (by path: the whole records of files unchanged in name, bytes and
+    label, left in their shards; by sha256: the encoded images of any other wanted content, copied to
+    `spool`). A shard that does not match its sha256 is skipped: its images are decoded again."""
+    # None: a first conversion; another image_size: every image is resized again.
+    if earlier is None or earlier[0].image_size != (list(image_size) if image_size else None):
         return {}, {}
-    manifest, entries = previous
+    manifest, entries = earlier
     wanted_digests = {digest for digest, _ in wanted.values()}
     by_path = {entry.path: entry for entry in entries if entry.sha256 in wanted_digests}
     old_labels = {name: label for label, name in enumerate(manifest.classes)}
@@ -71,20 +72,15 @@ def find_previous(
     return whole, encoded_only
 
 
-def _previous(
-    shards_dir: pathlib.Path, image_size: tuple[int, int] | None
-) -> tuple[contracts.Manifest, list[contracts.IndexEntry]] | None:
-    """The previous conversion's manifest and index, when there is one made with the same image_size."""
+def previous(shards_dir: pathlib.Path) -> tuple[contracts.Manifest, list[contracts.IndexEntry]] | None:
+    """The previous conversion's manifest and index, read once for find_previous and the change report."""
     if not (shards_dir / contracts.MANIFEST_FILE).is_file() or not (shards_dir / contracts.INDEX_FILE).is_file():
         return None  # the first conversion, or one by a release that wrote no index
     try:
-        manifest, entries = contracts.Manifest.read(shards_dir), contracts.read_index(shards_dir)
+        return contracts.Manifest.read(shards_dir), contracts.read_index(shards_dir)
     except (errors.BadInput, errors.MissingInput) as error:
         print(f"convert: converting every file again: {error}")
         return None
-    if manifest.image_size != (list(image_size) if image_size else None):
-        return None  # stored at another size: every image is resized again
-    return manifest, entries
 
 
 def read_digests(path: pathlib.Path) -> dict[str, tuple[tuple[int, int, int], str]]:

@@ -32,6 +32,7 @@ from tasks.modeling import architectures
 
 GENERATION_TAG = "warm_start.generation"
 # MLflow's error codes for a server or store that did not answer: waiting may help (errors.Outage).
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # no such version, alias or run
 _UNAVAILABLE = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 
@@ -189,15 +190,9 @@ def _load(source: str) -> tuple[keras.Model, list[str]]:
 
 def _champion(model_name: str) -> str | None:
     """models:/<name>/<version> of the champion, or None when there is none yet."""
-    client = _client()
     with _mlflow_errors(f"the registered model {model_name}"):
-        try:
-            version = client.get_registered_model(model_name).aliases.get(tracking.CHAMPION)
-        except mlflow.exceptions.MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-    return None if version is None else f"models:/{model_name}/{version}"
+        champion = tracking.version_with_alias(_client(), model_name, tracking.CHAMPION)
+    return None if champion is None else f"models:/{model_name}/{champion.version}"
 
 
 def _registry_source(uri: str) -> str:
@@ -206,17 +201,12 @@ def _registry_source(uri: str) -> str:
     if "@" not in reference:
         return uri
     name, alias = reference.rsplit("@", 1)
-    client = _client()
-    with _mlflow_errors(uri):
-        try:
-            version = client.get_model_version_by_alias(name, alias).version
-        except mlflow.exceptions.MlflowException as error:
-            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise errors.BadInput(
-                    f"train.init_from {uri}: no version of {name} holds the alias {alias}; name an existing "
-                    "version or alias, or set train.init_from: null"
-                ) from None
-            raise
+    missing = (
+        f"train.init_from {uri}: no version of {name} holds the alias {alias}; name an existing version or alias, "
+        "or set train.init_from: null"
+    )
+    with _mlflow_errors(uri, missing):
+        version = _client().get_model_version_by_alias(name, alias).version
     return f"models:/{name}/{version}"
 
 
@@ -234,16 +224,11 @@ def _model_file(setting: str) -> str:
 def _run_of(source: str) -> str | None:
     """The MLflow run that trained the start: the registry's record, or run.json beside a model file."""
     if source.startswith("models:/"):
-        with _mlflow_errors(source):
-            try:
-                return mlflow.models.get_model_info(source).run_id
-            except mlflow.exceptions.MlflowException as error:
-                if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise errors.BadInput(
-                        f"train.init_from {source}: no such model in MLflow; name an existing version, "
-                        "or set train.init_from: null"
-                    ) from None
-                raise
+        missing = (
+            f"train.init_from {source}: no such model in MLflow; name an existing version, or set train.init_from: null"
+        )
+        with _mlflow_errors(source, missing):
+            return mlflow.models.get_model_info(source).run_id
     folder = pathlib.Path(source).parent
     return contracts.RunRecord.read(folder).run_id if (folder / contracts.RUN_FILE).is_file() else None
 
@@ -258,7 +243,7 @@ def _generation(run_id: str | None) -> int:
         try:
             tags = client.get_run(run_id).data.tags
         except mlflow.exceptions.MlflowException as error:
-            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            if error.error_code in _NOT_FOUND:
                 return 0
             raise
     value = tags.get(GENERATION_TAG, "0")
@@ -271,11 +256,14 @@ def _client() -> mlflow.MlflowClient:
 
 
 @contextlib.contextmanager
-def _mlflow_errors(what: str) -> Iterator[None]:
-    """MLflow's server or store not answering becomes errors.Outage, naming what was asked for."""
+def _mlflow_errors(what: str, missing: str | None = None) -> Iterator[None]:
+    """MLflow's server or store not answering becomes errors.Outage, naming what was asked for; with
+    `missing`, asking for something that does not exist becomes errors.BadInput with that message."""
     try:
         yield
     except mlflow.exceptions.MlflowException as error:
+        if missing is not None and error.error_code in _NOT_FOUND:
+            raise errors.BadInput(missing) from None
         if error.error_code not in _UNAVAILABLE:
             raise
         raise errors.Outage(
