@@ -26,11 +26,10 @@ from tasks.common import config, contracts, errors, files, tracking
 from tasks.data import inputs
 from tasks.modeling import checkpoints
 
-# Logged with the model, under data/, when convert wrote them: the index of every image (index.csv, in
-# the shards folder; the next conversion compares its data with the champion's through it) and the
-# report of what changed since the champion's data (changes.json, changes.md; in the shards folder or
-# the data report folder).
-DATA_FILES = ("index.csv", "changes.json", "changes.md")
+# Logged with the model, under data/, when convert wrote them: the index of every image (in the shards
+# folder; the next conversion compares its data with the champion's through it) and the report of what
+# changed since the champion's data (in the data report folder).
+CHANGE_REPORT_FILES = ("changes.json", "changes.md")
 
 
 def start(
@@ -97,10 +96,12 @@ def log_model(
     mlflow.log_metrics({name: value for name, value in figures.items() if value is not None})
     mlflow.log_text("\n".join(summary), "model_summary.txt")
     mlflow.log_artifacts(str(work / contracts.TENSORBOARD_DIR), contracts.TENSORBOARD_DIR)
-    for folder in (shards_dir, data_report_dir):
-        for name in DATA_FILES if folder else ():
-            if (folder / name).is_file():
-                mlflow.log_artifact(str(folder / name), "data")
+    data_files = [shards_dir / contracts.INDEX_FILE]
+    if data_report_dir:
+        data_files += [data_report_dir / name for name in CHANGE_REPORT_FILES]
+    for path in data_files:
+        if path.is_file():
+            mlflow.log_artifact(str(path), "data")
     classes = manifest.classes
     # Uncropped validation images: the model prepares them itself, and takes any size.
     size = preprocessing.image_size
