@@ -59,8 +59,8 @@ def evaluate(
     model = tracking.load_model_file(model_dir / contracts.MODEL_FILE)
     class_names = contracts.read_labels(model_dir)
     preprocessing = contracts.Preprocessing.read(model_dir)
-    predictions = scoring.predict_test_split(
-        model, shards_dir, params.batch_size, preprocessing.image_size, preprocessing.input_size
+    predictions = scoring.predict_split(
+        model, shards_dir, "test", params.batch_size, preprocessing.image_size, preprocessing.input_size
     )
     scores = scoring.score(predictions.labels, predictions.probabilities, len(class_names))
     per_class = _write_reports(predictions, class_names, evaluation_dir)

@@ -146,8 +146,8 @@ def _champion_precision(
         if recorded
         else contracts.Preprocessing(image_size=fixed, input_size=fixed)
     )
-    predictions = scoring.predict_test_split(
-        model, shards_dir, REEVALUATION_BATCH_SIZE, preprocessing.image_size, preprocessing.input_size
+    predictions = scoring.predict_split(
+        model, shards_dir, "test", REEVALUATION_BATCH_SIZE, preprocessing.image_size, preprocessing.input_size
     )
     precision = scoring.score(
         predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]

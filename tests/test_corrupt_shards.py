@@ -74,7 +74,7 @@ def test_evaluate_refuses_a_truncated_test_shard_and_names_it(converted, shards)
         [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
     )
     with pytest.raises(ValueError, match="test-00000-of-00001.tfrecord does not match its sha256"):
-        scoring.predict_test_split(model, shards, 16, (8, 8), (8, 8))
+        scoring.predict_split(model, shards, "test", 16, (8, 8), (8, 8))
 
 
 def test_a_shard_listed_but_missing_is_named(converted, shards, workdir):

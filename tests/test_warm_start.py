@@ -149,7 +149,7 @@ def test_a_new_class_grows_the_output_layer_and_keeps_the_old_columns(inside):
         inside.folder, inside.four, "grown", init_from=str(inside.folder / "base"), warm_start_epochs=3
     )
     model = tracking.load_model_file(result.model_path)
-    predictions = scoring.predict_test_split(model, inside.four, 64, (8, 8), (8, 8))
+    predictions = scoring.predict_split(model, inside.four, "test", 64, (8, 8), (8, 8))
     predicted = predictions.probabilities.argmax(-1)
     new_class = predictions.labels == 3
     assert new_class.any() and (predicted[new_class] == 3).all(), predicted[new_class]

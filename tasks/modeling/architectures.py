@@ -342,17 +342,60 @@ def set_fine_tuning(model: keras.Model, name: str) -> None:
         layer.trainable = layer.name in unfrozen
 
 
-def serving_model(network: keras.Model, image_size: tuple[int, int], input_size: tuple[int, int]) -> keras.Model:
-    """`network` behind its preparation (architectures.PrepareImages): the model that is saved, registered
-    and exported, taking uint8 RGB images of any size. It shares the network's weights."""
+@keras.saving.register_keras_serializable(package="tasks")
+class Calibrate(keras.layers.Layer):
+    """Temperature scaling (Guo et al., 2017): class probabilities p become softmax(log(p) / temperature),
+    which is softmax(logits / temperature) for the logits the network's softmax was given. It keeps every
+    image's ranking of the classes (so precision@1 is unchanged) and makes the confidences honest; the
+    temperature is fitted on the validation split (tasks/modeling/calibration.py). Computed in float32."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs: Any):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, probabilities):
+        # A floor on p: a probability that underflowed to 0 has no logarithm.
+        logits = keras.ops.log(keras.ops.maximum(keras.ops.cast(probabilities, "float32"), 1e-30))
+        return keras.ops.softmax(logits / self.temperature, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+def serving_model(
+    network: keras.Model, image_size: tuple[int, int], input_size: tuple[int, int], temperature: float = 1.0
+) -> keras.Model:
+    """`network` behind its preparation (architectures.PrepareImages) and followed by its calibration
+    (Calibrate at `temperature`): the model that is saved, registered and exported, taking uint8 RGB images
+    of any size. It shares the network's weights."""
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
     prepared = PrepareImages(image_size, input_size, name="prepare")(images)
-    return keras.Model(images, network(prepared), name=f"{network.name}_serving")
+    calibrated = Calibrate(temperature, name="calibrate")(network(prepared))
+    return keras.Model(images, calibrated, name=f"{network.name}_serving")
 
 
 def network_of(model: keras.Model) -> keras.Model:
-    """The network inside a serving model (what takes images of the input size), or `model` itself when it
-    is one already (as models saved before the preparation moved into the model are)."""
-    if len(model.layers) == 3 and isinstance(model.layers[1], PrepareImages):
+    """The network inside a serving model (what takes images of the input size, before calibration), or
+    `model` itself when it is one already (as models saved before the preparation moved into it are)."""
+    if len(model.layers) in (3, 4) and isinstance(model.layers[1], PrepareImages):
         return model.layers[2]
     return model
+
+
+def temperature_of(model: keras.Model) -> float:
+    """The temperature of a serving model's calibration; 1.0 (none) for a model saved before calibration."""
+    calibrations = [layer for layer in model.layers if isinstance(layer, Calibrate)]
+    return calibrations[0].temperature if calibrations else 1.0
+
+
+def calibrated_network(model: keras.Model) -> keras.Model:
+    """The network of a serving model followed by its calibration, without the preparation: uint8 images of
+    the input size in, calibrated probabilities out (what the TFLite export holds)."""
+    network = network_of(model)
+    images = keras.Input(shape=network.input_shape[1:], dtype="uint8", name="image")
+    calibrated = Calibrate(temperature_of(model), name="calibrate")(network(images))
+    return keras.Model(images, calibrated, name=network.name)

@@ -29,24 +29,26 @@ class Predictions:
     worst: list[tuple[float, int, np.ndarray]]  # (confidence, index, image) of the most confidently wrong
 
 
-def predict_test_split(
+def predict_split(
     model: keras.Model,
     shards_dir: pathlib.Path,
+    split: str,
     batch_size: int,
     image_size: tuple[int, int],
     input_size: tuple[int, int],
 ) -> Predictions:
-    """Runs `model` over the test shards, keeping only the few misclassified images a report shows.
+    """Runs `model` over the shards of `split` (test, validation), keeping only the few misclassified images a
+    report shows.
 
     The images are decoded at `image_size`; the model centre-crops them to `input_size` itself, or, for a
     model saved before the preparation moved into it, they are cropped here as training's validation does.
     """
     takes_any_size = tuple(model.input_shape[1:3]) == (None, None)
     crop = image_size if takes_any_size else input_size
-    test_data = inputs.evaluation_data(shards_dir, "test", image_size, crop, batch_size, with_source=True)
+    split_data = inputs.evaluation_data(shards_dir, split, image_size, crop, batch_size, with_source=True)
     labels, probabilities, sources, worst = [], [], [], []
     seen = 0  # images before this batch
-    for images, batch_labels, batch_sources in test_data:
+    for images, batch_labels, batch_sources in split_data:
         batch_probabilities = np.asarray(model.predict_on_batch(images))
         predicted = batch_probabilities.argmax(axis=1)
         for position in np.flatnonzero(predicted != batch_labels.numpy()):
