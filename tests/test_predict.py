@@ -86,8 +86,8 @@ def test_predict_evaluate_and_the_registered_model_give_the_same_probabilities(t
     saved = tracking.load_model_file(model_dir / contracts.MODEL_FILE)
     preprocessing = contracts.Preprocessing.read(model_dir)
     assert tuple(saved.input_shape[1:3]) == (None, None), "the saved model takes images of any size"
-    evaluated = scoring.predict_test_split(
-        saved, trained / "shards", 8, preprocessing.image_size, preprocessing.input_size
+    evaluated = scoring.predict_split(
+        saved, trained / "shards", "test", 8, preprocessing.image_size, preprocessing.input_size
     )
     test_files = [trained / "raw" / source for source in evaluated.sources]
 
