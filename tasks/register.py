@@ -1,39 +1,56 @@
-"""Stage 5, register: every good run becomes a Model Registry version; only a better one becomes champion.
+"""Stage 5, register: every good run becomes a Model Registry version; only a proven better one becomes champion.
 
-    python -m tasks.register        # reads ./params.yaml, writes <paths.registry>
+    python -m tasks.register                                   # reads ./params.yaml, writes <paths.registry>
+    python -m tasks.register --promote VERSION --reason "..."  # a person moves `champion` past the gate
 
 Each version carries the run's test metrics and lineage (run id, git commit, data set manifest hash)
 as tags. The alias `champion` moves to the new version only if its precision@1 reaches
-`register.min_precision` and beats the current champion's by at least `register.min_improvement`
-on the same test set; otherwise the version gets the alias `challenger`. When the test set changed
-since the champion was measured, the champion is first re-evaluated on the new one. A champion is
-also exported as a SavedModel and a TFLite file, attached to its run. The alias moves last: a
-version whose artifacts failed to upload never becomes champion. A version stays tagged
-`registration: unfinished` until then.
+`register.min_precision` and, scored image by image on the same test images as the current champion
+(re-scored on them when the test set changed), it is better at `register.significance` (McNemar's
+exact test, tasks/modeling/gate.py), gains at least `register.min_improvement`, and loses no more than
+`register.max_class_drop` of any class's recall; otherwise it gets the alias `challenger`. The evidence
+goes to the version's tags and description, the run (registration/gate.json) and registry.json.
+
+Before the alias moves, a champion-to-be is exported (SavedModel, TFLite float32, float16 and int8),
+each export run on the test split and compared with the Keras model, and the model is served by a real
+`mlflow models serve` process whose answers must equal this process's (tasks/modeling/release.py). A
+version that fails either stays registered without the alias, tagged `registration: refused`, and the
+stage fails with the reason. The alias moves last: a version stays tagged `registration: unfinished`
+until then.
 
 One run, one version: registering a run again (a rerun after a kill, `dvc repro --force`, changed
 `register` settings) decides again for the version it already has instead of adding another; a run
 that is the champion stays it, as comparing it with itself decides nothing.
+
+A forced promotion (--promote) records the person, the time and the reason on the version, and still
+needs the version's exports and served-model check to pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import getpass
 import math
 import pathlib
 import sys
-import tempfile
 from typing import Any
 
 import mlflow
+import mlflow.artifacts
 import mlflow.entities
 import mlflow.exceptions
+import mlflow.models
+import pandas as pd
 
 from tasks.common import config, contracts, errors, tracking
+from tasks.modeling import gate
 
-CHAMPION = tracking.CHAMPION
-CHALLENGER = "challenger"
-REGISTRATION_TAG = "registration"  # "unfinished" from registering until the alias is set, then "complete"
+CHAMPION = gate.CHAMPION
+CHALLENGER = gate.CHALLENGER
+# "unfinished" from registering until the alias is set, then "complete"; "refused" when the exports or the
+# served-model check failed.
+REGISTRATION_TAG = "registration"
 REEVALUATION_BATCH_SIZE = 128  # images per step when the champion is re-scored on a new test set
 
 
@@ -53,6 +70,7 @@ def arguments(params: config.Params) -> dict[str, Any]:
         model_dir=params.model_dir,
         shards_dir=params.shards_dir,
         metrics_path=params.metrics_path,
+        evaluation_dir=params.evaluation_dir,
         registry_path=params.registry_path,
     )
 
@@ -63,6 +81,7 @@ def register(
     model_dir: pathlib.Path,
     shards_dir: pathlib.Path,
     metrics_path: pathlib.Path,
+    evaluation_dir: pathlib.Path,
     registry_path: pathlib.Path,
 ) -> RegisterResult:
     """Registers the run of `model_dir` as a version of `model_name` and decides its alias."""
@@ -78,41 +97,107 @@ def register(
     if client.get_logged_model(model_id).status != mlflow.entities.LoggedModelStatus.READY:
         raise errors.Outage(f"the model of run {run.run_id} was not completely uploaded; rerun the train stage")
     champion = tracking.version_with_alias(client, model_name, CHAMPION)
-    registered = _version_of_run(client, model_name, run.run_id)
     if champion is not None and champion.run_id == run.run_id:
-        version, alias, reason = str(champion.version), CHAMPION, champion.tags.get("decision", "already the champion")
+        decision = contracts.Decision.model_validate(
+            {
+                **(_recorded_decision(client, run.run_id) or {}),
+                "model_name": model_name,
+                "version": str(champion.version),
+                "alias": CHAMPION,
+                "reason": champion.tags.get("decision", "already the champion"),
+                "run_id": run.run_id,
+                "model_uri": run.model_uri,
+            }
+        )
     else:
-        champion_precision = None if champion is None else _champion_precision(client, champion, run, shards_dir)
-        alias, reason = _decide(params, precision, champion, champion_precision)
-        tags = {
-            "run_id": run.run_id,
-            "dataset": run.dataset,
-            "manifest_sha256": run.manifest_sha256,
-            "decision": reason,
-            **{f"test_{key}": str(value) for key, value in scores.flat().items()},
-            **{
-                key: value
-                for key, value in client.get_run(run.run_id).data.tags.items()
-                if key.startswith(("git_", "shards_dvc"))
-            },
-            REGISTRATION_TAG: "unfinished",  # until its alias is set
-        }
-        if registered is None:
-            version = str(mlflow.register_model(run.model_uri, model_name, tags=tags).version)
-        else:
-            version = str(registered.version)
-            for key, value in tags.items():
-                client.set_model_version_tag(model_name, version, key, value)
+        evidence = None
+        if champion is not None and precision >= params.min_precision:
+            evidence = _evidence(client, champion, evaluation_dir, shards_dir, run)
+        alias, reason = gate.decide(params, precision, evidence)
+        version = _registered_version(client, model_name, run, scores, reason, evidence)
+        decision = contracts.Decision(
+            model_name=model_name,
+            version=version,
+            alias=alias,
+            reason=reason,
+            run_id=run.run_id,
+            model_uri=run.model_uri,
+            evidence=None if evidence is None else evidence.words(),
+        )
         if alias == CHAMPION:
-            _attach_exports(run.run_id, model_dir, params.tflite_float16)
+            decision = _released(client, decision, model_dir / contracts.MODEL_FILE, shards_dir, params.serve_check)
         client.set_registered_model_alias(model_name, alias, version)
-    if alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
+        client.log_dict(run.run_id, {**decision.model_dump(), "gate": evidence and evidence.as_dict()}, GATE_FILE)
+    _finish(client, decision)
+    decision.write(registry_path)
+    return RegisterResult(model_name=model_name, version=decision.version, alias=decision.alias, reason=decision.reason)
+
+
+GATE_FILE = "registration/gate.json"  # the decision and its evidence, logged to the run
+
+
+def _recorded_decision(client: mlflow.MlflowClient, run_id: str) -> dict | None:
+    """The decision logged to the run when it was registered (a rerun writes registry.json again from it)."""
+    try:
+        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{GATE_FILE}")
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+    return {key: value for key, value in recorded.items() if key in contracts.Decision.model_fields}
+
+
+def _finish(client: mlflow.MlflowClient, decision: contracts.Decision) -> None:
+    """The last steps once the alias is set: no longer challenger when promoted, described, complete."""
+    model_name, version = decision.model_name, decision.version
+    if decision.alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
         client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
+    client.update_model_version(model_name, version, description=_description(decision))
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
-    contracts.Decision(
-        model_name=model_name, version=version, alias=alias, reason=reason, run_id=run.run_id, model_uri=run.model_uri
-    ).write(registry_path)
-    return RegisterResult(model_name=model_name, version=version, alias=alias, reason=reason)
+
+
+def _description(decision: contracts.Decision) -> str:
+    """The version's description in the registry UI: the decision and its evidence in words."""
+    parts = [f"**{decision.alias}**: {decision.reason}."]
+    for title, text in (
+        ("Forced promotion", decision.forced),
+        ("Evidence", decision.evidence),
+        ("Served", decision.served),
+        ("Exports (each run on the test split, compared with the Keras model)", decision.exports),
+    ):
+        if text:
+            parts.append(f"{title}: {text}" if "\n" not in text else f"{title}:\n\n{text}")
+    return "\n\n".join(parts)
+
+
+def _registered_version(
+    client: mlflow.MlflowClient,
+    model_name: str,
+    run: contracts.RunRecord,
+    scores: contracts.Scores,
+    reason: str,
+    evidence: gate.Evidence | None,
+) -> str:
+    """The run's version of `model_name`, registered now or earlier, tagged with its metrics, lineage and
+    the gate's evidence; marked unfinished until its alias is set."""
+    tags = {
+        "run_id": run.run_id,
+        "dataset": run.dataset,
+        "manifest_sha256": run.manifest_sha256,
+        "decision": reason,
+        **{f"test_{key}": str(value) for key, value in scores.flat().items()},
+        **{
+            key: value
+            for key, value in client.get_run(run.run_id).data.tags.items()
+            if key.startswith(("git_", "shards_dvc"))
+        },
+        **({} if evidence is None else evidence.tags()),
+        REGISTRATION_TAG: "unfinished",  # until its alias is set
+    }
+    registered = _version_of_run(client, model_name, run.run_id)
+    if registered is None:
+        return str(mlflow.register_model(run.model_uri, model_name, tags=tags).version)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(registered.version), key, value)
+    return str(registered.version)
 
 
 def _version_of_run(
@@ -123,23 +208,56 @@ def _version_of_run(
     return max(versions, key=lambda version: int(version.version)) if versions else None
 
 
-def _champion_precision(
-    client: mlflow.MlflowClient, champion, run: contracts.RunRecord, shards_dir: pathlib.Path
-) -> float:
-    """The champion's precision@1 on this run's test set: from its tags, or measured now."""
-    measured_tag = f"test_precision_at_1_on_{run.manifest_sha256[:16]}"
-    if champion.tags.get("manifest_sha256") == run.manifest_sha256:
-        return float(champion.tags["test_precision_at_1"])
-    if measured_tag in champion.tags:
-        return float(champion.tags[measured_tag])
-    # The test set changed (new images, another split): comparing the old number would be meaningless.
-    import mlflow.models
+def _evidence(
+    client: mlflow.MlflowClient,
+    champion,
+    evaluation_dir: pathlib.Path,
+    shards_dir: pathlib.Path,
+    run: contracts.RunRecord,
+) -> gate.Evidence:
+    """The challenger (evaluate's predictions.csv) and the champion on the same test images, image by image."""
+    predictions_path = evaluation_dir / contracts.PREDICTIONS_FILE
+    if not predictions_path.is_file():
+        raise errors.MissingInput(f"{predictions_path} is missing: run the evaluate stage first")
+    challenger = pd.read_csv(predictions_path, dtype=str, keep_default_na=False)
+    champion_predicted = _champion_predictions(client, champion, shards_dir, run)
+    missing = sorted(set(challenger["file"]) - set(champion_predicted))
+    if missing:
+        raise errors.BadInput(
+            f"{predictions_path} names {len(missing)} test images the shards in {shards_dir} lack (e.g. "
+            f"{missing[0]}): the evaluation is of other data; rerun the evaluate stage"
+        )
+    return gate.compare(
+        str(champion.version),
+        list(challenger["actual"]),
+        list(challenger["predicted"]),
+        [champion_predicted[file] for file in challenger["file"]],
+    )
 
+
+def _champion_predictions(
+    client: mlflow.MlflowClient, champion, shards_dir: pathlib.Path, run: contracts.RunRecord
+) -> dict[str, str]:
+    """The champion's predicted class name for each test image: from its own evaluation when it was made on the
+    same data, else measured now on this run's test split."""
+    if champion.tags.get("manifest_sha256") == run.manifest_sha256:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=champion.run_id, artifact_path=f"evaluation/{contracts.PREDICTIONS_FILE}"
+            )
+        except (mlflow.exceptions.MlflowException, OSError):
+            local = None  # a champion evaluated before its predictions were logged: measured below
+        if local:
+            table = pd.read_csv(local, dtype=str, keep_default_na=False)
+            return dict(zip(table["file"], table["predicted"], strict=True))
+    # The test set changed (new images, another split): comparing old numbers would be meaningless.
     from tasks.modeling import scoring  # TensorFlow is only needed on this path
 
     champion_uri = f"models:/{champion.name}/{champion.version}"
     model = tracking.load_logged_model(champion_uri)
-    recorded = (mlflow.models.get_model_info(champion_uri).metadata or {}).get("preprocessing")
+    metadata = mlflow.models.get_model_info(champion_uri).metadata or {}
+    class_names = list(metadata.get("class_names") or [])
+    recorded = metadata.get("preprocessing")
     fixed = tuple(model.input_shape[1:3])  # a model registered before its metadata said how to prepare images
     preprocessing = (
         contracts.Preprocessing.model_validate(recorded)
@@ -149,50 +267,100 @@ def _champion_precision(
     predictions = scoring.predict_split(
         model, shards_dir, "test", REEVALUATION_BATCH_SIZE, preprocessing.image_size, preprocessing.input_size
     )
-    precision = scoring.score(
-        predictions.labels, predictions.probabilities, predictions.probabilities.shape[1]
-    ).precision_at_1
-    client.set_model_version_tag(champion.name, champion.version, measured_tag, str(precision))
-    return precision
+    predicted = [class_names[index] for index in predictions.probabilities.argmax(axis=1)]
+    return dict(zip(predictions.sources, predicted, strict=True))
 
 
-def _decide(
-    params: config.RegisterParams, precision: float, champion, champion_precision: float | None
-) -> tuple[str, str]:
-    if precision < params.min_precision:
-        return CHALLENGER, f"precision@1 {precision:.4f} is below register.min_precision {params.min_precision}"
-    if champion is None:
-        return (
-            CHAMPION,
-            f"first version to reach register.min_precision {params.min_precision} (precision@1 {precision:.4f})",
-        )
-    gain = precision - champion_precision
-    comparison = (
-        f"precision@1 {precision:.4f} vs champion version {champion.version}'s {champion_precision:.4f} "
-        "on the same test set"
+def _released(
+    client: mlflow.MlflowClient,
+    decision: contracts.Decision,
+    model_file: pathlib.Path,
+    shards_dir: pathlib.Path,
+    serve: bool,
+) -> contracts.Decision:
+    """The decision with its verified exports and served-model check (tasks/modeling/release.py); a failure
+    refuses the promotion: the version keeps no alias and says why."""
+    from tasks.modeling import release  # TensorFlow is only needed for a champion
+
+    model_uri = f"models:/{decision.model_name}/{decision.version}"
+    try:
+        checked = release.verify_and_attach(decision.run_id, model_file, model_uri, shards_dir, serve)
+    except errors.PipelineError as error:
+        refusal = f"not promoted: {error}"
+        client.set_model_version_tag(decision.model_name, decision.version, REGISTRATION_TAG, "refused")
+        client.set_model_version_tag(decision.model_name, decision.version, "decision", refusal[:5000])
+        client.update_model_version(decision.model_name, decision.version, description=refusal)
+        raise
+    return decision.model_copy(update={"exports": checked.exports, "served": checked.served})
+
+
+def promote(
+    params: config.RegisterParams,
+    model_name: str,
+    version: str,
+    reason: str,
+    shards_dir: pathlib.Path,
+    registry_path: pathlib.Path,
+) -> RegisterResult:
+    """Moves `champion` to `version` of `model_name` past the gate, recording who, when and why; its exports
+    and served-model check must still pass."""
+    if not reason.strip():
+        raise errors.BadInput('--reason is empty: say why the gate is overruled, e.g. --reason "approved by QA"')
+    tracking.connect(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    try:
+        target = client.get_model_version(model_name, version)
+    except mlflow.exceptions.MlflowException as error:
+        known = ", ".join(str(item.version) for item in client.search_model_versions(f"name = '{model_name}'"))
+        raise errors.BadInput(
+            f"--promote {version}: {model_name} has no such version (versions: {known or 'none'})"
+        ) from error
+    from tasks.modeling import release
+
+    user = getpass.getuser()
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    forced = f"by {user} at {when}: {reason.strip()}"
+    previous = tracking.version_with_alias(client, model_name, CHAMPION)
+    decision = contracts.Decision(
+        model_name=model_name,
+        version=str(target.version),
+        alias=CHAMPION,
+        reason=f"promoted by hand past the gate (champion was version {previous.version if previous else 'none'})",
+        run_id=target.run_id,
+        model_uri=f"models:/{model_name}/{target.version}",
+        forced=forced,
     )
-    if gain >= params.min_improvement:
-        return CHAMPION, f"{comparison}: +{gain:.4f} >= register.min_improvement {params.min_improvement}"
-    return CHALLENGER, f"{comparison}: {gain:+.4f} < register.min_improvement {params.min_improvement}"
-
-
-def _attach_exports(run_id: str, model_dir: pathlib.Path, tflite_float16: bool) -> None:
-    from tasks.modeling import export  # TensorFlow is only needed for a champion
-
-    with tempfile.TemporaryDirectory() as folder:
-        exported = export.export_model(model_dir / contracts.MODEL_FILE, pathlib.Path(folder), tflite_float16)
-        with mlflow.start_run(run_id=run_id):
-            for path in exported:
-                (
-                    mlflow.log_artifacts(str(path), f"export/{path.name}")
-                    if path.is_dir()
-                    else mlflow.log_artifact(str(path), "export")
-                )
+    model_file = release.logged_model_file(decision.model_uri)
+    decision = _released(client, decision, model_file, shards_dir, params.serve_check)
+    for key, value in {"promotion.user": user, "promotion.time": when, "promotion.reason": reason.strip()}.items():
+        client.set_model_version_tag(model_name, decision.version, key, value)
+    client.set_model_version_tag(model_name, decision.version, "decision", f"{decision.reason}, {forced}")
+    client.set_registered_model_alias(model_name, CHAMPION, decision.version)
+    client.log_dict(decision.run_id, {**decision.model_dump(), "gate": None}, GATE_FILE)
+    _finish(client, decision)
+    decision.write(registry_path)
+    return RegisterResult(model_name=model_name, version=decision.version, alias=CHAMPION, reason=decision.reason)
 
 
 def main(argv: list[str] | None = None) -> None:
-    errors.stage_parser(__doc__).parse_args(argv)
-    result = register(**arguments(config.load_params()))
+    parser = errors.stage_parser(__doc__)
+    parser.add_argument("--promote", metavar="VERSION", help="make this version champion, past the gate")
+    parser.add_argument("--reason", default="", help="why (required with --promote): recorded on the version")
+    options = parser.parse_args(argv)
+    params = config.load_params()
+    if options.promote is None:
+        if options.reason:
+            parser.error("--reason goes with --promote VERSION")
+        result = register(**arguments(params))
+    else:
+        result = promote(
+            params.registration,
+            params.registered_model_name,
+            options.promote,
+            options.reason,
+            params.shards_dir,
+            params.registry_path,
+        )
     print(
         f"register: {result.model_name} version {result.version} is models:/{result.model_name}@{result.alias}: "
         f"{result.reason}"

@@ -12,12 +12,13 @@ from tasks.common import config, contracts
 from tests.conftest import FAST, REPOSITORY, make_image_folder
 
 
-def run_stages(folder, overrides=None, shards="shards"):
-    """convert (if needed) -> train -> evaluate in `folder`; returns (params, TrainResult)."""
+def run_stages(folder, overrides=None, shards="shards", seed=7):
+    """convert (if needed) -> train -> evaluate in `folder`; returns (params, TrainResult). `seed` is training's
+    (weights, order); the split's stays 7."""
     params = config.load_params(REPOSITORY / "params.yaml", {**FAST, **(overrides or {})})
     if not (folder / shards).exists():
         convert.convert(params.dataset, 7, folder / "raw", folder / shards)
-    result = train.train(params.train, 7, folder / shards, folder / "models", config.as_dict(params))
+    result = train.train(params.train, seed, folder / shards, folder / "models", config.as_dict(params))
     evaluate.evaluate(
         params.evaluate,
         folder / shards,
@@ -35,6 +36,7 @@ def register_in(folder, params, name="tiny", shards="shards", **changes):
         folder / "models",
         folder / shards,
         folder / "reports" / "metrics.json",
+        folder / "reports" / "evaluation",
         folder / "reports" / "registry.json",
     )
 
@@ -129,7 +131,13 @@ def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
     )
     with pytest.raises(ValueError, match="precision_at_1 is nan; nothing registered"):
         register.register(
-            params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json"
+            params.registration,
+            "never",
+            folder / "models",
+            folder / "shards",
+            bad_metrics,
+            tmp_path / "evaluation",
+            tmp_path / "registry.json",
         )
     assert not (tmp_path / "registry.json").exists()
     client = mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
@@ -141,7 +149,13 @@ def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
         match=r"metrics.json does not hold what it should \(loss: Field required.*run the evaluate stage first",
     ):
         register.register(
-            params.registration, "never", folder / "models", folder / "shards", bad_metrics, tmp_path / "registry.json"
+            params.registration,
+            "never",
+            folder / "models",
+            folder / "shards",
+            bad_metrics,
+            tmp_path / "evaluation",
+            tmp_path / "registry.json",
         )
 
 

@@ -210,13 +210,18 @@ def test_an_unreachable_mlflow_is_an_outage(inside, monkeypatch):
 
 
 def _register(folder: pathlib.Path, model_dir: str) -> None:
-    """Registers the run of folder/model_dir as the champion (every version good enough)."""
+    """Registers the run of folder/model_dir and makes it the champion by hand (these tests are about what the
+    champion starts, not about whether it is better): registered below register.min_precision, then promoted."""
     metrics = folder / f"{model_dir}-metrics.json"
-    average = contracts.Averages(precision=1.0, recall=1.0, f1=1.0)
-    contracts.Scores(precision_at_1=1.0, loss=0.0, images=12, macro_avg=average, weighted_avg=average).write(metrics)
-    params = _params({}).registration.model_copy(update={"min_precision": 0.0, "min_improvement": -1.0})
-    decision = register.register(
-        params, NAME, folder / model_dir, folder / "three", metrics, folder / f"{model_dir}-registry.json"
+    average = contracts.Averages(precision=0.0, recall=0.0, f1=0.0)
+    contracts.Scores(precision_at_1=0.0, loss=0.0, images=12, macro_avg=average, weighted_avg=average).write(metrics)
+    params = _params({}).registration.model_copy(update={"serve_check": False})
+    registry = folder / f"{model_dir}-registry.json"
+    evaluation = folder / f"{model_dir}-evaluation"  # none: a challenger needs no comparison
+    decision = register.register(params, NAME, folder / model_dir, folder / "three", metrics, evaluation, registry)
+    assert decision.alias == "challenger"
+    decision = register.promote(
+        params, NAME, decision.version, "the warm-start tests' next start", folder / "three", registry
     )
     assert decision.alias == "champion"
 

@@ -250,7 +250,9 @@ class RegisterParams(_Section):
     model_name: str | None = pydantic.Field(min_length=1)
     min_precision: Real = pydantic.Field(ge=0, le=1)
     min_improvement: Real = pydantic.Field(ge=-1, le=1)
-    tflite_float16: bool
+    significance: Real = pydantic.Field(gt=0, lt=1)
+    max_class_drop: Real = pydantic.Field(ge=0, le=1)
+    serve_check: bool
 
 
 class StageMinutes(_Section):

@@ -41,6 +41,9 @@ PREPROCESSING_FILE = "preprocessing.json"
 HISTORY_FILE = "history.csv"
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILE = "run.json"
+# In <paths.evaluation>: one row per test image (file, actual, predicted, confidence); register compares
+# a challenger with the champion image by image through it.
+PREDICTIONS_FILE = "predictions.csv"
 
 
 class _Contract(pydantic.BaseModel):
@@ -257,6 +260,10 @@ class Decision(_Contract):
     reason: str
     run_id: str
     model_uri: str
+    evidence: str | None = None  # the gate's comparison with the champion, in words (none: no champion to compare)
+    exports: str | None = None  # the verified exports, a markdown table (none: not a champion, nothing exported)
+    served: str | None = None  # the served-model check, in words
+    forced: str | None = None  # a person's promotion past the gate: who, when and why
 
     def write(self, registry_path: pathlib.Path) -> None:
         _write(self, registry_path)
