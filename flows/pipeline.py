@@ -123,7 +123,9 @@ def skip_task(stage: str) -> prefect.states.State:
 def summary_task(params: config.Params, results: list) -> str:
     """What changed in the data, the test metrics, MLflow run and registry decision, as a markdown artifact."""
     ran = [stage for stage, result in zip(STAGES, results, strict=True) if result is not None]
-    return reports.run_summary(params.metrics_path, params.registry_path, params.model_dir, params.data_report_dir, ran)
+    return reports.run_summary(
+        params.metrics_path, params.registry_path, params.model_dir, params.data_report_dir, params.evaluation_dir, ran
+    )
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

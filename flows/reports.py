@@ -85,10 +85,11 @@ def run_summary(
     registry_path: pathlib.Path,
     model_dir: pathlib.Path,
     report_dir: pathlib.Path,
+    evaluation_dir: pathlib.Path,
     ran: list[str],
 ) -> str:
-    """The data's changes, the run's test metrics, its MLflow run and the registry decision, as a markdown
-    artifact."""
+    """The data's changes, the run's test metrics, its MLflow run, the registry decision with its evidence and
+    verified exports, and the images to review, as a markdown artifact."""
     scores = contracts.Scores.read(metrics_path)
     registry = contracts.Decision.read(registry_path)
     run = contracts.RunRecord.read(model_dir)
@@ -102,6 +103,9 @@ def run_summary(
         f"### {registry.model_name} version {registry.version}: `{registry.alias}`",
         "",
         f"Decision: {registry.reason}",
+        *_optional("Promoted by hand", registry.forced),
+        *_optional("Evidence", registry.evidence),
+        *_optional("Serving", registry.served),
         "",
         f"Stages run: {what_ran}",
         "",
@@ -112,9 +116,42 @@ def run_summary(
         "| metric | value |",
         "|---|---|",
         *(f"| {key} | {value:.4g} |" for key, value in scores.flat().items()),
+        *_optional("Exports, each run on the test split and compared with the Keras model", registry.exports),
+        *_review_queue(evaluation_dir, run_link),
     ]
     markdown = "\n".join(lines)
     prefect.artifacts.create_markdown_artifact(
         markdown, key="run-summary", description="test metrics and registry decision"
     )
     return markdown
+
+
+def _optional(title: str, text: str | None) -> list[str]:
+    """A titled paragraph (or table, when `text` has several lines), or nothing."""
+    if not text:
+        return []
+    return ["", f"{title}:", "", text] if "\n" in text else ["", f"{title}: {text}"]
+
+
+REVIEW_ROWS_SHOWN = 10
+
+
+def _review_queue(evaluation_dir: pathlib.Path, run_link: str) -> list[str]:
+    """evaluate's review queue: how many images a person should look at, where the list is, and the first few."""
+    path = evaluation_dir / contracts.REVIEW_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return ["", f"Review queue: empty (`{path}`)"]
+    columns = list(rows[0])
+    return [
+        "",
+        f"Review queue: {len(rows)} test and validation images to look at, in `{path}` (also under evaluation/ "
+        f"in MLflow run {run_link}). Fix or move each file in the source folder; the next run picks it up.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(row[column] for column in columns) + " |" for row in rows[:REVIEW_ROWS_SHOWN]),
+    ]

@@ -92,7 +92,7 @@ def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
     return dict(
         dataset=params.dataset,
-        seed=params.base.seed,
+        seed=params.dataset.split_seed,
         raw_dir=params.raw_dir,
         shards_dir=params.shards_dir,
         report_dir=params.data_report_dir,

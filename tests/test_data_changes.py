@@ -114,7 +114,7 @@ def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdi
     assert all(before[path] in ("validation", "train") for path in moved)
     assert result.report.values["moved_between_splits"]["count"] == len(moved)
     into_test = sum(before[path] == "train" and after[path] == "test" for path in moved)  # 0: train moves up one
-    assert f"; {len(moved)} moved between splits (a fraction or base.seed changed), {into_test} of them" in (
+    assert f"; {len(moved)} moved between splits (a fraction or dataset.split_seed changed), {into_test} of them" in (
         changes.summary_line(result.report)
     )
     assert result.decoded == 0

@@ -66,6 +66,7 @@ class DatasetParams(_Section):
     source: str | None = pydantic.Field(min_length=1)
     sha256: str | None
     image_size: tuple[int, int] | None
+    split_seed: int = pydantic.Field(ge=0)
     validation_fraction: Real = pydantic.Field(gt=0, lt=1)
     test_fraction: Real = pydantic.Field(gt=0, lt=1)
     shard_size_mb: Real = pydantic.Field(gt=0)

@@ -44,6 +44,7 @@ RUN_FILE = "run.json"
 # In <paths.evaluation>: one row per test image (file, actual, predicted, confidence); register compares
 # a challenger with the champion image by image through it.
 PREDICTIONS_FILE = "predictions.csv"
+REVIEW_FILE = "review.csv"  # evaluate's images for a person to look at (likely label errors, then high loss)
 
 
 class _Contract(pydantic.BaseModel):

@@ -5,7 +5,7 @@ logs both to its MLflow run and the flow shows the Markdown as a Prefect artifac
 
 - per class: images now and before, and the files added, removed and changed (same path, other bytes);
   new and vanished classes;
-- images whose split differs from the baseline's (only a change of the fractions or base.seed moves
+- images whose split differs from the baseline's (only a change of the fractions or dataset.split_seed moves
   one), and how many of them the champion trained on and are now test images;
 - identical files and near-duplicates (difference hashes a few bits apart: the same photo resized or
   re-saved) that sit in two splits (leakage) or under two classes (label conflicts);
@@ -275,7 +275,7 @@ def summary_line(report: Report) -> str:
         f"{added} added, {removed} removed, {changed} changed since {values['baseline']['description']}; "
         f"{conversion['decoded']} file(s) decoded, {conversion['reused']} taken from the previous shards"
         + (
-            f"; {moved['count']} moved between splits (a fraction or base.seed changed), "
+            f"; {moved['count']} moved between splits (a fraction or dataset.split_seed changed), "
             f"{moved['into_test']} of them from the baseline's training split into test"
             if moved["count"]
             else ""

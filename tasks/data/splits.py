@@ -1,6 +1,6 @@
 """Which split an image belongs to: a function of the image's own name and the fractions, nothing else.
 
-Each image gets a position in [0, 1) from a hash of base.seed, its class and its path inside the class
+Each image gets a position in [0, 1) from a hash of dataset.split_seed, its class and its path inside the class
 folder, as TensorFlow's image-retraining script assigns splits from a hash of the file name. (The class
 is part of it because folders often name their files alike, 0001.jpg in every class: without it, all
 classes would split the same way.) Positions below
