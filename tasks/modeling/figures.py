@@ -1,4 +1,5 @@
-"""The pictures people look at in the MLflow UI: a confusion matrix and the worst mistakes."""
+"""The pictures people look at in the MLflow UI: a confusion matrix, the worst mistakes, the images to review
+and a reliability diagram."""
 
 from __future__ import annotations
 
@@ -32,18 +33,65 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, class_names: lis
 
 def misclassified_grid(mistakes: list[tuple[np.ndarray, str, str, str, float]], path: pathlib.Path) -> None:
     """(image, source file, true label, predicted label, confidence) per mistake, most confident first."""
+    cells = [
+        (image, f"{source[-28:]}\ntrue {actual}, predicted {predicted} ({confidence:.0%})")
+        for image, source, actual, predicted, confidence in mistakes
+    ]
+    _image_grid(cells, "Most confidently misclassified test images", "no misclassified test images", path)
+
+
+def review_grid(items: list[tuple[np.ndarray, str, str, str, float, str]], path: pathlib.Path) -> None:
+    """(image, source file, given label, predicted label, its probability, reason) per row of review.csv."""
+    cells = [
+        (image, f"{source[-28:]}\n{given} → {predicted} ({probability:.0%})\n{reason}")
+        for image, source, given, predicted, probability, reason in items
+    ]
+    title = "To review: likely label errors, then the highest losses (test and validation images)"
+    _image_grid(cells, title, "no images to review", path)
+
+
+def _image_grid(cells: list[tuple[np.ndarray, str]], title: str, empty_text: str, path: pathlib.Path) -> None:
+    """Images with a caption each, four to a row."""
     columns = 4
-    rows = max(1, -(-len(mistakes) // columns))
-    figure, axes_grid = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    rows = max(1, -(-len(cells) // columns))
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
     for axes in axes_grid.flat:
         axes.axis("off")
-    # The grid may have empty cells after the last mistake: not strict.
-    for axes, (image, source, actual, predicted, confidence) in zip(axes_grid.flat, mistakes, strict=False):
+    # The grid may have empty cells after the last image: not strict.
+    for axes, (image, caption) in zip(axes_grid.flat, cells, strict=False):
         axes.imshow(image, interpolation="nearest")
-        axes.set_title(f"{source[-28:]}\ntrue {actual}, predicted {predicted} ({confidence:.0%})", fontsize=7)
-    if not mistakes:
-        axes_grid.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    figure.suptitle("Most confidently misclassified test images")
+        axes.set_title(caption, fontsize=7)
+    if not cells:
+        axes_grid.flat[0].text(0.5, 0.5, empty_text, ha="center", va="center")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def reliability_diagram(tables: dict[str, dict[str, list[float]]], path: pathlib.Path) -> None:
+    """Accuracy against confidence per bin for each named reliability table (calibration.reliability), over
+    the diagonal a perfectly calibrated model lies on, and below it how many images each bin holds."""
+    figure, (curves, counts) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    curves.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    for name, table in tables.items():
+        count = np.asarray(table["count"])
+        edges = np.linspace(0, 1, len(count) + 1)
+        filled = count > 0  # an empty bin has no accuracy to show
+        confidence = np.asarray(table["confidence"])[filled]
+        curves.plot(confidence, np.asarray(table["accuracy"])[filled], marker="o", label=name)
+        counts.stairs(count, edges, label=name)
+    curves.set_xlim(0, 1)
+    curves.set_ylim(0, 1.05)
+    curves.set_ylabel("accuracy of the images in the bin")
+    curves.set_title("Reliability diagram (test split)")
+    curves.legend(loc="upper left", fontsize=8)
+    curves.grid(alpha=0.3)
+    counts.set_xlabel("confidence: the predicted class's probability (bin mean)")
+    counts.set_ylabel("images")
+    counts.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
