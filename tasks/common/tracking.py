@@ -9,6 +9,7 @@ read it from there and `connect` to its store.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -20,6 +21,29 @@ import yaml
 from tasks.common import errors
 
 CHAMPION = "champion"  # the registry alias of the model in production: register moves it, the others read it
+# What MLflow 3's UI reads to tell an experiment of model training runs from a GenAI one (ExperimentKind in
+# its code; "Machine learning" on the experiment's page). 3.17's UI reads it only with its GenAI / Model
+# training switch turned off in its build, and it is on: there the switch picks the pages (EXPERIMENT_DESCRIPTION).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the Markdown the UI shows as a run's or an experiment's description
+DATA_CONTEXT_TAG = "mlflow.data.context"  # what a data set was to the run (mlflow.log_input(context=...))
+# The contexts of the data sets a training run logs as its inputs (training_run), in the order told.
+DATA_CONTEXTS = ("training", "validation", "test")
+# The experiment's description (the home page lists it). MLflow 3.17's UI opens every experiment on its GenAI
+# pages, whatever EXPERIMENT_KIND says, until the user picks "Model training" (it remembers the choice).
+EXPERIMENT_DESCRIPTION = (
+    "Training runs of the image-classification pipeline, one per training, with their data sets, scores and "
+    "registration decision. Pick **Model training** at the top left of the MLflow UI to list and compare them."
+)
+# Hex digits of a hash that the run shows: in its description, and as its data sets' digests. The UI lists a
+# data set as `name (digest)` and cuts what is longer (MLflow keeps 36 characters at most); the whole hash is
+# the run's tag manifest_sha256.
+SHORT_HASH_LENGTH = 12
+# Set by `dvc exp run` in the environment of every stage it runs (dvc/env.py, DVC_EXP_NAME): the
+# experiment's name, e.g. "tipsy-lamb", given or generated.
+DVC_EXPERIMENT_VARIABLE = "DVC_EXP_NAME"
+DVC_BASELINE_VARIABLE = "DVC_EXP_BASELINE_REV"  # the commit the experiment started from
 
 
 def tracking_uri() -> str:
@@ -56,8 +80,14 @@ def version_with_alias(client: mlflow.MlflowClient, model_name: str, alias: str)
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing; marked as a model-training experiment (EXPERIMENT_KIND)
+    and described, unless it already says what it is."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier release, or by hand
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if DESCRIPTION_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
         return experiment.experiment_id
     artifact_location = None
     if client.tracking_uri.startswith("sqlite:///"):
@@ -65,7 +95,11 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
         # server chooses its own artifact store.
         database = pathlib.Path(client.tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (database.parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name,
+        artifact_location=artifact_location,
+        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION},
+    )
 
 
 def load_logged_model(model_uri: str):
@@ -142,3 +176,79 @@ def git_tags() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown"}
     return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment this process runs in, when `dvc exp run` started it: its name and baseline commit."""
+    tags = {}
+    if os.environ.get(DVC_EXPERIMENT_VARIABLE):
+        tags["dvc_experiment"] = os.environ[DVC_EXPERIMENT_VARIABLE]
+    if os.environ.get(DVC_BASELINE_VARIABLE):
+        tags["dvc_experiment_baseline"] = os.environ[DVC_BASELINE_VARIABLE]
+    return tags
+
+
+def describe_run(client: mlflow.MlflowClient, run_id: str, decision: str | None = None) -> str:
+    """Writes the run's description (its Description in the MLflow UI) from what the run holds: the network,
+    the data and its image counts, the scores logged so far and, when given, register's `decision` in words
+    (Markdown allowed). Returns the text.
+
+    Rebuilt from the run each time, not appended to: train writes it when the run starts and when the model
+    is logged, register again with its decision. What matters most comes first: the UI folds all but the
+    first four lines or so under "Show more".
+    """
+    run = client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    counts = _image_counts(run)
+    images = ", ".join(f"{counts[context]} {context}" for context in DATA_CONTEXTS if context in counts)
+    warm = tags.get("warm_start.from_scratch") == "false" and "warm_start.source" in tags
+    start = f"warm-started from {tags['warm_start.source']}" if warm else "from random weights"
+    network, data = run.data.params.get("train.model", "A network"), tags.get("dataset", "its data")
+    lines = [
+        f"**{network}** trained on **{data}** ({f'{images} images' if images else 'image counts unknown'}), {start}."
+    ]
+    if decision:
+        lines += ["", f"**Registration:** {decision}"]
+    lines += ["", *_facts(tags, metrics)]
+    text = "\n".join(lines)
+    client.set_tag(run_id, DESCRIPTION_TAG, text)
+    return text
+
+
+# The test figures evaluate logs beside precision@1 (test_<name>), as the description words them.
+_TEST_FIGURES = (("test_top_5", "top-5"), ("test_macro_avg_f1", "macro F1"), ("test_loss", "loss"))
+
+
+def _facts(tags: dict[str, str], metrics: dict[str, float]) -> list[str]:
+    """The description's list: the scores, the DVC experiment, the data's hashes and the code."""
+    facts = []
+    if "test_precision_at_1" in metrics:
+        test = [f"precision@1 **{metrics['test_precision_at_1']:.4f}**"]
+        test += [f"{words} {metrics[key]:.4f}" for key, words in _TEST_FIGURES if key in metrics]
+        facts.append(f"- Test: {', '.join(test)}")
+    if "validation_accuracy_final" in metrics:
+        facts.append(f"- Validation accuracy: {metrics['validation_accuracy_final']:.4f}")
+    if "dvc_experiment" in tags:
+        baseline = tags.get("dvc_experiment_baseline", "")
+        facts.append(
+            f"- DVC experiment: `{tags['dvc_experiment']}`" + (f" (from `{baseline[:7]}`)" if baseline else "")
+        )
+    hashes = [f"manifest sha256 `{tags['manifest_sha256'][:SHORT_HASH_LENGTH]}`"] if "manifest_sha256" in tags else []
+    hashes += [f"DVC md5 `{tags['shards_dvc_md5']}`"] if "shards_dvc_md5" in tags else []
+    if hashes:
+        facts.append(f"- Data: {', '.join(hashes)}")
+    if tags.get("git_commit", "unknown") != "unknown":
+        changed = " with uncommitted changes" if tags.get("git_dirty") == "true" else ""
+        facts.append(f"- Code: git commit `{tags['git_commit'][:7]}`{changed}")
+    return facts
+
+
+def _image_counts(run: mlflow.entities.Run) -> dict[str, int]:
+    """{"training": 1200, ...}: the rows of the data sets logged as the run's inputs, by context."""
+    counts = {}
+    for dataset_input in run.inputs.dataset_inputs:
+        context = {tag.key: tag.value for tag in dataset_input.tags}.get(DATA_CONTEXT_TAG)
+        profile = json.loads(dataset_input.dataset.profile or "{}")
+        if context in DATA_CONTEXTS and "num_rows" in profile:
+            counts[context] = int(profile["num_rows"])
+    return counts
