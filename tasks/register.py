@@ -151,6 +151,12 @@ def _finish(client: mlflow.MlflowClient, decision: contracts.Decision) -> None:
     if decision.alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
         client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
     client.update_model_version(model_name, version, description=_description(decision))
+    words = f"version {version} of `{model_name}` is **{decision.alias}**: {decision.reason}."
+    if decision.forced:
+        words += f" Promoted by hand {decision.forced}."
+    if decision.evidence:
+        words += f" {decision.evidence}"
+    tracking.describe_run(client, decision.run_id, decision=words)
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
 
 

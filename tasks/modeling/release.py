@@ -38,16 +38,16 @@ def verify_and_attach(
     preprocessing = contracts.Preprocessing.read(model_file.parent)
     with tempfile.TemporaryDirectory() as folder:
         export_dir = pathlib.Path(folder)
-        checks = export.export_verified(model_file, export_dir, shards_dir, preprocessing, EXPORT_BATCH_SIZE)
+        exports = export.export_verified(model_file, export_dir, shards_dir, preprocessing, EXPORT_BATCH_SIZE)
         served = _served(model_file, model_uri, shards_dir, preprocessing) if serve else "not checked (serve_check)"
-        table = export.markdown_table(checks)
+        table = export.markdown_table(exports)
         client = mlflow.MlflowClient()
         for path in sorted(export_dir.iterdir()):
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), f"export/{path.name}")
             else:
                 client.log_artifact(run_id, str(path), "export")
-        client.log_table(run_id, pd.DataFrame([check.row() for check in checks]), "export/checks.json")
+        client.log_table(run_id, pd.DataFrame([check.row() for check in exports.checks]), "export/checks.json")
         client.log_text(run_id, table, "export/checks.md")
     return Release(exports=table, served=served)
 
