@@ -1,12 +1,19 @@
 """Classify image files with a trained model: a local model or a registered one.
 
-    python -m tasks.predict MODEL INPUT [--output FILE.csv] [--top-k K]
+    python -m tasks.predict MODEL INPUT [--output FILE.csv] [--top-k K] [--min-confidence P]
 
 MODEL: models/ (or its model.keras), or an MLflow URI such as models:/digits-mnist_cnn@champion.
 INPUT: an image file, a folder (searched recursively) or a glob pattern ("photos/**/*.jpg").
 Writes a CSV (to stdout without --output): file, the top-k labels with their probabilities, and an
 error column. A file that cannot be read gets a row with its error (the reason convert would give);
 the others are still classified. Exit code 0 when every file was classified, 1 when any failed.
+
+The probabilities are calibrated confidences: the saved model ends in a temperature fitted on the
+validation split (tasks/modeling/calibration.py), so that on images like those, about 80% of the ones
+given 0.8 are right.
+--min-confidence P (a probability, 0 to 1) adds an `unsure` column: true where the top probability is
+below P, false where it is not (empty for a file that failed), so a person can look at those images;
+their top-k columns stay filled. How many were unsure goes to stderr.
 
 Each file is read as convert reads it (tasks/data/images.py: upright, RGB, resized only if the data set
 was) and decoded by TensorFlow as training decodes a shard; the saved model resizes and crops it
@@ -93,8 +100,10 @@ def predict(
     paths: list[pathlib.Path],
     top_k: int,
     stored_size: tuple[int, int] | None = None,
+    min_confidence: float | None = None,
 ) -> list[dict]:
-    """One row per path: the top-k labels and probabilities, or the reason it could not be read."""
+    """One row per path: the top-k labels and probabilities, or the reason it could not be read; with
+    `min_confidence`, whether its top probability is below it (`unsure`: "true" or "false")."""
     rows: list[dict] = []
     for start in range(0, len(paths), BATCH_SIZE):
         by_shape: dict[tuple[int, ...], list[tuple[dict, np.ndarray]]] = {}
@@ -113,6 +122,8 @@ def predict(
                 for rank, index in enumerate(np.argsort(-row_probabilities)[:top_k], start=1):
                     row[f"label_{rank}"] = class_names[index]
                     row[f"probability_{rank}"] = f"{row_probabilities[index]:.6f}"
+                if min_confidence is not None:  # compared unrounded: the CSV's 6 decimals could round up to P
+                    row["unsure"] = str(bool(row_probabilities.max() < min_confidence)).lower()
     return rows
 
 
@@ -124,15 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--top-k", type=int, default=1, help="labels per image, most probable first (default: %(default)s)"
     )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help="mark images whose top probability is below P (0 to 1) as unsure, in a column `unsure`",
+    )
     options = errors.add_verbose_option(parser).parse_args(argv)
+    if options.min_confidence is not None and not 0.0 <= options.min_confidence <= 1.0:
+        parser.error(f"--min-confidence must be a probability between 0 and 1, got {options.min_confidence}")
     model, class_names, stored_size = load(options.model)
     if not 1 <= options.top_k <= len(class_names):
         parser.error(f"--top-k must be between 1 and {len(class_names)} (the number of classes), got {options.top_k}")
-    rows = predict(model, class_names, find_images(options.input), options.top_k, stored_size)
+    rows = predict(model, class_names, find_images(options.input), options.top_k, stored_size, options.min_confidence)
 
     columns = (
         ["file"]
         + [f"{kind}_{rank}" for rank in range(1, options.top_k + 1) for kind in ("label", "probability")]
+        + (["unsure"] if options.min_confidence is not None else [])
         + ["error"]
     )
     stream = options.output.open("w", newline="") if options.output else sys.stdout
@@ -144,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         if options.output:
             stream.close()
     failed = sum(1 for row in rows if row["error"])
-    print(f"predict: {len(rows) - failed} classified, {failed} failed", file=sys.stderr)
+    unsure = sum(1 for row in rows if row.get("unsure") == "true")
+    below = (
+        f" ({unsure} unsure: top probability below {options.min_confidence})"
+        if options.min_confidence is not None
+        else ""
+    )
+    print(f"predict: {len(rows) - failed} classified{below}, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 
 

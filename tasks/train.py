@@ -5,7 +5,10 @@
 Builds `train.model` inside the distribution strategy of `train.strategy`, trains it with model.fit
 (a small custom loop for several workers, which Keras 3's fit cannot drive), logs params, per-epoch
 metrics, the model summary and TensorBoard logs to MLflow, and saves the model with the moving averages
-of its weights (`train.ema_momentum`), as the seed's evaluator uses them.
+of its weights (`train.ema_momentum`), as the seed's evaluator uses them. The saved model ends in a
+temperature fitted on the validation split (tasks/modeling/calibration.py), so that its probabilities are
+calibrated confidences; the MLflow run gets the temperature and the split's expected calibration error
+before and after it.
 
 `train.init_from` starts it from an earlier model's weights instead of random ones (the champion, a
 registry URI or a model folder: tasks/modeling/warm_start.py), for `train.warm_start_epochs` epochs;
@@ -35,12 +38,14 @@ from tasks.common import config, contracts, errors, files
 from tasks.data import inputs
 from tasks.modeling import (
     architectures,
+    calibration,
     checkpoints,
     class_weights,
     distributed,
     monitoring,
     networks,
     optimizers,
+    scoring,
     strategies,
     training_run,
     warm_start,
@@ -111,8 +116,8 @@ def train(
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
         if not devices.chief:
             return TrainResult(None, None, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
-        serving = _save(model, params, data, work, model_dir)
-        figures = {"validation_accuracy_final": validation_accuracy, "validation_accuracy_raw": raw_accuracy}
+        serving, calibration_figures = _save(model, params, data, shards_dir, work, model_dir)
+        accuracies = {"validation_accuracy_final": validation_accuracy, "validation_accuracy_raw": raw_accuracy}
         run_id = training_run.log_model(
             serving,
             _preprocessing(params, data),
@@ -122,7 +127,7 @@ def train(
             work,
             model_dir,
             summary,
-            figures,
+            {**accuracies, **calibration_figures},
             data_report_dir,
         )
     checkpoints.remove(work)  # finished: nothing left to resume
@@ -411,10 +416,16 @@ def _final_weights(model, params, data, work, raw_scores) -> tuple[float, float 
 
 
 def _save(
-    model: keras.Model, params: config.TrainParams, data: Data, work: pathlib.Path, model_dir: pathlib.Path
-) -> keras.Model:
-    """The model folder, but for run.json (see _log); returns the saved model: the network behind its preparation."""
-    serving = architectures.serving_model(model, params.image_size, params.input_size)
+    model: keras.Model,
+    params: config.TrainParams,
+    data: Data,
+    shards_dir: pathlib.Path,
+    work: pathlib.Path,
+    model_dir: pathlib.Path,
+) -> tuple[keras.Model, dict[str, float]]:
+    """The model folder, but for run.json (see training_run.log_model); returns the saved model (the network
+    behind its preparation, followed by its calibration) and the calibration's figures for the MLflow run."""
+    serving, calibration_figures = _calibrated(model, params, shards_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     # run.json is written last and read first: without it the folder never passes for a finished
     # model while the files below are being replaced (a kill mid-save leaves it visibly unfinished).
@@ -425,7 +436,51 @@ def _save(
     shutil.copyfile(work / contracts.HISTORY_FILE, model_dir / contracts.HISTORY_FILE)
     shutil.rmtree(model_dir / contracts.TENSORBOARD_DIR, ignore_errors=True)
     shutil.copytree(work / contracts.TENSORBOARD_DIR, model_dir / contracts.TENSORBOARD_DIR)
-    return serving
+    return serving, calibration_figures
+
+
+def _calibrated(
+    model: keras.Model, params: config.TrainParams, shards_dir: pathlib.Path
+) -> tuple[keras.Model, dict[str, float]]:
+    """The serving model at the temperature fitted on the validation split (calibration.py), and the
+    temperature with the split's expected calibration error before and after it.
+
+    Fitted on the serving model's own output, over the shards as evaluate reads them, so the temperature
+    suits exactly the probabilities that predict, evaluate and the registered model give.
+    """
+    uncalibrated = architectures.serving_model(model, params.image_size, params.input_size)
+    # The serving model crops images itself: they are decoded at image_size and given to it uncropped.
+    validation = scoring.predict_split(
+        uncalibrated, shards_dir, "validation", params.batch_size, params.image_size, params.image_size
+    )
+    temperature = _temperature(validation.labels, validation.probabilities)
+    error_before = calibration.expected_calibration_error(validation.labels, validation.probabilities)
+    error_after = calibration.expected_calibration_error(
+        validation.labels, calibration.scaled(validation.probabilities, temperature)
+    )
+    mistakes = int((validation.probabilities.argmax(axis=1) != validation.labels).sum())
+    print(
+        f"train: calibration temperature {temperature:.4f}, from {len(validation.labels)} validation images "
+        f"({mistakes} misclassified; expected calibration error {error_before:.4f} before, {error_after:.4f} after)"
+    )
+    figures = {
+        "calibration_temperature": temperature,
+        "validation_ece_before": error_before,
+        "validation_ece_after": error_after,
+    }
+    return architectures.serving_model(model, params.image_size, params.input_size, temperature), figures
+
+
+def _temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """calibration.fit_temperature; 1 (the network's own probabilities) when no image is misclassified.
+
+    Without a single mistake the likelihood keeps rising as the temperature falls, and the fit ends at the
+    bottom of its range: certain of every image, mistakes on new images included. Such a split says nothing
+    about how confident to be (a small or easy one often has no mistake), so the network's confidence stays.
+    """
+    if (probabilities.argmax(axis=1) == labels).all():
+        return 1.0
+    return calibration.fit_temperature(labels, probabilities)
 
 
 def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preprocessing:
