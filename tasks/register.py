@@ -317,7 +317,8 @@ def promote(
     try:
         target = client.get_model_version(model_name, version)
     except mlflow.exceptions.MlflowException as error:
-        known = ", ".join(str(item.version) for item in client.search_model_versions(f"name = '{model_name}'"))
+        versions = sorted(int(item.version) for item in client.search_model_versions(f"name = '{model_name}'"))
+        known = ", ".join(map(str, versions))
         raise errors.BadInput(
             f"--promote {version}: {model_name} has no such version (versions: {known or 'none'})"
         ) from error

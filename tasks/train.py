@@ -453,15 +453,14 @@ def _calibrated(
     validation = scoring.predict_split(
         uncalibrated, shards_dir, "validation", params.batch_size, params.image_size, params.image_size
     )
-    temperature = _temperature(validation.labels, validation.probabilities)
+    temperature, how = calibration.temperature_for(validation.labels, validation.probabilities)
     error_before = calibration.expected_calibration_error(validation.labels, validation.probabilities)
     error_after = calibration.expected_calibration_error(
         validation.labels, calibration.scaled(validation.probabilities, temperature)
     )
-    mistakes = int((validation.probabilities.argmax(axis=1) != validation.labels).sum())
     print(
-        f"train: calibration temperature {temperature:.4f}, from {len(validation.labels)} validation images "
-        f"({mistakes} misclassified; expected calibration error {error_before:.4f} before, {error_after:.4f} after)"
+        f"train: calibration temperature {temperature:.4f}, {how}; expected calibration error on validation "
+        f"{error_before:.4f} before, {error_after:.4f} after"
     )
     figures = {
         "calibration_temperature": temperature,
@@ -469,18 +468,6 @@ def _calibrated(
         "validation_ece_after": error_after,
     }
     return architectures.serving_model(model, params.image_size, params.input_size, temperature), figures
-
-
-def _temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """calibration.fit_temperature; 1 (the network's own probabilities) when no image is misclassified.
-
-    Without a single mistake the likelihood keeps rising as the temperature falls, and the fit ends at the
-    bottom of its range: certain of every image, mistakes on new images included. Such a split says nothing
-    about how confident to be (a small or easy one often has no mistake), so the network's confidence stays.
-    """
-    if (probabilities.argmax(axis=1) == labels).all():
-        return 1.0
-    return calibration.fit_temperature(labels, probabilities)
 
 
 def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preprocessing:

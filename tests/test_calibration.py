@@ -55,13 +55,18 @@ def test_a_calibrated_model_keeps_a_temperature_near_one():
     assert calibration.expected_calibration_error(labels, probabilities) < 0.03
 
 
-def test_train_keeps_the_temperature_at_one_when_validation_has_no_mistake():
+def test_the_temperature_stays_one_without_a_mistake_or_with_too_few_images():
     labels, probabilities = _synthetic(3.0)
     right = probabilities.argmax(axis=1) == labels
     # Fitted on images it classifies right only, the temperature would sharpen to the bottom of its range.
     assert calibration.fit_temperature(labels[right], probabilities[right]) < 0.1
-    assert train._temperature(labels[right], probabilities[right]) == 1.0
-    assert train._temperature(labels, probabilities) == pytest.approx(3.0, rel=0.15)
+    assert calibration.temperature_for(labels[right], probabilities[right])[0] == 1.0
+    assert calibration.temperature_for(labels, probabilities)[0] == pytest.approx(3.0, rel=0.15)
+    few = calibration.MIN_IMAGES - 1
+    assert calibration.temperature_for(labels[:few], probabilities[:few]) == (
+        1.0,
+        f"kept at 1: {few} validation images, fewer than the {calibration.MIN_IMAGES} a fit needs",
+    )
 
 
 def test_the_expected_calibration_error_of_known_bins():
@@ -86,7 +91,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        make_image_folder(folder / "raw", classes=3, per_class=20)
+        # 600 images: about 60 validation images, enough to fit a temperature on (calibration.MIN_IMAGES).
+        make_image_folder(folder / "raw", classes=3, per_class=200)
         params = config.load_params(REPOSITORY / "params.yaml", QUICK)
         convert.convert(params.dataset, 7, folder / "raw", folder / "shards")
         result = train.train(params.train, 7, folder / "shards", folder / "models", config.as_dict(params))
@@ -208,4 +214,6 @@ def test_a_registered_calibrated_model_starts_a_new_run_that_is_calibrated_afres
     calibrations = [layer for layer in started.layers if isinstance(layer, architectures.Calibrate)]
     assert len(calibrations) == 1 and started.layers[-1] is calibrations[0], "one calibration, at the end"
     validation = _uncalibrated_validation(folder, params, started)
-    assert calibrations[0].temperature == pytest.approx(train._temperature(validation.labels, validation.probabilities))
+    assert calibrations[0].temperature == pytest.approx(
+        calibration.temperature_for(validation.labels, validation.probabilities)[0]
+    )

@@ -1,5 +1,8 @@
-"""The promotion gate, exports, and a registered model used without this repository's code."""
+"""The promotion gate on real runs (evidence, class drops, forced promotion), verified exports, the served-model
+check, and a registered model used without this repository's code."""
 
+import datetime
+import getpass
 import json
 import os
 import subprocess
@@ -8,10 +11,12 @@ import textwrap
 
 import mlflow
 import pytest
+import scipy.stats
 
 from tasks import convert, register
-from tasks.common import errors
-from tests.conftest import REPOSITORY, make_image_folder
+from tasks.common import contracts, errors, tracking
+from tasks.modeling import scoring
+from tests.conftest import EXPORTED, REPOSITORY, make_image_folder
 from tests.test_train_evaluate_register import register_in, run_stages
 
 
@@ -45,37 +50,134 @@ LEARNS = {
 }
 
 
-def test_a_worse_second_run_becomes_challenger_and_champion_stays(inside):
-    params, good = run_stages(inside, LEARNS)
-    first = register_in(inside, params, min_precision=0.0)
-    # Deliberately worse: one epoch at a learning rate too small to learn anything.
-    params, bad = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
-    second = register_in(inside, params, min_precision=0.0)
+def _version(folder, name, version):
+    return _client(folder).get_model_version(name, version)
+
+
+def test_a_run_that_differs_only_in_its_seed_does_not_take_the_champion(inside):
+    params, first_run = run_stages(inside, LEARNS)
+    first = register_in(inside, params, name="seeded", min_precision=0.0, serve_check=False)
+    params, second_run = run_stages(inside, LEARNS, seed=8)  # same data, same settings, other initial weights
+    second = register_in(inside, params, name="seeded", min_precision=0.0, serve_check=False)
 
     assert (first.alias, second.alias) == ("champion", "challenger")
-    assert "vs champion version 1's" in second.reason and "< register.min_improvement" in second.reason
-    client = _client(inside)
-    assert str(client.get_model_version_by_alias("tiny", "champion").version) == first.version == "1"
-    assert str(client.get_model_version_by_alias("tiny", "challenger").version) == second.version == "2"
-    challenger = client.get_model_version("tiny", "2")
-    assert challenger.tags["run_id"] == bad.run_id and challenger.tags["decision"] == second.reason
-    assert json.loads((inside / "reports" / "registry.json").read_text())["alias"] == "challenger"
+    assert "not better at register.significance 0.05" in second.reason
+    version = _version(inside, "seeded", second.version)
+    tags = version.tags
+    test_images = json.loads((inside / "reports" / "metrics.json").read_text())["images"]
+    assert (tags["gate.champion_version"], int(tags["gate.images"])) == (first.version, test_images)
+    right_alone, wrong_alone = int(tags["gate.challenger_only_right"]), int(tags["gate.champion_only_right"])
+    expected_p = (
+        scipy.stats.binomtest(right_alone, right_alone + wrong_alone, 0.5, alternative="greater").pvalue
+        if right_alone + wrong_alone
+        else 1.0
+    )
+    assert float(tags["gate.p_value"]) == pytest.approx(expected_p, rel=1e-3) and expected_p >= 0.05
+    assert tags["decision"] == second.reason and tags["registration"] == "complete"
+    assert "McNemar's exact test gives p" in version.description and second.reason in version.description
+    registry = json.loads((inside / "reports" / "registry.json").read_text())
+    assert registry["alias"] == "challenger" and "McNemar" in registry["evidence"]
+    logged = mlflow.artifacts.load_dict(f"runs:/{second_run.run_id}/registration/gate.json")
+    assert logged["gate"]["challenger_only_right"] == right_alone and logged["reason"] == second.reason
+    note = _client(inside).get_run(second_run.run_id).data.tags["mlflow.note.content"]
+    assert "**challenger**" in note and "McNemar" in note, "the run's description says it too"
+    assert not _client(inside).list_artifacts(second_run.run_id, "export"), "a challenger is not exported"
 
-    exported = {item.path for item in client.list_artifacts(good.run_id, "export")}
-    assert exported == {"export/model.tflite", "export/saved_model"}, "a champion is exported"
-    assert not client.list_artifacts(bad.run_id, "export"), "a challenger is not"
+
+def test_a_clearly_better_run_is_promoted_with_evidence_verified_exports_and_a_served_check(inside):
+    # Deliberately weak: one epoch at a learning rate too small to learn anything.
+    params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
+    first = register_in(inside, params, name="better", min_precision=0.0, serve_check=False)
+    params, strong = run_stages(inside, LEARNS)
+    second = register_in(inside, params, name="better", min_precision=0.0)
+
+    assert (first.alias, second.alias) == ("champion", "champion")
+    assert "better at register.significance 0.05" in second.reason
+    client = _client(inside)
+    assert client.get_registered_model("better").aliases == {"champion": 2}
+    tags = client.get_model_version("better", "2").tags
+    assert float(tags["gate.p_value"]) < 0.05
+    assert int(tags["gate.challenger_only_right"]) > int(tags["gate.champion_only_right"])
+    exported = {item.path for item in client.list_artifacts(strong.run_id, "export")}
+    assert set(EXPORTED) <= exported, "a champion carries its verified exports"
+    table = mlflow.artifacts.load_text(f"runs:/{strong.run_id}/export/checks.md")
+    assert "tflite_int8" in table and "saved_model" in table
+    registry = json.loads((inside / "reports" / "registry.json").read_text())
+    assert registry["served"].startswith("served by `mlflow models serve`: first answer after")
+    assert registry["exports"] == table
+    description = client.get_model_version("better", "2").description
+    assert "Served: served by `mlflow models serve`" in description and "tflite_float16" in description
+
+
+def test_a_gain_that_costs_one_class_too_much_recall_is_not_promoted(inside):
+    """Champion: a model that neglects classes 1 and 2; challenger: one that neglects class 0 instead. The
+    challenger gains overall, but class 0 loses its recall."""
+    neglect = {"class_0": 1.0, "class_1": 1e-4, "class_2": 1e-4}
+    params, _ = run_stages(inside, {**LEARNS, "train.class_weight": neglect})
+    first = register_in(inside, params, name="classes", min_precision=0.0, serve_check=False)
+    params, _ = run_stages(inside, {**LEARNS, "train.class_weight": {"class_0": 1e-4, "class_1": 1.0, "class_2": 1.0}})
+    held = register_in(inside, params, name="classes", min_precision=0.0, significance=0.5, serve_check=False)
+
+    tags = _version(inside, "classes", held.version).tags
+    assert float(tags["gate.precision_at_1"]) > float(tags["gate.champion_precision_at_1"]), "an overall gain"
+    assert tags["gate.worst_class"] == "class_0" and float(tags["gate.worst_class_recall_change"]) < -0.5
+    assert (first.alias, held.alias) == ("champion", "challenger")
+    assert "class class_0's recall falls from 1.0000" in held.reason and "register.max_class_drop 0.1" in held.reason
+    # The same run, registered again without the class check (and at the same significance), is promoted:
+    # the class drop alone held it back.
+    again = register_in(
+        inside, params, name="classes", min_precision=0.0, significance=0.5, max_class_drop=1.0, serve_check=False
+    )
+    assert (again.version, again.alias) == (held.version, "champion")
+
+
+def test_a_person_can_force_a_promotion_and_it_is_recorded(inside):
+    params, _ = run_stages(inside, LEARNS)
+    register_in(inside, params, name="forced", min_precision=0.0, serve_check=False)
+    params, _ = run_stages(inside, LEARNS, seed=9)
+    held = register_in(inside, params, name="forced", min_precision=0.0, serve_check=False)
+    assert held.alias == "challenger"
+    registry_path = inside / "reports" / "registry.json"
+    with pytest.raises(errors.BadInput, match="--reason is empty"):
+        register.promote(params.registration, "forced", held.version, " ", inside / "shards", registry_path)
+    with pytest.raises(errors.BadInput, match=r"--promote 7: forced has no such version \(versions: 1, 2\)"):
+        register.promote(params.registration, "forced", "7", "why not", inside / "shards", registry_path)
+
+    promoted = register.promote(
+        params.registration.model_copy(update={"serve_check": False}),
+        "forced",
+        held.version,
+        "QA signed off the new camera's images",
+        inside / "shards",
+        registry_path,
+    )
+    client = _client(inside)
+    assert promoted.alias == "champion" and client.get_registered_model("forced").aliases == {"champion": 2}
+    tags = client.get_model_version("forced", held.version).tags
+    assert tags["promotion.user"] == getpass.getuser()
+    assert tags["promotion.reason"] == "QA signed off the new camera's images"
+    when = datetime.datetime.fromisoformat(tags["promotion.time"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 600
+    assert "promoted by hand past the gate (champion was version 1)" in tags["decision"]
+    registry = json.loads(registry_path.read_text())
+    assert registry["forced"].endswith(": QA signed off the new camera's images")
+    assert "Forced promotion: by" in client.get_model_version("forced", held.version).description
+    held_run = client.get_model_version("forced", held.version).run_id
+    assert set(EXPORTED) <= {item.path for item in client.list_artifacts(held_run, "export")}, "exported when forced"
 
 
 def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
-    params, _ = run_stages(inside, LEARNS)
+    params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
     metrics_path = inside / "reports" / "metrics.json"
-    first = register_in(inside, params, name="gated", min_precision=0.0)
-    params, _ = run_stages(inside, LEARNS)  # a second run, as good as the first
-    again = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.05)
-    tie = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.0)
-    assert (first.alias, again.alias, tie.alias) == ("champion", "challenger", "champion")
-    assert "+0.0000 < register.min_improvement 0.05" in again.reason
-    assert (first.version, again.version, tie.version) == ("1", "2", "2"), "the run registered again keeps its version"
+    first = register_in(inside, params, name="gated", min_precision=0.0, serve_check=False)
+    params, _ = run_stages(inside, LEARNS)  # clearly better
+    again = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.99, serve_check=False)
+    assert (first.alias, again.alias) == ("champion", "challenger")
+    assert "< register.min_improvement 0.99" in again.reason
+    promoted = register_in(inside, params, name="gated", min_precision=0.0, serve_check=False)
+    assert (again.version, promoted.version, promoted.alias) == ("2", "2", "champion"), (
+        "the run registered again keeps its version"
+    )
     assert _client(inside).get_registered_model("gated").aliases == {"champion": 2}, (
         "promoted, it is no longer the challenger"
     )
@@ -86,7 +188,7 @@ def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
     held = register_in(inside, params, name="gated", min_precision=0.9)
     assert held.alias == "challenger"
     assert held.reason == "precision@1 0.5000 is below register.min_precision 0.9"
-    assert str(_client(inside).get_model_version_by_alias("gated", "champion").version) == tie.version
+    assert str(_client(inside).get_model_version_by_alias("gated", "champion").version) == promoted.version
 
 
 def test_a_model_without_a_champion_yet_takes_one(inside):
@@ -117,19 +219,24 @@ def test_the_champion_registered_again_stays_as_it_is(inside):
     assert client.get_registered_model("rerun").aliases == {"champion": 1}
 
 
-def test_a_changed_test_set_re_evaluates_the_champion_before_comparing(inside):
+def test_a_changed_test_set_re_scores_the_champion_on_the_new_test_images(inside):
     params, _ = run_stages(inside, {"train.epochs": 3})
-    first = register_in(inside, params, name="moving", min_precision=0.0)
+    first = register_in(inside, params, name="moving", min_precision=0.0, serve_check=False)
     # Another split of the same images: a different test set, a different manifest hash.
     convert.convert(params.dataset, 8, inside / "raw", inside / "shards_other")
-    params, second_run = run_stages(inside, {"train.epochs": 3}, shards="shards_other")
-    second = register_in(inside, params, name="moving", shards="shards_other", min_precision=0.0)
+    params, _ = run_stages(inside, {"train.epochs": 3}, shards="shards_other")
+    second = register_in(inside, params, name="moving", shards="shards_other", min_precision=0.0, serve_check=False)
 
-    client = _client(inside)
-    champion_one = client.get_model_version("moving", first.version)
-    measured = [key for key in champion_one.tags if key.startswith("test_precision_at_1_on_")]
-    assert len(measured) == 1, "the old champion was scored on the new test set"
-    assert f"champion version {first.version}'s {float(champion_one.tags[measured[0]]):.4f}" in second.reason
+    tags = _version(inside, "moving", second.version).tags
+    new_test_images = contracts.Manifest.read(inside / "shards_other").count("test")
+    assert int(tags["gate.images"]) == new_test_images != contracts.Manifest.read(inside / "shards").count("test")
+    champion = tracking.load_logged_model(f"models:/moving/{first.version}")
+    rescored = scoring.predict_split(champion, inside / "shards_other", "test", 64, (8, 8), (8, 8))
+    precision = float((rescored.probabilities.argmax(axis=1) == rescored.labels).mean())
+    assert tags["gate.champion_precision_at_1"] == f"{precision:.4f}"
+    assert f"champion version {first.version}'s {precision:.4f} on the same {new_test_images} test images" in (
+        second.reason
+    )
 
 
 def test_the_champion_loads_and_predicts_without_this_repository(inside, tmp_path):

@@ -178,7 +178,8 @@ def test_champion_starts_a_line_of_warm_starts_that_restarts_from_scratch(inside
     assert tags["warm_start.generation"] == "0"
     assert f"no version of {NAME} holds the alias champion yet" in tags["warm_start.reason"]
 
-    monkeypatch.setattr(register, "_attach_exports", lambda *arguments: None)  # exports: tests/test_register.py
+    # Exports and the served-model check: tests/test_register.py and tests/test_exports.py.
+    monkeypatch.setattr(register, "_released", lambda client, decision, *rest: decision)
     _register(inside.folder, "base")
     _, run = _train(inside.folder, inside.three, "second", init_from="champion", warm_start_epochs=1)
     assert "train: warm start from models:/tiny/1 (generation 1), 1 epochs" in capfd.readouterr().out
