@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import mlflow
 import pytest
 import scipy.stats
 
 from tasks import convert, register
 from tasks.common import contracts, errors, tracking
-from tasks.modeling import scoring
+from tasks.modeling import architectures, scoring, serving_check
 from tests.conftest import EXPORTED, REPOSITORY, make_image_folder
 from tests.test_train_evaluate_register import register_in, run_stages
 
@@ -278,3 +279,44 @@ def test_an_unfinished_model_upload_is_never_registered(inside, monkeypatch):
         register_in(inside, params, name="half", min_precision=0.0)
     assert not client.search_registered_models(filter_string="name = 'half'")
     assert register.CHAMPION == "champion"
+
+
+def test_a_broken_export_or_a_model_that_cannot_be_served_does_not_move_the_alias(inside, monkeypatch):
+    params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
+    first = register_in(inside, params, name="refused", min_precision=0.0, serve_check=False)
+    params, strong = run_stages(inside, LEARNS)  # clearly better: the gate would promote it
+    client = _client(inside)
+
+    made_by = architectures.calibrated_network
+
+    def wrongly_prepared(model):
+        """The network of the TFLite files behind a preparation gone wrong: dark and bright swapped."""
+        network = made_by(model)
+        images = keras.Input(shape=network.input_shape[1:], dtype="uint8", name="image")
+        return keras.Model(images, network(keras.ops.cast(255.0 - keras.ops.cast(images, "float32"), "uint8")))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(architectures, "calibrated_network", wrongly_prepared)
+        with pytest.raises(errors.BadInput, match=r"tflite_float32 \(model_float32.tflite\): top-1 agreement"):
+            register_in(inside, params, name="refused", min_precision=0.0, serve_check=False)
+    version = client.get_model_version("refused", "2")
+    assert (
+        version.tags["registration"] == "refused"
+        and "not promoted: an export answers differently" in (version.tags["decision"])
+    )
+    assert client.get_registered_model("refused").aliases == {"champion": int(first.version)}
+    assert not client.list_artifacts(strong.run_id, "export"), "nothing of a refused export is attached"
+
+    # A server that cannot start: `mlflow models serve` finds no `uvicorn` on its PATH.
+    environment = serving_check._environment
+    bare = {"PATH": "/usr/bin:/bin"}
+    with monkeypatch.context() as patch:
+        patch.setattr(serving_check, "_environment", lambda: {**environment(), **bare})
+        with pytest.raises(errors.BadInput, match=r"mlflow models serve -m models:/refused/2 exited"):
+            register_in(inside, params, name="refused", min_precision=0.0)
+    assert client.get_registered_model("refused").aliases == {"champion": int(first.version)}
+    assert client.get_model_version("refused", "2").tags["registration"] == "refused"
+
+    promoted = register_in(inside, params, name="refused", min_precision=0.0)  # fixed: decided again
+    assert (promoted.version, promoted.alias) == ("2", "champion")
+    assert client.get_model_version("refused", "2").tags["registration"] == "complete"
