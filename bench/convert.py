@@ -56,6 +56,7 @@ def folder_dataset() -> config.DatasetParams:
         source="bench",
         sha256=None,
         image_size=None,
+        split_seed=42,
         validation_fraction=0.1,
         test_fraction=0.2,
         shard_size_mb=100.0,

@@ -9,6 +9,8 @@ from collections import Counter
 
 import keras
 import mlflow
+import mlflow.artifacts
+import mlflow.exceptions
 import prefect.artifacts
 
 from tasks.common import contracts, errors, files
@@ -99,13 +101,14 @@ def run_summary(
     else:
         run_link = f"`{run.run_id}` (`mlflow ui --backend-store-uri {server}`)"
     what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
+    release = _registration(registry, run.tracking_uri)
     lines = [
         f"### {registry.model_name} version {registry.version}: `{registry.alias}`",
         "",
         f"Decision: {registry.reason}",
         *_optional("Promoted by hand", registry.forced),
         *_optional("Evidence", registry.evidence),
-        *_optional("Serving", registry.served),
+        *_optional("Serving", release.get("served")),
         "",
         f"Stages run: {what_ran}",
         "",
@@ -116,7 +119,7 @@ def run_summary(
         "| metric | value |",
         "|---|---|",
         *(f"| {key} | {value:.4g} |" for key, value in scores.flat().items()),
-        *_optional("Exports, each run on the test split and compared with the Keras model", registry.exports),
+        *_optional("Exports, each run on the test split and compared with the Keras model", release.get("exports")),
         *_review_queue(evaluation_dir, run_link),
     ]
     markdown = "\n".join(lines)
@@ -124,6 +127,18 @@ def run_summary(
         markdown, key="run-summary", description="test metrics and registry decision"
     )
     return markdown
+
+
+def _registration(registry: contracts.Decision, tracking_uri: str) -> dict:
+    """What register logged to the run beside registry.json: the exports' table and the served-model check
+    (they hold times measured then); empty for a challenger, or when the run's store cannot be read."""
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=registry.run_id, artifact_path="registration/gate.json", tracking_uri=tracking_uri
+        )
+        return files.read_json(pathlib.Path(local), "")
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return {}
 
 
 def _optional(title: str, text: str | None) -> list[str]:

@@ -34,7 +34,7 @@ import getpass
 import math
 import pathlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.artifacts
@@ -45,6 +45,9 @@ import pandas as pd
 
 from tasks.common import config, contracts, errors, tracking
 from tasks.modeling import gate
+
+if TYPE_CHECKING:  # release imports TensorFlow, which only a champion-to-be needs
+    from tasks.modeling import release
 
 CHAMPION = gate.CHAMPION
 CHALLENGER = gate.CHALLENGER
@@ -98,9 +101,11 @@ def register(
         raise errors.Outage(f"the model of run {run.run_id} was not completely uploaded; rerun the train stage")
     champion = tracking.version_with_alias(client, model_name, CHAMPION)
     if champion is not None and champion.run_id == run.run_id:
+        # Registered before (a rerun after a kill): what was decided then, from the run.
+        recorded = _recorded(run.run_id)
         decision = contracts.Decision.model_validate(
             {
-                **(_recorded_decision(client, run.run_id) or {}),
+                **{key: value for key, value in recorded.items() if key in contracts.Decision.model_fields},
                 "model_name": model_name,
                 "version": str(champion.version),
                 "alias": CHAMPION,
@@ -109,6 +114,7 @@ def register(
                 "model_uri": run.model_uri,
             }
         )
+        checked = _release_of(recorded)
     else:
         evidence = None
         if champion is not None and precision >= params.min_precision:
@@ -124,33 +130,54 @@ def register(
             model_uri=run.model_uri,
             evidence=None if evidence is None else evidence.words(),
         )
+        checked = None
         if alias == CHAMPION:
-            decision = _released(client, decision, model_dir / contracts.MODEL_FILE, shards_dir, params.serve_check)
+            checked = _released(client, decision, model_dir / contracts.MODEL_FILE, shards_dir, params.serve_check)
         client.set_registered_model_alias(model_name, alias, version)
-        client.log_dict(run.run_id, {**decision.model_dump(), "gate": evidence and evidence.as_dict()}, GATE_FILE)
-    _finish(client, decision)
+        client.log_dict(run.run_id, _logged(decision, evidence, checked), GATE_FILE)
+    _finish(client, decision, checked)
     decision.write(registry_path)
     return RegisterResult(model_name=model_name, version=decision.version, alias=decision.alias, reason=decision.reason)
 
 
-GATE_FILE = "registration/gate.json"  # the decision and its evidence, logged to the run
+# The decision, its evidence, the exports' table and the served-model check, logged to the run. The last two
+# hold times measured now, so they stay out of registry.json: a rerun writes the same registry.json.
+GATE_FILE = "registration/gate.json"
 
 
-def _recorded_decision(client: mlflow.MlflowClient, run_id: str) -> dict | None:
-    """The decision logged to the run when it was registered (a rerun writes registry.json again from it)."""
+def _logged(
+    decision: contracts.Decision, evidence: gate.Evidence | None, checked: release.Release | None
+) -> dict[str, Any]:
+    return {
+        **decision.model_dump(),
+        "gate": None if evidence is None else evidence.as_dict(),
+        "exports": None if checked is None else checked.exports,
+        "served": None if checked is None else checked.served,
+    }
+
+
+def _recorded(run_id: str) -> dict[str, Any]:
+    """What the run's registration logged (GATE_FILE); empty when it logged nothing yet."""
     try:
-        recorded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{GATE_FILE}")
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{GATE_FILE}")
     except (mlflow.exceptions.MlflowException, OSError):
+        return {}
+
+
+def _release_of(recorded: dict[str, Any]) -> release.Release | None:
+    from tasks.modeling import release
+
+    if not recorded.get("exports"):
         return None
-    return {key: value for key, value in recorded.items() if key in contracts.Decision.model_fields}
+    return release.Release(exports=recorded["exports"], served=recorded.get("served") or "")
 
 
-def _finish(client: mlflow.MlflowClient, decision: contracts.Decision) -> None:
+def _finish(client: mlflow.MlflowClient, decision: contracts.Decision, checked: release.Release | None) -> None:
     """The last steps once the alias is set: no longer challenger when promoted, described, complete."""
     model_name, version = decision.model_name, decision.version
     if decision.alias == CHAMPION and str(client.get_registered_model(model_name).aliases.get(CHALLENGER)) == version:
         client.delete_registered_model_alias(model_name, CHALLENGER)  # a challenger registered again, now promoted
-    client.update_model_version(model_name, version, description=_description(decision))
+    client.update_model_version(model_name, version, description=_description(decision, checked))
     words = f"version {version} of `{model_name}` is **{decision.alias}**: {decision.reason}."
     if decision.forced:
         words += f" Promoted by hand {decision.forced}."
@@ -160,14 +187,14 @@ def _finish(client: mlflow.MlflowClient, decision: contracts.Decision) -> None:
     client.set_model_version_tag(model_name, version, REGISTRATION_TAG, "complete")
 
 
-def _description(decision: contracts.Decision) -> str:
+def _description(decision: contracts.Decision, checked: release.Release | None) -> str:
     """The version's description in the registry UI: the decision and its evidence in words."""
     parts = [f"**{decision.alias}**: {decision.reason}."]
     for title, text in (
         ("Forced promotion", decision.forced),
         ("Evidence", decision.evidence),
-        ("Served", decision.served),
-        ("Exports (each run on the test split, compared with the Keras model)", decision.exports),
+        ("Served", checked and checked.served),
+        ("Exports (each run on the test split, compared with the Keras model)", checked and checked.exports),
     ):
         if text:
             parts.append(f"{title}: {text}" if "\n" not in text else f"{title}:\n\n{text}")
@@ -283,21 +310,20 @@ def _released(
     model_file: pathlib.Path,
     shards_dir: pathlib.Path,
     serve: bool,
-) -> contracts.Decision:
-    """The decision with its verified exports and served-model check (tasks/modeling/release.py); a failure
-    refuses the promotion: the version keeps no alias and says why."""
-    from tasks.modeling import release  # TensorFlow is only needed for a champion
+) -> release.Release:
+    """The verified exports and served-model check of the version of `decision` (tasks/modeling/release.py); a
+    failure refuses the promotion: the version keeps no alias and says why."""
+    from tasks.modeling import release
 
     model_uri = f"models:/{decision.model_name}/{decision.version}"
     try:
-        checked = release.verify_and_attach(decision.run_id, model_file, model_uri, shards_dir, serve)
+        return release.verify_and_attach(decision.run_id, model_file, model_uri, shards_dir, serve)
     except errors.PipelineError as error:
         refusal = f"not promoted: {error}"
         client.set_model_version_tag(decision.model_name, decision.version, REGISTRATION_TAG, "refused")
         client.set_model_version_tag(decision.model_name, decision.version, "decision", refusal[:5000])
         client.update_model_version(decision.model_name, decision.version, description=refusal)
         raise
-    return decision.model_copy(update={"exports": checked.exports, "served": checked.served})
 
 
 def promote(
@@ -322,8 +348,6 @@ def promote(
         raise errors.BadInput(
             f"--promote {version}: {model_name} has no such version (versions: {known or 'none'})"
         ) from error
-    from tasks.modeling import release
-
     user = getpass.getuser()
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     forced = f"by {user} at {when}: {reason.strip()}"
@@ -337,14 +361,16 @@ def promote(
         model_uri=f"models:/{model_name}/{target.version}",
         forced=forced,
     )
+    from tasks.modeling import release
+
     model_file = release.logged_model_file(decision.model_uri)
-    decision = _released(client, decision, model_file, shards_dir, params.serve_check)
+    checked = _released(client, decision, model_file, shards_dir, params.serve_check)
     for key, value in {"promotion.user": user, "promotion.time": when, "promotion.reason": reason.strip()}.items():
         client.set_model_version_tag(model_name, decision.version, key, value)
     client.set_model_version_tag(model_name, decision.version, "decision", f"{decision.reason}, {forced}")
     client.set_registered_model_alias(model_name, CHAMPION, decision.version)
-    client.log_dict(decision.run_id, {**decision.model_dump(), "gate": None}, GATE_FILE)
-    _finish(client, decision)
+    client.log_dict(decision.run_id, _logged(decision, None, checked), GATE_FILE)
+    _finish(client, decision, checked)
     decision.write(registry_path)
     return RegisterResult(model_name=model_name, version=decision.version, alias=CHAMPION, reason=decision.reason)
 

@@ -54,6 +54,7 @@ def test_every_format_is_written_and_answers_as_the_keras_model(learned, tmp_pat
             "file",
             "size_bytes",
             "precision_at_1",
+            "keras_precision_at_1",
             "top1_agreement",
             "max_probability_difference",
             "latency_ms_per_image",
@@ -61,7 +62,8 @@ def test_every_format_is_written_and_answers_as_the_keras_model(learned, tmp_pat
     sizes = {check.format: check.size_bytes for check in exports.checks}
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"], "quantization shrinks the file"
     table = export.markdown_table(exports).splitlines()
-    assert len(table) == 2 + len(exports.checks) + 2 * len(exports.left_out)
+    # Header, rows, the Keras model's precision@1 (after a blank line), int8's rule, what was left out.
+    assert len(table) == 2 + len(exports.checks) + 2 + 1 + 2 * len(exports.left_out)
     assert table[2].startswith("| saved_model | saved_model |")
     assert test_images <= export.VERIFICATION_IMAGES, "every test image of the tiny folder was compared"
 

@@ -60,6 +60,10 @@ def test_a_growing_folder_over_three_nights(repository_copy, prefect_server, tmp
 
     first = pipeline.pipeline("params.yaml")
     assert "Stages run: download, convert, train, evaluate, register" in first
+    # The first version is champion: its verified exports and served-model check are in the summary.
+    assert "Exports, each run on the test split and compared with the Keras model:" in first
+    assert "| tflite_int8 |" in first and "Serving: served by `mlflow models serve`: first answer after" in first
+    assert "Review queue: " in first and "reports/evaluation/review.csv" in first
     splits = {path: entry.split for path, entry in _index(repository_copy).items()}
 
     for night in (2, 3):
@@ -78,6 +82,7 @@ def test_a_growing_folder_over_three_nights(repository_copy, prefect_server, tmp
         }
         assert report["conversion"]["decoded"] == 6, "only the new files were decoded"
         assert "Data: 6 added, 0 removed, 0 changed since the data champion imagefolder-mnist_cnn" in summary
+        assert "Evidence: On the same" in summary and "McNemar's exact test gives p =" in summary
 
     runs = _runs(repository_copy)
     assert len(runs) == 3

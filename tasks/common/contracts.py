@@ -262,9 +262,9 @@ class Decision(_Contract):
     run_id: str
     model_uri: str
     evidence: str | None = None  # the gate's comparison with the champion, in words (none: no champion to compare)
-    exports: str | None = None  # the verified exports, a markdown table (none: not a champion, nothing exported)
-    served: str | None = None  # the served-model check, in words
     forced: str | None = None  # a person's promotion past the gate: who, when and why
+    # The verified exports' table and the served-model check hold times measured at registration: they are in
+    # the run's registration/gate.json, not here, so that registering again writes the same file.
 
     def write(self, registry_path: pathlib.Path) -> None:
         _write(self, registry_path)
