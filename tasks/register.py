@@ -193,7 +193,7 @@ def _description(decision: contracts.Decision, checked: release.Release | None) 
     for title, text in (
         ("Forced promotion", decision.forced),
         ("Evidence", decision.evidence),
-        ("Served", checked and checked.served),
+        ("Serving", checked and checked.served),
         ("Exports (each run on the test split, compared with the Keras model)", checked and checked.exports),
     ):
         if text:

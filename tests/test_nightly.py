@@ -62,7 +62,7 @@ def test_a_growing_folder_over_three_nights(repository_copy, prefect_server, tmp
     assert "Stages run: download, convert, train, evaluate, register" in first
     # The first version is champion: its verified exports and served-model check are in the summary.
     assert "Exports, each run on the test split and compared with the Keras model:" in first
-    assert "| tflite_int8 |" in first and "Serving: served by `mlflow models serve`: first answer after" in first
+    assert "| tflite_int8 |" in first and "Serving: `mlflow models serve` gave its first answer" in first
     assert "Review queue: " in first and "reports/evaluation/review.csv" in first
     splits = {path: entry.split for path, entry in _index(repository_copy).items()}
 

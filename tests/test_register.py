@@ -104,13 +104,13 @@ def test_a_clearly_better_run_is_promoted_with_evidence_verified_exports_and_a_s
     table = mlflow.artifacts.load_text(f"runs:/{strong.run_id}/export/checks.md")
     assert "tflite_int8" in table and "saved_model" in table
     logged = mlflow.artifacts.load_dict(f"runs:/{strong.run_id}/registration/gate.json")
-    assert logged["served"].startswith("served by `mlflow models serve`: first answer after")
+    assert logged["served"].startswith("`mlflow models serve` gave its first answer ")
     assert logged["exports"] == table
     registry = json.loads((inside / "reports" / "registry.json").read_text())
     assert "served" not in registry and "exports" not in registry, "times measured now: a rerun writes the same file"
     assert registry["evidence"].startswith("On the same")
     description = client.get_model_version("better", "2").description
-    assert "Served: served by `mlflow models serve`" in description and "tflite_float16" in description
+    assert "Serving: `mlflow models serve` gave its first answer" in description and "tflite_float16" in description
 
 
 def test_a_gain_that_costs_one_class_too_much_recall_is_not_promoted(inside):

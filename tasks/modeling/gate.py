@@ -64,7 +64,7 @@ class Evidence:
             f"version {self.champion_version}'s {self.champion_precision_at_1:.4f}. Right where the champion was "
             f"wrong on {self.challenger_only_right} images, wrong where it was right on {self.champion_only_right}: "
             f"McNemar's exact test gives p = {self.p_value:.4g} that the challenger is no better. "
-            f"Largest per-class recall change: {worst} {change:+.4f}."
+            f"Largest per-class recall change: class {worst}, {change:+.4f}."
         )
 
     def as_dict(self) -> dict:

@@ -39,7 +39,11 @@ def verify_and_attach(
     with tempfile.TemporaryDirectory() as folder:
         export_dir = pathlib.Path(folder)
         exports = export.export_verified(model_file, export_dir, shards_dir, preprocessing, EXPORT_BATCH_SIZE)
-        served = _served(model_file, model_uri, shards_dir, preprocessing) if serve else "not checked (serve_check)"
+        served = (
+            _served(model_file, model_uri, shards_dir, preprocessing)
+            if serve
+            else "not checked (register.serve_check: false)"
+        )
         table = export.markdown_table(exports)
         client = mlflow.MlflowClient()
         for path in sorted(export_dir.iterdir()):
@@ -63,7 +67,7 @@ def _served(
     expected = np.asarray(model.predict_on_batch(images))
     result = serving_check.check_served(model_uri, images, expected)
     return (
-        f"served by `mlflow models serve`: first answer after {result.seconds_to_first_answer:.1f} s; its "
+        f"`mlflow models serve` gave its first answer {result.seconds_to_first_answer:.1f} s after starting; its "
         f"probabilities on {result.images} test images equal this process's within {result.largest_difference:.2g}"
     )
 
