@@ -62,7 +62,9 @@ EXPORTED = (
     "export/checks.json",
     "export/checks.md",
 )
-FAST = {"train.epochs": 1, "train.image_size": [8, 8], "train.batch_size": 64}
+# Tests of whole runs skip the served-model check (a server start, about 10 s, per promotion): the tests of
+# register, exports, the tracking server and the nightly flow run it.
+FAST = {"train.epochs": 1, "train.image_size": [8, 8], "train.batch_size": 64, "register.serve_check": False}
 
 
 @pytest.fixture

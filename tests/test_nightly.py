@@ -54,6 +54,7 @@ def test_a_growing_folder_over_three_nights(repository_copy, prefect_server, tmp
         "dataset.source": str(source),
         "train.init_from": "champion",
         "train.warm_start_epochs": 1,
+        "register.serve_check": True,  # the summary shows it
     }
     write_params(repository_copy / "params.yaml", settings)
     report_path = repository_copy / "reports" / "data" / "changes.json"

@@ -57,9 +57,9 @@ def _version(folder, name, version):
 
 def test_a_run_that_differs_only_in_its_seed_does_not_take_the_champion(inside):
     params, first_run = run_stages(inside, LEARNS)
-    first = register_in(inside, params, name="seeded", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="seeded", min_precision=0.0)
     params, second_run = run_stages(inside, LEARNS, seed=8)  # same data, same settings, other initial weights
-    second = register_in(inside, params, name="seeded", min_precision=0.0, serve_check=False)
+    second = register_in(inside, params, name="seeded", min_precision=0.0)
 
     assert (first.alias, second.alias) == ("champion", "challenger")
     assert "not better at register.significance 0.05" in second.reason
@@ -88,9 +88,9 @@ def test_a_run_that_differs_only_in_its_seed_does_not_take_the_champion(inside):
 def test_a_clearly_better_run_is_promoted_with_evidence_verified_exports_and_a_served_check(inside):
     # Deliberately weak: one epoch at a learning rate too small to learn anything.
     params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
-    first = register_in(inside, params, name="better", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="better", min_precision=0.0)
     params, strong = run_stages(inside, LEARNS)
-    second = register_in(inside, params, name="better", min_precision=0.0)
+    second = register_in(inside, params, name="better", min_precision=0.0, serve_check=True)
 
     assert (first.alias, second.alias) == ("champion", "champion")
     assert "better at register.significance 0.05" in second.reason
@@ -118,9 +118,9 @@ def test_a_gain_that_costs_one_class_too_much_recall_is_not_promoted(inside):
     challenger gains overall, but class 0 loses its recall."""
     neglect = {"class_0": 1.0, "class_1": 1e-4, "class_2": 1e-4}
     params, _ = run_stages(inside, {**LEARNS, "train.class_weight": neglect})
-    first = register_in(inside, params, name="classes", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="classes", min_precision=0.0)
     params, _ = run_stages(inside, {**LEARNS, "train.class_weight": {"class_0": 1e-4, "class_1": 1.0, "class_2": 1.0}})
-    held = register_in(inside, params, name="classes", min_precision=0.0, significance=0.5, serve_check=False)
+    held = register_in(inside, params, name="classes", min_precision=0.0, significance=0.5)
 
     tags = _version(inside, "classes", held.version).tags
     assert float(tags["gate.precision_at_1"]) > float(tags["gate.champion_precision_at_1"]), "an overall gain"
@@ -129,17 +129,15 @@ def test_a_gain_that_costs_one_class_too_much_recall_is_not_promoted(inside):
     assert "class class_0's recall falls from 1.0000" in held.reason and "register.max_class_drop 0.1" in held.reason
     # The same run, registered again without the class check (and at the same significance), is promoted:
     # the class drop alone held it back.
-    again = register_in(
-        inside, params, name="classes", min_precision=0.0, significance=0.5, max_class_drop=1.0, serve_check=False
-    )
+    again = register_in(inside, params, name="classes", min_precision=0.0, significance=0.5, max_class_drop=1.0)
     assert (again.version, again.alias) == (held.version, "champion")
 
 
 def test_a_person_can_force_a_promotion_and_it_is_recorded(inside):
     params, _ = run_stages(inside, LEARNS)
-    register_in(inside, params, name="forced", min_precision=0.0, serve_check=False)
+    register_in(inside, params, name="forced", min_precision=0.0)
     params, _ = run_stages(inside, LEARNS, seed=9)
-    held = register_in(inside, params, name="forced", min_precision=0.0, serve_check=False)
+    held = register_in(inside, params, name="forced", min_precision=0.0)
     assert held.alias == "challenger"
     registry_path = inside / "reports" / "registry.json"
     with pytest.raises(errors.BadInput, match="--reason is empty"):
@@ -148,7 +146,7 @@ def test_a_person_can_force_a_promotion_and_it_is_recorded(inside):
         register.promote(params.registration, "forced", "7", "why not", inside / "shards", registry_path)
 
     promoted = register.promote(
-        params.registration.model_copy(update={"serve_check": False}),
+        params.registration,
         "forced",
         held.version,
         "QA signed off the new camera's images",
@@ -173,12 +171,12 @@ def test_a_person_can_force_a_promotion_and_it_is_recorded(inside):
 def test_min_precision_and_min_improvement_hold_back_a_good_run(inside):
     params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
     metrics_path = inside / "reports" / "metrics.json"
-    first = register_in(inside, params, name="gated", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="gated", min_precision=0.0)
     params, _ = run_stages(inside, LEARNS)  # clearly better
-    again = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.99, serve_check=False)
+    again = register_in(inside, params, name="gated", min_precision=0.0, min_improvement=0.99)
     assert (first.alias, again.alias) == ("champion", "challenger")
     assert "< register.min_improvement 0.99" in again.reason
-    promoted = register_in(inside, params, name="gated", min_precision=0.0, serve_check=False)
+    promoted = register_in(inside, params, name="gated", min_precision=0.0)
     assert (again.version, promoted.version, promoted.alias) == ("2", "2", "champion"), (
         "the run registered again keeps its version"
     )
@@ -225,11 +223,11 @@ def test_the_champion_registered_again_stays_as_it_is(inside):
 
 def test_a_changed_test_set_re_scores_the_champion_on_the_new_test_images(inside):
     params, _ = run_stages(inside, {"train.epochs": 3})
-    first = register_in(inside, params, name="moving", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="moving", min_precision=0.0)
     # Another split of the same images: a different test set, a different manifest hash.
     convert.convert(params.dataset, 8, inside / "raw", inside / "shards_other")
     params, _ = run_stages(inside, {"train.epochs": 3}, shards="shards_other")
-    second = register_in(inside, params, name="moving", shards="shards_other", min_precision=0.0, serve_check=False)
+    second = register_in(inside, params, name="moving", shards="shards_other", min_precision=0.0)
 
     tags = _version(inside, "moving", second.version).tags
     new_test_images = contracts.Manifest.read(inside / "shards_other").count("test")
@@ -286,7 +284,7 @@ def test_an_unfinished_model_upload_is_never_registered(inside, monkeypatch):
 
 def test_a_broken_export_or_a_model_that_cannot_be_served_does_not_move_the_alias(inside, monkeypatch):
     params, _ = run_stages(inside, {"train.epochs": 1, "train.learning_rate": 1e-7, "train.ema_momentum": None})
-    first = register_in(inside, params, name="refused", min_precision=0.0, serve_check=False)
+    first = register_in(inside, params, name="refused", min_precision=0.0)
     params, strong = run_stages(inside, LEARNS)  # clearly better: the gate would promote it
     client = _client(inside)
 
@@ -301,7 +299,7 @@ def test_a_broken_export_or_a_model_that_cannot_be_served_does_not_move_the_alia
     with monkeypatch.context() as patch:
         patch.setattr(architectures, "calibrated_network", wrongly_prepared)
         with pytest.raises(errors.BadInput, match=r"tflite_float32 \(model_float32.tflite\): top-1 agreement"):
-            register_in(inside, params, name="refused", min_precision=0.0, serve_check=False)
+            register_in(inside, params, name="refused", min_precision=0.0)
     version = client.get_model_version("refused", "2")
     assert (
         version.tags["registration"] == "refused"
@@ -316,10 +314,10 @@ def test_a_broken_export_or_a_model_that_cannot_be_served_does_not_move_the_alia
     with monkeypatch.context() as patch:
         patch.setattr(serving_check, "_environment", lambda: {**environment(), **bare})
         with pytest.raises(errors.BadInput, match=r"mlflow models serve -m models:/refused/2 exited"):
-            register_in(inside, params, name="refused", min_precision=0.0)
+            register_in(inside, params, name="refused", min_precision=0.0, serve_check=True)
     assert client.get_registered_model("refused").aliases == {"champion": int(first.version)}
     assert client.get_model_version("refused", "2").tags["registration"] == "refused"
 
-    promoted = register_in(inside, params, name="refused", min_precision=0.0)  # fixed: decided again
+    promoted = register_in(inside, params, name="refused", min_precision=0.0, serve_check=True)  # fixed
     assert (promoted.version, promoted.alias) == ("2", "champion")
     assert client.get_model_version("refused", "2").tags["registration"] == "complete"

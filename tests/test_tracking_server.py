@@ -31,7 +31,8 @@ def test_runs_artifacts_and_versions_land_on_the_server(workdir, mlflow_server, 
         monkeypatch.delenv(variable)
     make_image_folder(workdir / "raw", classes=3, per_class=20)
     params, result = run_stages(workdir, LEARNS)
-    registered = register_in(workdir, params, name="served", min_precision=0.0)
+    # Served too: `mlflow models serve` reads the version from this server, with the credentials.
+    registered = register_in(workdir, params, name="served", min_precision=0.0, serve_check=True)
 
     assert contracts.RunRecord.read(workdir / "models").tracking_uri == mlflow_server
     assert [path for path in workdir.rglob("*") if path.is_file() and PASSWORD.encode() in path.read_bytes()] == []

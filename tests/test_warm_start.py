@@ -179,7 +179,7 @@ def test_champion_starts_a_line_of_warm_starts_that_restarts_from_scratch(inside
     assert f"no version of {NAME} holds the alias champion yet" in tags["warm_start.reason"]
 
     # Exports and the served-model check: tests/test_register.py and tests/test_exports.py.
-    monkeypatch.setattr(register, "_released", lambda client, decision, *rest: decision)
+    monkeypatch.setattr(register, "_released", lambda *arguments: None)
     _register(inside.folder, "base")
     _, run = _train(inside.folder, inside.three, "second", init_from="champion", warm_start_epochs=1)
     assert "train: warm start from models:/tiny/1 (generation 1), 1 epochs" in capfd.readouterr().out
