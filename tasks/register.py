@@ -105,11 +105,11 @@ def register(
         recorded = _recorded(run.run_id)
         decision = contracts.Decision.model_validate(
             {
+                "reason": champion.tags.get("decision", "already the champion"),  # registered by an older release
                 **{key: value for key, value in recorded.items() if key in contracts.Decision.model_fields},
                 "model_name": model_name,
                 "version": str(champion.version),
                 "alias": CHAMPION,
-                "reason": champion.tags.get("decision", "already the champion"),
                 "run_id": run.run_id,
                 "model_uri": run.model_uri,
             }
@@ -118,7 +118,7 @@ def register(
     else:
         evidence = None
         if champion is not None and precision >= params.min_precision:
-            evidence = _evidence(client, champion, evaluation_dir, shards_dir, run)
+            evidence = _evidence(champion, evaluation_dir, shards_dir, run)
         alias, reason = gate.decide(params, precision, evidence)
         version = _registered_version(client, model_name, run, scores, reason, evidence)
         decision = contracts.Decision(
@@ -242,18 +242,14 @@ def _version_of_run(
 
 
 def _evidence(
-    client: mlflow.MlflowClient,
-    champion,
-    evaluation_dir: pathlib.Path,
-    shards_dir: pathlib.Path,
-    run: contracts.RunRecord,
+    champion, evaluation_dir: pathlib.Path, shards_dir: pathlib.Path, run: contracts.RunRecord
 ) -> gate.Evidence:
     """The challenger (evaluate's predictions.csv) and the champion on the same test images, image by image."""
     predictions_path = evaluation_dir / contracts.PREDICTIONS_FILE
     if not predictions_path.is_file():
         raise errors.MissingInput(f"{predictions_path} is missing: run the evaluate stage first")
     challenger = pd.read_csv(predictions_path, dtype=str, keep_default_na=False)
-    champion_predicted = _champion_predictions(client, champion, shards_dir, run)
+    champion_predicted = _champion_predictions(champion, shards_dir, run)
     missing = sorted(set(challenger["file"]) - set(champion_predicted))
     if missing:
         raise errors.BadInput(
@@ -268,9 +264,7 @@ def _evidence(
     )
 
 
-def _champion_predictions(
-    client: mlflow.MlflowClient, champion, shards_dir: pathlib.Path, run: contracts.RunRecord
-) -> dict[str, str]:
+def _champion_predictions(champion, shards_dir: pathlib.Path, run: contracts.RunRecord) -> dict[str, str]:
     """The champion's predicted class name for each test image: from its own evaluation when it was made on the
     same data, else measured now on this run's test split."""
     if champion.tags.get("manifest_sha256") == run.manifest_sha256:
@@ -290,6 +284,11 @@ def _champion_predictions(
     model = tracking.load_logged_model(champion_uri)
     metadata = mlflow.models.get_model_info(champion_uri).metadata or {}
     class_names = list(metadata.get("class_names") or [])
+    if not class_names:
+        raise errors.BadInput(
+            f"{champion_uri} (the champion) carries no class_names metadata, so the gate cannot compare it class by "
+            "class; make a version champion by hand: python -m tasks.register --promote VERSION --reason ..."
+        )
     recorded = metadata.get("preprocessing")
     fixed = tuple(model.input_shape[1:3])  # a model registered before its metadata said how to prepare images
     preprocessing = (
