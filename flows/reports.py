@@ -97,7 +97,9 @@ def run_summary(
     run = contracts.RunRecord.read(model_dir)
     server = errors.without_credentials(run.tracking_uri)  # the artifact is shown to everyone who sees the flow
     if server.startswith("http"):
-        run_link = f"[{run.run_id}]({server}/#/experiments/{run.experiment_id}/runs/{run.run_id})"
+        # workflowType: MLflow 3.17's UI opens its GenAI pages without it, whatever the experiment's kind.
+        page = f"#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"
+        run_link = f"[{run.run_id}]({server}/{page})"
     else:
         run_link = f"`{run.run_id}` (`mlflow ui --backend-store-uri {server}`)"
     what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
