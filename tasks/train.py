@@ -273,13 +273,16 @@ def _compile(
     # One-hot targets: Keras' sparse cross-entropy has no label smoothing.
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
     # The steps between two progress lines run as calls of several steps each, without a return to Python
-    # and the per-step callbacks after every step (bench/train_throughput.py).
+    # and the per-step callbacks after every step (bench/train_throughput.py). Not with several replicas:
+    # Keras 3's loop of several steps over a distributed, repeated dataset fails at the first epoch
+    # ("You must feed a value for placeholder tensor ... while/cond/Placeholder_1", from
+    # multi_step_on_iterator), so each call runs one step there.
     model.compile(
         optimizer=optimizer,
         loss=loss,
         metrics=["accuracy"],
         jit_compile=devices.jit_compile,
-        steps_per_execution=data.steps_per_execution,
+        steps_per_execution=data.steps_per_execution if devices.strategy.num_replicas_in_sync == 1 else 1,
     )
 
 
