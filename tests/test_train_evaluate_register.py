@@ -125,12 +125,9 @@ def test_evaluate_writes_reports_and_logs_them_to_the_training_run(inside):
 def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
     folder, params, result = inside
     bad_metrics = tmp_path / "metrics.json"
-    bad_metrics.write_text(
-        '{"precision_at_1": NaN, "loss": 0.1, "images": 5, '
-        '"macro_avg": {"precision": 1, "recall": 1, "f1": 1}, "weighted_avg": {"precision": 1, "recall": 1, "f1": 1}}'
-    )
-    with pytest.raises(ValueError, match="precision_at_1 is nan; nothing registered"):
-        register.register(
+
+    def register_bad_metrics():
+        return register.register(
             params.registration,
             "never",
             folder / "models",
@@ -139,6 +136,13 @@ def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
             tmp_path / "evaluation",
             tmp_path / "registry.json",
         )
+
+    bad_metrics.write_text(
+        '{"precision_at_1": NaN, "loss": 0.1, "images": 5, '
+        '"macro_avg": {"precision": 1, "recall": 1, "f1": 1}, "weighted_avg": {"precision": 1, "recall": 1, "f1": 1}}'
+    )
+    with pytest.raises(ValueError, match="precision_at_1 is nan; nothing registered"):
+        register_bad_metrics()
     assert not (tmp_path / "registry.json").exists()
     client = mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
     assert not client.search_registered_models(filter_string="name = 'never'")
@@ -148,15 +152,7 @@ def test_register_refuses_a_run_without_a_finite_precision(inside, tmp_path):
         ValueError,
         match=r"metrics.json does not hold what it should \(loss: Field required.*run the evaluate stage first",
     ):
-        register.register(
-            params.registration,
-            "never",
-            folder / "models",
-            folder / "shards",
-            bad_metrics,
-            tmp_path / "evaluation",
-            tmp_path / "registry.json",
-        )
+        register_bad_metrics()
 
 
 def test_stages_name_the_missing_input(workdir):
