@@ -9,10 +9,9 @@ from collections import Counter
 
 import keras
 import mlflow
-import mlflow.artifacts
-import mlflow.exceptions
 import prefect.artifacts
 
+from tasks import register
 from tasks.common import contracts, errors, files
 from tasks.data import changes
 
@@ -103,7 +102,8 @@ def run_summary(
     else:
         run_link = f"`{run.run_id}` (`mlflow ui --backend-store-uri {server}`)"
     what_ran = ", ".join(ran) if ran else "nothing: every stage was up to date"
-    release = _registration(registry, run.tracking_uri)
+    # The exports' table and the served-model check: in the run, not registry.json (they hold times).
+    release = register.recorded(registry.run_id, run.tracking_uri)
     lines = [
         f"### {registry.model_name} version {registry.version}: `{registry.alias}`",
         "",
@@ -129,18 +129,6 @@ def run_summary(
         markdown, key="run-summary", description="test metrics and registry decision"
     )
     return markdown
-
-
-def _registration(registry: contracts.Decision, tracking_uri: str) -> dict:
-    """What register logged to the run beside registry.json: the exports' table and the served-model check
-    (they hold times measured then); empty for a challenger, or when the run's store cannot be read."""
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=registry.run_id, artifact_path="registration/gate.json", tracking_uri=tracking_uri
-        )
-        return files.read_json(pathlib.Path(local), "")
-    except (mlflow.exceptions.MlflowException, OSError, ValueError):
-        return {}
 
 
 def _optional(title: str, text: str | None) -> list[str]:

@@ -43,7 +43,7 @@ import mlflow.exceptions
 import mlflow.models
 import pandas as pd
 
-from tasks.common import config, contracts, errors, tracking
+from tasks.common import config, contracts, errors, files, tracking
 from tasks.modeling import gate
 
 if TYPE_CHECKING:  # release imports TensorFlow, which only a champion-to-be needs
@@ -102,11 +102,11 @@ def register(
     champion = tracking.version_with_alias(client, model_name, CHAMPION)
     if champion is not None and champion.run_id == run.run_id:
         # Registered before (a rerun after a kill): what was decided then, from the run.
-        recorded = _recorded(run.run_id)
+        logged = recorded(run.run_id)
         decision = contracts.Decision.model_validate(
             {
                 "reason": champion.tags.get("decision", "already the champion"),  # registered by an older release
-                **{key: value for key, value in recorded.items() if key in contracts.Decision.model_fields},
+                **{key: value for key, value in logged.items() if key in contracts.Decision.model_fields},
                 "model_name": model_name,
                 "version": str(champion.version),
                 "alias": CHAMPION,
@@ -114,7 +114,7 @@ def register(
                 "model_uri": run.model_uri,
             }
         )
-        checked = _release_of(recorded)
+        checked = _release_of(logged)
     else:
         evidence = None
         if champion is not None and precision >= params.min_precision:
@@ -156,11 +156,13 @@ def _logged(
     }
 
 
-def _recorded(run_id: str) -> dict[str, Any]:
-    """What the run's registration logged (GATE_FILE); empty when it logged nothing yet."""
+def recorded(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What the run's registration logged (GATE_FILE: the decision, its evidence, the exports' table and the
+    served-model check); empty when it logged nothing yet or the store cannot be read."""
     try:
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{GATE_FILE}")
-    except (mlflow.exceptions.MlflowException, OSError):
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=GATE_FILE, tracking_uri=tracking_uri)
+        return files.read_json(pathlib.Path(local), "")
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
         return {}
 
 

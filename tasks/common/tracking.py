@@ -109,6 +109,11 @@ def load_logged_model(model_uri: str):
     the model, which runs whatever code that file holds, whoever wrote it to the artifact store. The
     .keras file alone needs no pickle: its custom layers are this package's registered serializables.
     """
+    return load_model_file(logged_model_file(model_uri), what=model_uri)
+
+
+def logged_model_file(model_uri: str) -> pathlib.Path:
+    """The .keras file of the model logged at `model_uri`, downloaded; refuses a model that holds none."""
     import mlflow.artifacts
     import mlflow.models
 
@@ -120,7 +125,7 @@ def load_logged_model(model_uri: str):
         raise errors.BadInput(
             f"{model_uri} holds no Keras model file (data/model.keras); was it logged by the train stage?"
         )
-    return load_model_file(model_file, what=model_uri)
+    return model_file
 
 
 def load_model_file(path: pathlib.Path, what: str | None = None):

@@ -75,11 +75,9 @@ def _served(
 def logged_model_file(model_uri: str) -> pathlib.Path:
     """The .keras file of a logged model, downloaded, with the model's preparation record written beside it
     (as the train stage writes it beside models/model.keras)."""
-    import mlflow.artifacts
     import mlflow.models
 
-    local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    model_file = local / "data" / contracts.MODEL_FILE
+    model_file = tracking.logged_model_file(model_uri)
     recorded = (mlflow.models.get_model_info(model_uri).metadata or {}).get("preprocessing")
     if not recorded:
         raise errors.BadInput(
