@@ -35,10 +35,13 @@ def training_data(
     cache_mb: int,
     seed: int,
     drop_remainder: bool = False,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
     """Batches of (uint8 images of `input_size`, int64 labels), reshuffled and freshly distorted every epoch.
 
     `drop_remainder` keeps every batch whole, which several workers need to take the same number of steps.
+    With several `replicas` (of a batch_size they divide), an epoch's last, partial batch is cut to a multiple
+    of them (dropped when smaller): see split_evenly().
     """
     count = contracts.Manifest.read(shards_dir).count("train")
     data = records.read_split(shards_dir, "train", image_size)
@@ -47,6 +50,10 @@ def training_data(
     data = data.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).batch(
         batch_size, drop_remainder=drop_remainder
     )
+    if replicas > 1:
+        data = data.map(lambda images, labels: split_evenly(images, labels, replicas)).filter(
+            lambda images, labels: tf.shape(images)[0] > 0
+        )
     distort = _distortion(tuple(augment), tuple(image_size), tuple(input_size), crop_padding)
     # A fresh, seeded pair of random seeds for every batch, different in every epoch.
     seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)
@@ -55,6 +62,22 @@ def training_data(
         .map(lambda batch, batch_seed: (distort(batch[0], batch_seed), batch[1]), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def batches_per_epoch(count: int, batch_size: int, replicas: int = 1, drop_remainder: bool = False) -> int:
+    """How many batches training_data makes of `count` images an epoch."""
+    whole, rest = divmod(count, batch_size)
+    return whole + (0 if drop_remainder or rest < replicas else 1)
+
+
+def split_evenly(images: tf.Tensor, labels: tf.Tensor, replicas: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The batch cut to a multiple of `replicas` images. Keras splits each global batch over the replicas
+    and, before its first step, averages the first batch over them (the `_maybe_symbolic_build` of its
+    TensorFlow trainer), which fails unless every replica got the same number of images ("Inputs to
+    operation AddN ... must have the same size and shape"). Even splits also weigh every image alike. The
+    few images cut off (fewer than `replicas`) are reshuffled into the next epoch."""
+    kept = tf.shape(images)[0] // replicas * replicas
+    return images[:kept], labels[:kept]
 
 
 def evaluation_data(

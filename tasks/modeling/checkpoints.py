@@ -31,22 +31,33 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 
 
 def work_folder(
-    root: pathlib.Path, params: config.TrainParams, seed: int, manifest_sha256: str, chief: bool, start: str = "random"
+    root: pathlib.Path,
+    params: config.TrainParams,
+    seed: int,
+    manifest_sha256: str,
+    chief: bool,
+    start: str = "random",
+    worker: str | None = None,
 ) -> pathlib.Path:
     """<root>/<model>-<hash>: keyed by every train setting, the seed, the data and the weights it starts from
     (`start`: warm_start.Start.identity), so a changed config never resumes a stale backup, and a resumed run
-    never mixes two starts (the champion changed while it was stopped)."""
+    never mixes two starts (the champion changed while it was stopped).
+
+    The other workers of a cluster (`worker`: distributed.worker_name) keep their own backups in
+    <root>/<model>-<hash>/<worker>/: beside the chief's on a shared disk, alone on a machine of their own.
+    """
     settings = params.model_dump(
         mode="json", exclude={"backup_every_seconds"}
     )  # how often to back up changes no result
     identity = json.dumps({"train": settings, "seed": seed, "data": manifest_sha256, "start": start}, sort_keys=True)
     folder = root / f"{params.model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    if chief:
-        # Only the latest configuration's backup is kept: backups of large models take gigabytes.
-        for other in root.iterdir() if root.is_dir() else []:
-            if other != folder and other.is_dir():
-                shutil.rmtree(other)
-        folder.mkdir(parents=True, exist_ok=True)
+    # Only the latest configuration's backup is kept: backups of large models take gigabytes. Every worker
+    # cleans its own disk; on a shared one they may meet, and either's deletion will do.
+    for other in root.iterdir() if root.is_dir() else []:
+        if other != folder and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+    folder = folder / worker if worker else folder
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -60,14 +71,19 @@ def completed_epochs(work: pathlib.Path) -> int:
     be redone)."""
     backups = [json.loads(path.read_text())["epoch"] for path in work.glob("backup-*/training_metadata.json")]
     finished_phases = list(work.glob("*.weights.npz"))
+    completed = max(backups, default=len(history_rows(work)) if finished_phases else 0)
+    keep_history(work, completed)
+    return completed
+
+
+def keep_history(work: pathlib.Path, epochs: int) -> None:
+    """Drops the history's rows past its first `epochs` epochs (they will be redone)."""
     rows = history_rows(work)
-    completed = max(backups, default=len(rows) if finished_phases else 0)
-    if len(rows) > completed:
+    if len(rows) > epochs:
         with (work / contracts.HISTORY_FILE).open("w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows[:completed])
-    return completed
+            writer.writerows(rows[:epochs])
 
 
 def best_so_far(work: pathlib.Path, monitor: str) -> float | None:

@@ -2,18 +2,27 @@
 training loop Keras cannot run for us.
 
 Keras 3's model.fit does not work under MultiWorkerMirroredStrategy (keras-team/keras#20585), so
-`fit_multi_worker` is a minimal replacement for that case only: the same callbacks, the same
-per-epoch logs and the same backup files as fit with BackupAndRestore.
+`fit_multi_worker` is a minimal replacement for that case only: the same callbacks and the same
+per-epoch logs as fit. Its backups are its own: every worker keeps the weights of the last two epochs in
+its own folder, as the machines of a cluster may share no disk, and after a restart the workers agree on
+the epoch to continue from (resume_epoch).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
+import re
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tasks.common import files
+from tasks.modeling import checkpoints
+
+# Keras' BackupAndRestore file of the epoch count, which checkpoints.completed_epochs reads for every strategy.
+METADATA_FILE = "training_metadata.json"
+_EPOCH_WEIGHTS = re.compile(r"epoch-(?P<epoch>\d+)\.weights\.h5")
 
 
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
@@ -23,6 +32,14 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
 def describe(strategy: tf.distribute.Strategy) -> str:
     # tf.distribute.MultiWorkerMirroredStrategy is an alias: its class is CollectiveAllReduceStrategy.
     return "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__.lstrip("_")
+
+
+def worker_name(strategy: tf.distribute.Strategy) -> str | None:
+    """ "worker-1" for a worker of a cluster that is not the chief (its backups' folder); None otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if is_chief(strategy) or resolver is None:
+        return None
+    return f"{resolver.task_type}-{resolver.task_id}"
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -59,7 +76,7 @@ def fit_multi_worker(
     train_step = _train_step(model, strategy, label_smoothing, class_weight)
     with strategy.scope():
         optimizer.build(model.trainable_variables)
-    initial_epoch = _restore(model, backup_dir)
+    initial_epoch = resume_epoch(model, strategy, backup_dir)
     history = keras.callbacks.History()
     callback_list = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=epochs)
     model.stop_training = False
@@ -80,6 +97,8 @@ def fit_multi_worker(
         # Each worker scores the whole validation split locally: no collectives, exact counts.
         logs["val_loss"], logs["val_accuracy"] = score(model, validation_data, label_smoothing)
         callback_list.on_epoch_end(epoch, logs)
+        if backup_dir is not None:
+            backup_epoch(model, backup_dir, epoch + 1)
         if model.stop_training:
             break
     optimizer.finalize_variable_values(model.trainable_variables)  # moving averages into the weights, as fit does
@@ -138,10 +157,82 @@ def score(model: keras.Model, data: tf.data.Dataset, label_smoothing: float = 0.
     return float(losses.mean()), float((probabilities.argmax(-1) == labels.argmax(-1)).mean())
 
 
-def _restore(model: keras.Model, backup_dir: pathlib.Path | None) -> int:
-    """Loads the chief's BackupAndRestore files on every worker: the epoch to continue from."""
-    metadata = backup_dir / "training_metadata.json" if backup_dir else None
-    if metadata is None or not metadata.is_file():
-        return 0
-    model.load_weights(backup_dir / "latest.weights.h5")
-    return int(json.loads(metadata.read_text())["epoch"])
+def validation_scores(model: keras.Model, data: tf.data.Dataset, label_smoothing: float = 0.0) -> dict[str, float]:
+    """{"loss", "accuracy"} of `model` on `data` as model.evaluate reports them (the loss with the weights'
+    regularization), scored in this process alone: under every strategy, on a split of any size."""
+    loss, accuracy = score(model, data, label_smoothing)
+    if model.losses:
+        loss += float(keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.stack(model.losses))))
+    return {"loss": loss, "accuracy": accuracy}
+
+
+class Validation(keras.callbacks.Callback):
+    """val_loss and val_accuracy in each epoch's logs, scored in this process, for model.fit under several
+    replicas, which is given no validation data.
+
+    Keras' own validation splits every batch over the replicas, and fails on a small split: it averages the
+    first batch over them before the first step, which fails unless both got as many images, and a replica
+    given no image of a last, partial batch fails its convolutions. Scoring here needs neither. With moving
+    averages (`averages`) the averages are scored, as fit's SwapEMAWeights does it. Must come first in the
+    callback list: the others read these logs.
+    """
+
+    def __init__(self, data: tf.data.Dataset, label_smoothing: float, averages: bool):
+        super().__init__()
+        self.data, self.label_smoothing, self.averages = data, label_smoothing, averages
+
+    def on_epoch_end(self, epoch, logs=None):
+        swap = keras.callbacks.SwapEMAWeights() if self.averages else None
+        if swap is not None:
+            swap.set_model(self.model)
+            swap.on_test_begin()  # the moving averages into the model, the raw weights kept aside
+        try:
+            scores = validation_scores(self.model, self.data, self.label_smoothing)
+        finally:
+            if swap is not None:
+                swap.on_test_end()
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in scores.items()})
+
+
+def backup_epoch(model: keras.Model, backup_dir: pathlib.Path, epochs: int) -> None:
+    """This worker's backup after `epochs` epochs: their weights, then the count; the epoch before's weights
+    are kept (see resume_epoch), older ones deleted. Every epoch, on every worker, so that all hold the same
+    epochs."""
+    with files.staged_file(backup_dir / f"epoch-{epochs}.weights.h5") as staged:
+        model.save_weights(str(staged))
+    files.write_json(backup_dir / METADATA_FILE, {"epoch": epochs})
+    for epoch, path in _backed_up(backup_dir).items():
+        if epoch < epochs - 1:
+            path.unlink(missing_ok=True)
+
+
+def resume_epoch(model: keras.Model, strategy: tf.distribute.Strategy, backup_dir: pathlib.Path | None) -> int:
+    """The epoch every worker continues from, its weights loaded: the earliest of the workers' last backups.
+
+    Workers stopped together may be one epoch apart (one wrote its backup, another was killed while writing
+    it); each keeps the epoch before its last, so each holds the agreed one. A worker with no backup (a new
+    machine) makes all start afresh.
+    """
+    backed_up = _backed_up(backup_dir) if backup_dir is not None else {}
+    latest = max(backed_up, default=0)
+    local = strategy.experimental_distribute_values_from_function(lambda context: tf.constant([latest]))
+    agreed = int(tf.reduce_min(strategy.gather(local, axis=0)))
+    if agreed and agreed not in backed_up:
+        agreed = 0  # cannot happen with backups of every epoch; afresh rather than out of step
+    if agreed < latest:
+        print(f"train: the workers continue after epoch {agreed}, the last one all of them backed up")
+        checkpoints.keep_history(backup_dir.parent, agreed)
+    if agreed:
+        model.load_weights(backed_up[agreed])
+    return agreed
+
+
+def _backed_up(backup_dir: pathlib.Path) -> dict[int, pathlib.Path]:
+    """{epochs: weights file} of this worker's backups."""
+    found = {}
+    for path in backup_dir.glob("epoch-*.weights.h5") if backup_dir.is_dir() else []:
+        match = _EPOCH_WEIGHTS.fullmatch(path.name)
+        if match:
+            found[int(match["epoch"])] = path
+    return found

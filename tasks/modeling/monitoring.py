@@ -17,6 +17,8 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
+from tasks.modeling import distributed
+
 
 class ProgressLogger(keras.callbacks.Callback):
     """`step 10, loss = 4.66 (533.8 examples/sec; 0.240 sec/batch)` every `every_steps` steps, and per epoch.
@@ -104,13 +106,14 @@ class RawWeightsScore(keras.callbacks.Callback):
     """Validation metrics of the raw (not averaged) weights after the last epoch, to show what the averages gain.
 
     Must come before SwapEMAWeights in the callback list: at that point of on_epoch_end the model still
-    holds the raw weights (fit then finalizes the averages into them).
+    holds the raw weights (fit then finalizes the averages into them). Scored in this process
+    (distributed.validation_scores): model.evaluate fails on a small split under several replicas.
     """
 
-    def __init__(self, validation_data):
+    def __init__(self, validation_data, label_smoothing: float = 0.0):
         super().__init__()
-        self.validation_data, self.scores = validation_data, {}
+        self.validation_data, self.label_smoothing, self.scores = validation_data, label_smoothing, {}
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.params["epochs"] - 1:
-            self.scores = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
+            self.scores = distributed.validation_scores(self.model, self.validation_data, self.label_smoothing)

@@ -13,6 +13,7 @@ params.yaml, and must not wait for TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -24,8 +25,15 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
+@functools.cache
 def make_strategy(name: str, cpu_devices: int) -> tf.distribute.Strategy:
-    """The strategy `name`; call before any other TensorFlow op (logical CPU devices must come first)."""
+    """The strategy `name`; call before any other TensorFlow op (logical CPU devices must come first).
+
+    One per process and setting, made once: a second MirroredStrategy in a process numbers its collective
+    operations from the same start as the first, and its first all-reduce of a model of another size then
+    fails ("Shape mismatch in the collective instance 100"), as a training after another in one process
+    (tests, benchmarks, a flow that trains twice) would.
+    """
     import tensorflow as tf
 
     if cpu_devices > 1:
