@@ -32,7 +32,7 @@ import mlflow.types
 import numpy as np
 import pandas as pd
 
-from tasks.common import config, contracts, errors, files, tracking
+from tasks.common import config, console, contracts, errors, files, tracking
 from tasks.data import inputs
 from tasks.modeling import checkpoints
 
@@ -191,17 +191,19 @@ def log_model(
             [mlflow.types.TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]
         ),
     )
-    # Three of our layers (preparation, LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles
-    # every registered object with any model: the tasks package travels with it, so it loads anywhere.
-    model_info = mlflow.tensorflow.log_model(
-        serving,
-        name="model",
-        signature=signature,
-        input_example=example,
-        metadata={"class_names": classes, "preprocessing": preprocessing.model_dump(mode="json")},
-        code_paths=[str(pathlib.Path(__file__).parents[1])],  # the whole tasks package
-        pip_requirements=_requirements(),
-    )
+    # MLflow tries the model on the input example: Keras' progress bar and warnings of that say nothing about the run.
+    with console.keras_quiet():
+        # Three of our layers (preparation, LRN, ResNet shortcut) are registered Keras objects, and MLflow pickles
+        # every registered object with any model: the tasks package travels with it, so it loads anywhere.
+        model_info = mlflow.tensorflow.log_model(
+            serving,
+            name="model",
+            signature=signature,
+            input_example=example,
+            metadata={"class_names": classes, "preprocessing": preprocessing.model_dump(mode="json")},
+            code_paths=[str(pathlib.Path(__file__).parents[1])],  # the whole tasks package
+            pip_requirements=_requirements(),
+        )
     mlflow.log_text(json.dumps(classes), "labels.json")
     run = mlflow.active_run().info
     tracking.describe_run(mlflow.MlflowClient(), run.run_id)  # now with the validation accuracy
