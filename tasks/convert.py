@@ -39,13 +39,20 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from tasks.common import config, contracts, errors, files
+from tasks.common import config, contracts, disk, errors, files
 from tasks.data import changes, images, records, reuse, splits
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
 _POOL_CONTEXT = "fork" if sys.platform == "linux" else "spawn"
 _MIN_FILES_FOR_POOL = 32  # below this, starting processes costs more than it saves
+# Images prepared before the conversion to learn what the settings make of this folder's files: evenly
+# spread over classes and names; a second or two even for large photos.
+SIZE_SAMPLE = 24
+# What a record adds to its encoded image besides its source path: the TFRecord framing (16 bytes) and the
+# Example's field names, label and lengths (about 70).
+_RECORD_OVERHEAD = 90
+_INDEX_ROW = 110  # bytes of an index.csv row besides its path: class, split, two digests, encoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +110,7 @@ def arguments(params: config.Params) -> dict[str, Any]:
     )
 
 
+@disk.writes(shards_dir="paths.shards", report_dir="paths.data_report", digests_file="paths.downloads")
 def convert(
     dataset: config.DatasetParams,
     seed: int,
@@ -118,17 +126,19 @@ def convert(
     The data-change report (against the data the champion of `model_name` was trained on, else the
     previous shards) goes to `report_dir`; its guard stops the run before the shards are replaced.
     `digests_file` keeps each file's sha256 by its size, time and inode, so that the next run reads only
-    the files that changed.
+    the files that changed. Without the room estimated (space_needed), it stops before writing anything.
     """
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
     earlier = reuse.previous(shards_dir)
+    known = reuse.read_digests(digests_file) if digests_file else {}
+    disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
-        digests = _hash_all(found, reuse.read_digests(digests_file) if digests_file else {})
+        digests = _hash_all(found, known)
         accepted, rejected, decoded = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
         )
@@ -139,7 +149,7 @@ def convert(
         entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
         report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(grouped, len(accepted), dataset)
-        with spool_path.open("rb") as spool:
+        with spool_path.open("rb") as spool, disk.writing({"paths.shards": shards_dir}):
             written = {
                 split: _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
                 for split, split_images in grouped.items()
@@ -161,6 +171,63 @@ def convert(
         decoded=decoded,
         report=report,
     )
+
+
+def space_needed(
+    found: list[_File], image_size: tuple[int, int] | None, shards_dir: pathlib.Path, reused: set[str]
+) -> disk.Need:
+    """What convert writes beside the shards folder at most, estimated before anything is decoded.
+
+    The new shards are written beside the previous ones, which stay until the end, and the images decoded
+    now wait in a spool file there until the shards are written; then the spool goes and the index comes.
+    The spool holds all but the files whose records the previous shards hold (`reused`). Each image's
+    stored bytes come from SIZE_SAMPLE files prepared as convert stores them (tasks/data/images.py): kept
+    at their size (dataset.image_size null), an image stores about its file's size times what the sample
+    stored per source byte (a JPEG kept as it is: exactly its size); resized, every image stores about
+    the sample's mean, whatever its file's size. Measured against the real peak (shards and spool): digits
+    0.8 MB estimated 1.0 MB; 300 photo crops of 14 MB, JPEG and PNG: 28.2 MB estimated 28.3 MB kept,
+    17.6 MB estimated 17.3 MB at 224x224, 2.2 MB estimated 2.0 MB at 64x64.
+    """
+    sizes = {item.source: item.identity[0] if item.identity else 0 for item in found}
+    per_byte, per_image = _stored_sizes(found, image_size)
+    stored = {source: int(per_byte * size if image_size is None else per_image) for source, size in sizes.items()}
+    paths = sum(len(os.fsencode(source)) for source in stored)
+    shards = sum(stored.values()) + _RECORD_OVERHEAD * len(stored) + paths
+    spool = sum(size for source, size in stored.items() if source not in reused)
+    index = _INDEX_ROW * len(stored) + 2 * paths
+    return disk.Need(
+        shards_dir, shards + max(spool, index), "the shards (and the spool they are written from)", "paths.shards"
+    )
+
+
+def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tuple[float, float]:
+    """(Bytes stored per source byte, mean bytes stored per image) of SIZE_SAMPLE files spread evenly over
+    the sorted list (every class), prepared as convert stores them; (1, 0) when none is an image."""
+    sample = found[:: max(1, len(found) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    source_bytes, stored = 0, []
+    for item in sample:
+        prepared = images.prepare(str(item.path), image_size)
+        if isinstance(prepared, images.Prepared) and item.identity:
+            source_bytes += item.identity[0]
+            stored.append(len(prepared.encoded))
+    if not stored:
+        return 1.0, 0.0
+    return sum(stored) / max(1, source_bytes), sum(stored) / len(stored)
+
+
+def _reused_whole(found: list[_File], known: dict, earlier, dataset: config.DatasetParams) -> set[str]:
+    """The files whose records the previous shards hold as they are: unchanged (size, time and inode as the
+    digests file recorded them), under the same path, classes and image size (tasks/data/reuse.py)."""
+    if earlier is None or earlier[0].image_size != (list(dataset.image_size) if dataset.image_size else None):
+        return set()
+    if earlier[0].classes != sorted({item.class_name for item in found}):
+        return set()  # other labels: every record is written again
+    stored = {entry.path: entry.sha256 for entry in earlier[1]}
+    return {
+        item.source
+        for item in found
+        if item.identity and item.source in known and known[item.source] == (item.identity, stored.get(item.source))
+    }
 
 
 def _class_names(found: list[_File], raw_dir: pathlib.Path) -> tuple[str, ...]:
@@ -297,7 +364,8 @@ def _prepare_all(
     labels = {name: label for label, name in enumerate(class_names)}
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
     accepted, rejected, to_decode = [], [], []
-    with spool_path.open("wb") as spool:
+    # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
+    with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
         whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
         whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
         for item, digest in zip(found, digests, strict=True):

@@ -18,11 +18,12 @@ folder is on another file system), never moved, changed or deleted.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 from typing import Any
 
-from tasks.common import config, errors, files
+from tasks.common import config, disk, errors, files
 from tasks.data import fetch, sources
 
 
@@ -39,10 +40,16 @@ def arguments(params: config.Params) -> dict[str, Any]:
     return dict(dataset=params.dataset, raw_dir=params.raw_dir, downloads_dir=params.downloads_dir)
 
 
+@disk.writes(raw_dir="paths.raw", downloads_dir="paths.downloads")
 def download(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir: pathlib.Path) -> DownloadResult:
-    """Writes the data set named by `dataset.name` to `raw_dir` as [<split>/]<class>/<image>, and layout.json."""
+    """Writes the data set named by `dataset.name` to `raw_dir` as [<split>/]<class>/<image>, and layout.json.
+
+    A copy of a folder that would not fit stops before anything is copied; an archive is checked as it is
+    downloaded and before it is unpacked (tasks/data/fetch.py).
+    """
     source = sources.load(dataset.name)
     _refuse_overlap(dataset, raw_dir)
+    disk.require(*_copy_needed(dataset, raw_dir))
     with files.staged_directory(raw_dir) as staging:
         layout = source.write(dataset, staging, downloads_dir)
         layout.write(staging)
@@ -69,6 +76,18 @@ def _refuse_overlap(dataset: config.DatasetParams, raw_dir: pathlib.Path) -> Non
             f"dataset.source {source} and the raw folder {target} overlap; "
             f"point dataset.source at a folder outside {target.parent}"
         )
+
+
+def _copy_needed(dataset: config.DatasetParams, raw_dir: pathlib.Path) -> list[disk.Need]:
+    """The room a folder given as dataset.source takes in the raw folder: none where both share a disk (its
+    files are hard-linked), else the sum of its files' sizes in whole blocks (they are copied)."""
+    if not dataset.source or fetch.is_url(dataset.source) or not pathlib.Path(dataset.source).is_dir():
+        return []
+    source = pathlib.Path(dataset.source)
+    if os.stat(source).st_dev == os.stat(disk.existing_parent(raw_dir)).st_dev:
+        return []
+    copied = disk.stored_bytes(disk.folder_sizes(source), raw_dir)
+    return [disk.Need(raw_dir, copied, f"a copy of {source}", "paths.raw")]
 
 
 def _result(raw_dir: pathlib.Path, splits: tuple[str, ...]) -> DownloadResult:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics
 
-from tasks.common import config, contracts, errors, files, tracking
+from tasks.common import config, contracts, disk, errors, files, tracking
 from tasks.modeling import architectures, calibration, figures, review, scoring
 
 PER_CLASS_FILE = "per_class.csv"
@@ -63,6 +63,8 @@ def arguments(params: config.Params) -> dict[str, Any]:
     )
 
 
+# Its reports are a few small files: no estimate before, but a disk that fills up is named.
+@disk.writes(metrics_path="paths.metrics", evaluation_dir="paths.evaluation")
 def evaluate(
     params: config.EvaluateParams,
     shards_dir: pathlib.Path,

@@ -43,7 +43,7 @@ import mlflow.exceptions
 import mlflow.models
 import pandas as pd
 
-from tasks.common import config, contracts, errors, files, tracking
+from tasks.common import config, console, contracts, errors, files, tracking
 from tasks.modeling import gate
 
 if TYPE_CHECKING:  # release imports TensorFlow, which only a champion-to-be needs
@@ -229,7 +229,8 @@ def _registered_version(
     }
     registered = _version_of_run(client, model_name, run.run_id)
     if registered is None:
-        return str(mlflow.register_model(run.model_uri, model_name, tags=tags).version)
+        with console.native_output_hidden():  # MLflow's "Successfully registered model", "Created version": we say it
+            return str(mlflow.register_model(run.model_uri, model_name, tags=tags).version)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, str(registered.version), key, value)
     return str(registered.version)

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.common import config, contracts, errors, files
+from tasks.common import config, contracts, disk, errors, files
 from tasks.data import inputs
 from tasks.modeling import (
     architectures,
@@ -76,6 +76,7 @@ def arguments(params: config.Params) -> dict[str, Any]:
     )
 
 
+@disk.writes(model_dir="paths.models", checkpoints_dir="paths.checkpoints")
 def train(
     params: config.TrainParams,
     seed: int,
@@ -95,7 +96,7 @@ def train(
     report in `data_report_dir`, if any, goes to the MLflow run.
     """
     devices = _devices(params, seed)  # first: logical CPU devices and collectives must exist before any other op
-    data = _data(params, seed, shards_dir, devices.multi_worker)
+    data = _data(params, seed, shards_dir, devices)
     start = warm_start.resolve(params, registered_model_name)
     if start.warm:  # it starts near the answer: fewer epochs, and a schedule over those
         params = params.model_copy(update={"epochs": params.warm_start_epochs})
@@ -104,17 +105,16 @@ def train(
     if start.warm:
         with devices.strategy.scope():
             warm_start.copy_weights(start, model, data.manifest.classes, params)
-    work = checkpoints.work_folder(
-        checkpoints_dir or model_dir / ".checkpoints", params, seed, data.manifest_sha256, devices.chief, start.identity
+    work, resumed_from_epoch = _work_folder(
+        checkpoints_dir or model_dir / ".checkpoints", params, seed, data, devices, start
     )
-    resumed_from_epoch = checkpoints.completed_epochs(work)
-    if resumed_from_epoch:
-        print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
+    disk.require(*disk.training_needs(model, params, work, model_dir, devices.chief))
     with _mlflow_run(devices, params, data, shards_dir, work, run_settings, start):
         history, raw_scores = _fit_phases(model, params, devices, data, work, list(callbacks or []))
-        final_loss = _final_loss(history, work, devices.chief)
+        final_loss = _final_loss(history, work)
         validation_accuracy, raw_accuracy = _final_weights(model, params, data, work, raw_scores)
         if not devices.chief:
+            checkpoints.remove(work)  # this worker's own backups: finished, nothing left to resume
             return TrainResult(None, None, final_loss, validation_accuracy, raw_accuracy, resumed_from_epoch)
         serving, calibration_figures = _save(model, params, data, shards_dir, work, model_dir)
         accuracies = {"validation_accuracy_final": validation_accuracy, "validation_accuracy_raw": raw_accuracy}
@@ -136,6 +136,17 @@ def train(
     )
 
 
+def _work_folder(root, params, seed, data, devices, start) -> tuple[pathlib.Path, int]:
+    """This run's backup folder (checkpoints.work_folder), and the epochs an interrupted run of it finished."""
+    work = checkpoints.work_folder(
+        root, params, seed, data.manifest_sha256, devices.chief, start.identity, devices.worker
+    )
+    resumed_from_epoch = checkpoints.completed_epochs(work)
+    if resumed_from_epoch:
+        print(f"train: resuming after epoch {resumed_from_epoch} from {work}")
+    return work, resumed_from_epoch
+
+
 def _mlflow_run(devices, params, data, shards_dir, work, run_settings, start):
     """The MLflow run (training_run.start), on the chief only: the other workers of a cluster write nothing."""
     if not devices.chief:
@@ -149,6 +160,7 @@ def _mlflow_run(devices, params, data, shards_dir, work, run_settings, start):
 class Devices:
     strategy: tf.distribute.Strategy
     chief: bool  # writes the outputs: every process but the other workers of a cluster
+    worker: str | None  # the name of such another worker ("worker-1"): where it keeps its own backups
     multi_worker: bool
     mixed_precision: bool
     jit_compile: bool
@@ -161,6 +173,7 @@ def _devices(params: config.TrainParams, seed: int) -> Devices:
     devices = Devices(
         strategy=strategy,
         chief=distributed.is_chief(strategy),
+        worker=distributed.worker_name(strategy),
         multi_worker=distributed.is_multi_worker(strategy),
         mixed_precision=has_gpu if params.mixed_precision == "auto" else params.mixed_precision,
         jit_compile=has_gpu if params.jit_compile == "auto" else params.jit_compile,
@@ -187,10 +200,14 @@ class Data:
     class_weight: dict[str, float] | None  # train.class_weight, per class name; None: unweighted
 
 
-def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi_worker: bool) -> Data:
+def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devices: Devices) -> Data:
     """Global batches; the validation split is centre-cropped exactly as evaluate does it."""
     manifest = contracts.Manifest.read(shards_dir)
     class_count, train_count = len(manifest.classes), manifest.count("train")
+    # Several replicas on this machine split every batch evenly (inputs.split_evenly); a cluster's workers
+    # take whole batches, so that all of them take the same number of steps.
+    replicas = 1 if devices.multi_worker else devices.strategy.num_replicas_in_sync
+    _check_replicas(params.batch_size, replicas)
     one_hot = lambda images, labels: (images, tf.one_hot(labels, class_count))  # noqa: E731 - for label smoothing
     pipeline = dict(
         shards_dir=shards_dir,
@@ -207,16 +224,22 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi
     # finite dataset, Keras makes a new iterator every epoch, and on a 2-core CPU four or five epochs in ten
     # then leave one core idle much of the time (docs/benchmarks.md, train_throughput).
     training = (
-        inputs.training_data(**pipeline, drop_remainder=multi_worker)
+        inputs.training_data(**pipeline, drop_remainder=devices.multi_worker, replicas=replicas)
         .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
         .repeat()
     )
     validation = (
-        inputs.evaluation_data(shards_dir, "validation", params.image_size, params.input_size, params.batch_size)
+        inputs.evaluation_data(
+            shards_dir,
+            "validation",
+            params.image_size,
+            params.input_size,
+            params.batch_size,
+        )
         .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
         .cache()
     )
-    steps_per_epoch = train_count // params.batch_size if multi_worker else math.ceil(train_count / params.batch_size)
+    steps_per_epoch = inputs.batches_per_epoch(train_count, params.batch_size, replicas, devices.multi_worker)
     if steps_per_epoch < 1:
         raise errors.BadInput(
             f"train.batch_size = {params.batch_size} is larger than the {train_count} training images; lower it"
@@ -233,6 +256,17 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, multi
         pipeline=pipeline,
         class_weight=class_weights.compute(params.class_weight, manifest),
     )
+
+
+def _check_replicas(batch_size: int, replicas: int) -> None:
+    """Several replicas split every batch evenly (inputs.split_evenly says why): the batch size must be a
+    multiple of their number."""
+    if replicas > 1 and batch_size % replicas:
+        lower, upper = batch_size // replicas * replicas, (batch_size // replicas + 1) * replicas
+        raise errors.BadInput(
+            f"train.batch_size = {batch_size} does not split evenly over the {replicas} replicas: use a multiple "
+            f"of {replicas}, e.g. {' or '.join(str(size) for size in (lower, upper) if size)}"
+        )
 
 
 def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[keras.Model, list[str]]:
@@ -307,14 +341,13 @@ def _fit_phases(
             model.set_weights(list(np.load(finished).values()))
             first_epoch = last_epoch
             continue
-        raw_score = monitoring.RawWeightsScore(data.validation)
+        raw_score = monitoring.RawWeightsScore(data.validation, params.label_smoothing)
         callbacks = _callbacks(params, work / f"backup-{phase}", work, devices, raw_score, data) + extra_callbacks
         history = _fit(model, params, devices, data, callbacks, work / f"backup-{phase}", first_epoch, last_epoch)
-        if devices.chief:
-            # Keras deletes its backup when fit returns: without these weights, a kill before the model
-            # is saved would train every epoch again.
-            with files.staged_file(finished) as staged:
-                np.savez(staged, *model.get_weights())
+        # Keras deletes its backup when fit returns: without these weights, a kill before the model is saved
+        # would train every epoch again. Every worker of a cluster keeps its own.
+        with files.staged_file(finished) as staged:
+            np.savez(staged, *model.get_weights())
         raw_scores, first_epoch = raw_score.scores, last_epoch
     return history, raw_scores
 
@@ -339,7 +372,7 @@ def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_
     return model.fit(
         data.training,
         steps_per_epoch=data.steps_per_epoch,
-        validation_data=data.validation,
+        validation_data=None if _validates(devices) else data.validation,
         initial_epoch=first_epoch,
         epochs=last_epoch,
         callbacks=callbacks,
@@ -349,13 +382,24 @@ def _fit(model, params, devices, data, callbacks, backup_dir, first_epoch, last_
     )
 
 
+def _validates(devices: Devices) -> bool:
+    """Whether distributed.Validation scores the validation split instead of model.fit: under several replicas
+    on this machine (the cluster's own loop scores it itself)."""
+    return devices.strategy.num_replicas_in_sync > 1 and not devices.multi_worker
+
+
 def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras.callbacks.Callback]:
     """In this order: logs are completed before they are written; backups hold raw weights, the best
     checkpoint the averages."""
-    progress = [keras.callbacks.TerminateOnNaN(), monitoring.ProgressLogger(params.log_every_steps, params.batch_size)]
+    averages = params.ema_momentum is not None and not devices.multi_worker  # the custom loop validates the raw weights
+    progress = [
+        # First: the callbacks after it read the validation scores it adds (under several replicas only).
+        *([distributed.Validation(data.validation, params.label_smoothing, averages)] if _validates(devices) else []),
+        keras.callbacks.TerminateOnNaN(),
+        monitoring.ProgressLogger(params.log_every_steps, params.batch_size),
+    ]
     if not devices.chief:
         return progress
-    averages = params.ema_momentum is not None and not devices.multi_worker  # the custom loop validates the raw weights
     # From a pipeline of its own, so the training one's shuffle order stays the same on every worker.
     preview = next(iter(inputs.training_data(**{**data.pipeline, "shuffle_buffer": 1}).take(1)))[0].numpy()
     return [
@@ -371,7 +415,12 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
             update_freq=params.log_every_steps,
         ),
         monitoring.InputImages(work / contracts.TENSORBOARD_DIR, preview),
-        checkpoints.WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds),
+        # A cluster's loop backs up every worker itself (distributed.backup_epoch).
+        *(
+            []
+            if devices.multi_worker
+            else [checkpoints.WholeBackupAndRestore(str(backup_dir), params.backup_every_seconds)]
+        ),
         # The averages validate; they stay in the model at the end of each epoch only for the best-epoch
         # checkpoint after them (two more swaps of every weight per epoch otherwise: ~10 ms here).
         *([raw_score, keras.callbacks.SwapEMAWeights(swap_on_epoch=params.restore_best)] if averages else []),
@@ -393,15 +442,14 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
     ]
 
 
-def _final_loss(history: keras.callbacks.History | None, work: pathlib.Path, chief: bool) -> float:
+def _final_loss(history: keras.callbacks.History | None, work: pathlib.Path) -> float:
     """The last epoch's loss (from the history file when every phase had finished before); diverged if not finite."""
     losses = (history.history.get("loss") if history else None) or [
         row["loss"] for row in checkpoints.history_rows(work)
     ]
     final_loss = float(losses[-1]) if losses else math.nan
     if not math.isfinite(final_loss):
-        if chief:
-            checkpoints.remove(work)  # a diverged run is not worth resuming
+        checkpoints.remove(work)  # a diverged run is not worth resuming (every worker removes its own)
         raise errors.Diverged(f"training diverged: loss is {final_loss}; lower train.learning_rate")
     return final_loss
 

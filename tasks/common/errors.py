@@ -37,6 +37,7 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[
 # Errors of the file system that the user fixes by pointing a setting elsewhere or fixing permissions.
 _BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}  # no room left on the disk, or in the user's quota on it
 
 
 class PipelineError(Exception):
@@ -76,6 +77,14 @@ class Busy(PipelineError, RuntimeError):
     """Another pipeline run holds this folder's lock; nothing was changed."""
 
     exit_code = BUSY
+
+
+class DiskFull(PipelineError, OSError):
+    """A disk without room for what a stage writes: found before writing (an estimate that does not fit) or
+    while writing. The message names the folder and the space free there (tasks/common/disk.py). A failure
+    (exit 1) like any full disk, retried like any I/O failure: another program may free space meanwhile."""
+
+    retried = True
 
 
 PipelineBusy = Busy  # the name earlier releases raised
@@ -133,7 +142,7 @@ def exit_code(error: BaseException) -> int | None:
         return BAD_INPUT
     if isinstance(error, OSError):
         return BAD_INPUT if error.errno in _NOT_WRITABLE else FAILED
-    if _is_mlflow_error(error):
+    if _is_mlflow_error(error) or disk_full(error):
         return FAILED
     return None
 
@@ -145,7 +154,19 @@ def worth_retrying(error: BaseException) -> bool:
         return error.retried
     if isinstance(error, OSError):
         return exit_code(error) == FAILED
-    return _is_mlflow_error(error)
+    return _is_mlflow_error(error) or disk_full(error)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` says that a disk, or the user's quota on it, is full: an OSError, or TensorFlow's error,
+    which has no errno and says so in its message ("<path>; No space left on device")."""
+    if isinstance(error, DiskFull):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in _DISK_FULL
+    return any(cls.__module__.startswith("tensorflow") for cls in type(error).__mro__) and any(
+        os.strerror(code) in str(error) for code in _DISK_FULL
+    )
 
 
 def describe(error: BaseException) -> str:
@@ -161,6 +182,10 @@ def describe(error: BaseException) -> str:
             message += (
                 "; a file stands where a folder is expected: move it away, or change the path in params.yaml (paths.*)"
             )
+        elif error.errno in _DISK_FULL:
+            message += "; " + _room_left(error)
+    elif disk_full(error) and not isinstance(error, DiskFull):
+        message = f"{error}; {_room_left(error)}"
     else:
         message = str(error) or type(error).__name__
     if _is_mlflow_error(error):
@@ -201,6 +226,13 @@ def run_main(
             return FAILED
         print(f"{program}: error: {describe(error)}", file=sys.stderr)
         return code
+
+
+def _room_left(error: BaseException) -> str:
+    """The space free now on the disk of the file a full-disk error names (disk.py, which imports this module)."""
+    from tasks.common import disk
+
+    return disk.room_left(disk.written_path(error))
 
 
 def _is_mlflow_error(error: BaseException) -> bool:

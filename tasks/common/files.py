@@ -45,8 +45,10 @@ def write_bytes(path: pathlib.Path, data: bytes) -> None:
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o644)  # mkstemp makes files private; outputs are shared like any other
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         pathlib.Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = temporary  # a failed write (a full disk) does not say which file
         raise
 
 
@@ -105,6 +107,17 @@ def staged_file(destination: pathlib.Path) -> Iterator[pathlib.Path]:
 
 def _temporary_prefix(destination: pathlib.Path) -> str:
     return f".{destination.name}.{os.getpid()}-"
+
+
+# A temporary name (see remove_abandoned): .<name>.<process id>-<mkstemp's random letters>.partial.
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?:\d+-)?[a-z0-9_]+\.partial")
+
+
+def destination_of(path: pathlib.Path) -> pathlib.Path:
+    """`path` with each temporary name in it (staged_directory's, write_bytes') replaced by the name of the
+    output it becomes: what a message shows a person."""
+    parts = [(match["name"] if (match := _TEMPORARY_NAME.fullmatch(part)) else part) for part in path.parts]
+    return pathlib.Path(*parts) if parts else path
 
 
 def remove_abandoned(destination: pathlib.Path) -> list[pathlib.Path]:

@@ -32,7 +32,7 @@ import zipfile
 
 import tqdm
 
-from tasks.common import errors, files
+from tasks.common import disk, errors, files
 
 ATTEMPTS = 5  # one try and four retries: rides out a restarting server, fails within a minute when down
 BACKOFF_SECONDS = 2.0  # waits 2, 4, 8, 16 s between tries
@@ -69,8 +69,14 @@ def download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib
     """`destination`, downloaded from `url` unless already there and matching `sha256`.
 
     With no expected digest the server decides: a cached copy is revalidated with If-None-Match /
-    If-Modified-Since, so an unchanged file is not fetched twice and a changed one is.
+    If-Modified-Since, so an unchanged file is not fetched twice and a changed one is. A file the server
+    announces larger than the room on the disk is not started (errors.DiskFull, as is a disk that fills).
     """
+    with disk.writing({"paths.downloads": destination.parent}):
+        return _download(url, destination, sha256)
+
+
+def _download(url: str, destination: pathlib.Path, sha256: str | None) -> pathlib.Path:
     destination.parent.mkdir(parents=True, exist_ok=True)
     record_path = destination.with_name(destination.name + ".json")
     if destination.is_file():
@@ -169,10 +175,13 @@ def _transfer(url: str, partial: pathlib.Path) -> dict[str, str]:
             )
             if value
         }
+        length = response.headers.get("Content-Length")  # what is still to come, resumed or not
+        if length is not None:
+            name = pathlib.PurePosixPath(urllib.parse.urlsplit(url).path).name or "the file"
+            disk.require(disk.Need(partial.parent, int(length), f"the download of {name}", "paths.downloads"))
         if not resumed:
             offset = 0  # the server sent the whole file
             files.write_json(validators_path, validators)
-        length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         _append(response, partial, url, offset, total, resumed)
     validators_path.unlink(missing_ok=True)
@@ -252,7 +261,10 @@ class _NetrcPasswords(urllib.request.HTTPPasswordMgr):
 
 
 def _local(error: BaseException) -> bool:
-    """Whether `error` concerns a file on this machine (it names one) rather than the connection."""
+    """Whether `error` concerns a file on this machine (it names one, or the disk is full) rather than the
+    connection."""
+    if errors.disk_full(error):
+        return True
     return isinstance(error, OSError) and error.filename is not None and not isinstance(error, urllib.error.URLError)
 
 
@@ -272,6 +284,14 @@ def extract(archive: pathlib.Path, target: pathlib.Path) -> None:
         _extract_tar(archive, target)
     else:
         raise errors.BadInput(f"{archive} is neither a zip nor a tar archive (.zip, .tar, .tar.gz, .tgz)")
+
+
+def _require_room(archive: pathlib.Path, target: pathlib.Path, sizes: list[int]) -> None:
+    """Stops before anything is unpacked when the members' sizes (in whole blocks) do not fit on the disk."""
+    shown = files.destination_of(target)  # the folder a person knows: data/raw/flowers, not its staged name
+    while shown.name.startswith(".") and shown != shown.parent:
+        shown = shown.parent
+    disk.require(disk.Need(shown, disk.stored_bytes(sizes, target), f"the unpacked files of {archive.name}"))
 
 
 def _refuse(archive: pathlib.Path, member: str, why: str) -> errors.BadInput:
@@ -298,6 +318,7 @@ def _extract_tar(archive: pathlib.Path, target: pathlib.Path) -> None:
                 tarfile.data_filter(member, str(target))
             except tarfile.FilterError as error:
                 raise _refuse(archive, member.name, f"{type(error).__name__}: {error}") from None
+        _require_room(archive, target, [member.size if member.isfile() else 1 for member in members])
         tar.extractall(target, members=members, filter="data")
 
 
@@ -314,4 +335,5 @@ def _extract_zip(archive: pathlib.Path, target: pathlib.Path) -> None:
                     raise _refuse(archive, member.filename, f"link to {link!r} points outside the target folder")
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 raise _refuse(archive, member.filename, "device, pipe or socket, not a regular file")
+        _require_room(archive, target, [member.file_size or 1 for member in members])
         zip_file.extractall(target, members=members)

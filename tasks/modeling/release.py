@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from tasks.common import contracts, errors, tracking
+from tasks.common import contracts, disk, errors, tracking
 from tasks.data import inputs
 from tasks.modeling import export, serving_check
 
@@ -38,7 +38,8 @@ def verify_and_attach(
     preprocessing = contracts.Preprocessing.read(model_file.parent)
     with tempfile.TemporaryDirectory() as folder:
         export_dir = pathlib.Path(folder)
-        exports = export.export_verified(model_file, export_dir, shards_dir, preprocessing, EXPORT_BATCH_SIZE)
+        with disk.writing({"TMPDIR": pathlib.Path(tempfile.gettempdir())}):  # the exports' room: export.space_needed
+            exports = export.export_verified(model_file, export_dir, shards_dir, preprocessing, EXPORT_BATCH_SIZE)
         served = (
             _served(model_file, model_uri, shards_dir, preprocessing)
             if serve
