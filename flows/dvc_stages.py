@@ -5,12 +5,17 @@ still match dvc.lock; if so the stage is skipped. After it runs, `dvc commit` re
 and puts its outputs in DVC's cache. So a flow run after `dvc repro` skips every stage, `dvc repro`
 after a flow run does nothing, and the data of every model stays recoverable with DVC (from the default
 remote, when one is configured: `dvc remote add --default`).
+
+A run in a fresh clone (each run of a Prefect worker, prefect.yaml) has no outputs and no cache: shared()
+first pulls from the default remote what dvc.lock names, and afterwards commits dvc.lock to git and pushes
+it to the branch the clone came from, so the next clone skips what this run did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import pathlib
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,3 +102,94 @@ def commit(stage: str) -> None:
         repo.commit(stage, force=True)
         if repo.config["core"].get("remote"):
             repo.push(targets=[stage])
+
+
+@contextlib.contextmanager
+def shared(tracked: bool, push_lock: bool, message: str) -> Iterator[None]:
+    """Around a run's stages: before, pull() (when `tracked`); after, with `push_lock`, dvc.lock to git
+    (commit_lock()), also after a failed stage: the stages before it stay recorded, so the next run in a fresh
+    clone starts at the failed one instead of training again."""
+    if not tracked:
+        yield
+        return
+    if push_lock:
+        can_commit()  # before hours of training, not after
+    restored, absent = pull()
+    if restored:
+        print(f"From the DVC remote, as dvc.lock names them: {', '.join(restored)}")
+    if absent:
+        print(f"Not on the DVC remote, so their stages run: {', '.join(absent)}")
+    try:
+        yield
+    except BaseException:
+        if push_lock:
+            try:
+                print(commit_lock(message))
+            except errors.PipelineError as error:  # the stage's error is the one the run ends with
+                print(f"dvc.lock was not pushed: {error}")
+        raise
+    if push_lock:
+        print(commit_lock(message))
+
+
+def pull() -> tuple[list[str], list[str]]:
+    """Fetches from the default DVC remote the outputs dvc.lock names that are missing here, as `dvc pull`
+    would: (restored, still missing). The remote may lack some (a first run, a run that never pushed): their
+    stages then run. Outputs present are left as they are: a changed one is rebuilt by its stage."""
+    with _repo() as repo:
+        if not repo.config["core"].get("remote"):
+            return [], []
+        missing = {
+            pathlib.Path(out.fs_path).relative_to(repo.root_dir).as_posix(): out.fs_path
+            for out in repo.index.outs
+            if out.use_cache and out.hash_info and not out.exists
+        }
+        if missing:
+            repo.pull(targets=list(missing.values()), allow_missing=True)
+    restored = [name for name, path in missing.items() if pathlib.Path(path).exists()]
+    return restored, [name for name in missing if name not in restored]
+
+
+def can_commit() -> None:
+    """Stops, before any work, a run that could not commit dvc.lock: no branch checked out, no git identity."""
+    if _git("symbolic-ref", "--quiet", "--short", "HEAD", check=False).returncode != 0:
+        raise errors.BadInput("push_dvc_lock: the checkout is on no branch (a detached HEAD); clone a branch")
+    if _git("var", "GIT_COMMITTER_IDENT", check=False).returncode != 0:
+        raise errors.BadInput(
+            "push_dvc_lock: git has no identity to commit dvc.lock with; set user.name and user.email "
+            "(git config --global) or GIT_AUTHOR_NAME/EMAIL and GIT_COMMITTER_NAME/EMAIL in the environment"
+        )
+
+
+# What DVC writes for git: dvc.lock, and a .gitignore beside an output that git does not ignore yet.
+_RECORDS = ["dvc.lock", ":(glob)**/.gitignore"]
+
+
+def commit_lock(message: str) -> str:
+    """Commits dvc.lock (and the .gitignore files DVC wrote) and pushes it to the branch of origin this checkout
+    is on; what happened, in a sentence. A branch that moved meanwhile (new code) is rebased onto; one whose
+    dvc.lock changed too (a person's `dvc repro`) keeps its own, and this run's record is dropped."""
+    if not pathlib.Path("dvc.lock").exists():
+        return "dvc.lock: no stage recorded, nothing to push"
+    _git("add", "--all", "--", *_RECORDS)
+    if _git("diff", "--cached", "--quiet", "--", *_RECORDS, check=False).returncode == 0:
+        return "dvc.lock unchanged: nothing to push"
+    branch = _git("symbolic-ref", "--quiet", "--short", "HEAD").stdout.strip()
+    _git("commit", "--quiet", "--message", message, "--", *_RECORDS)
+    if _git("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", check=False).returncode != 0:
+        _git("fetch", "--quiet", "origin", branch)  # the branch moved, or origin is unreachable: git says which
+        if _git("rebase", "--quiet", "FETCH_HEAD", check=False).returncode != 0:
+            _git("rebase", "--abort", check=False)
+            return (
+                f"dvc.lock not pushed: it changed on {branch} of origin since this checkout was made; the outputs "
+                "of this run are on the DVC remote, and the next run does the stages that its dvc.lock lacks"
+            )
+        _git("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+    return f"dvc.lock pushed to {branch} of origin"
+
+
+def _git(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(["git", *arguments], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise errors.Outage(f"git {' '.join(arguments)} failed: {errors.redact(done.stderr.strip())}")
+    return done

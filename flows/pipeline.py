@@ -8,6 +8,10 @@ Each task wraps a stage function of tasks/ unchanged; tasks hand each other path
 ./params.yaml and no overrides, DVC keeps the books: a stage whose code, params, inputs and outputs
 are unchanged since its last run (by this flow or by `dvc repro`) is skipped and shown as "Skipped",
 and every stage that runs is recorded in dvc.lock. Overrides run every stage and leave dvc.lock alone.
+
+Run by a Prefect worker (prefect.yaml), each run is a fresh clone of the repository: it first pulls from
+the default DVC remote the outputs dvc.lock names, and with push_dvc_lock it commits dvc.lock and pushes it
+back to the branch it was cloned from, so that the next clone skips what this run did.
 """
 
 from __future__ import annotations
@@ -44,8 +48,11 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 @prefect.flow(name="image-classification", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`."""
+def pipeline(
+    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, push_dvc_lock: bool = False
+) -> str:
+    """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`; with
+    `push_dvc_lock`, dvc.lock is committed and pushed to the checkout's branch afterwards."""
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
     # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
     # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
@@ -55,16 +62,18 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     ):
         tracked = dvc_stages.tracked(params_file, overrides)  # DVC keeps the books of ./params.yaml only
         progress = [reports.TrainingProgress(params.train.epochs + params.train.fine_tune_epochs)]  # train's callbacks
-        # Each stage is skipped (shown as Skipped) when DVC says its code, params, inputs and outputs are unchanged.
-        results = [
-            skipped("download") if unchanged("download", params, tracked) else run("download", params, tracked),
-            skipped("convert") if unchanged("convert", params, tracked) else run("convert", params, tracked),
-            skipped("train")
-            if unchanged("train", params, tracked)
-            else run("train", params, tracked, callbacks=progress),
-            skipped("evaluate") if unchanged("evaluate", params, tracked) else run("evaluate", params, tracked),
-            skipped("register") if unchanged("register", params, tracked) else run("register", params, tracked),
-        ]
+        # In a fresh clone the outputs dvc.lock names come from the DVC remote first; dvc.lock goes back to git.
+        with dvc_stages.shared(tracked, push_dvc_lock, f"dvc.lock of Prefect flow run {prefect.runtime.flow_run.name}"):
+            # Each stage is skipped (shown as Skipped) when DVC says its code, params, inputs and outputs are unchanged.
+            results = [
+                skipped("download") if unchanged("download", params, tracked) else run("download", params, tracked),
+                skipped("convert") if unchanged("convert", params, tracked) else run("convert", params, tracked),
+                skipped("train")
+                if unchanged("train", params, tracked)
+                else run("train", params, tracked, callbacks=progress),
+                skipped("evaluate") if unchanged("evaluate", params, tracked) else run("evaluate", params, tracked),
+                skipped("register") if unchanged("register", params, tracked) else run("register", params, tracked),
+            ]
         return summary_task(params, results)
 
 
@@ -150,6 +159,7 @@ def main(arguments: list[str] | None = None) -> None:
     config.load_params(options.params, overrides)  # a bad setting stops here, before Prefect starts a server
     if not options.verbose and not errors.verbose():
         _console_without_tracebacks()
+    logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console printed them again
     print(pipeline(options.params, overrides))
 
 
