@@ -253,7 +253,9 @@ class LocalServer:
                         self.connection.recv(1)  # returns when the client closes (or is killed)
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                # A client may stop reading (a download refused for want of disk space, a killed one).
+                with contextlib.suppress(ConnectionError):
+                    self.wfile.write(body)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -70,18 +70,6 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
 
 
-def test_stage_outputs_are_pushed_to_the_default_dvc_remote(repository_copy, prefect_server, tmp_path):
-    from flows import pipeline
-
-    assert _dvc("remote", "add", "--default", "shared", str(tmp_path / "remote"), cwd=repository_copy).returncode == 0
-    write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 0.0})
-    assert pipeline.pipeline("params.yaml", return_state=True).is_completed()
-
-    status = _dvc("status", "--cloud", cwd=repository_copy)
-    assert status.returncode == 0 and "Cache and remote 'shared' are in sync." in status.stdout, status.stdout
-    assert any((tmp_path / "remote").rglob("*")), "the remote holds the pushed outputs"
-
-
 def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(
     repository_copy, prefect_server
 ):

@@ -72,39 +72,6 @@ def _history(folder: pathlib.Path) -> list[dict[str, str]]:
     return list(csv.DictReader((folder / "models" / "history.csv").open()))
 
 
-def test_two_replicas_on_two_cpu_devices_follow_one_replica(tmp_path):
-    one = tmp_path / "one"
-    # 15 images a class: 36 training images (splits follow the file names), in whole batches that split
-    # evenly: no image is cut from a last batch, so both see exactly the same images (tests/test_mirrored.py
-    # has the other sizes).
-    params = _prepare(one, {**TINY, "train.epochs": 2, "train.strategy": "one_device"}, per_class=15)
-    count = json.loads((one / params.shards_dir / "manifest.json").read_text())["splits"]["train"]["count"]
-    batch = next(size for size in (14, 12, 10, 8, 6) if count % size == 0)  # whole batches split evenly in two
-    write_params(
-        one / "params.yaml", {**TINY, "train.epochs": 2, "train.strategy": "one_device", "train.batch_size": batch}
-    )
-    two = tmp_path / "two"
-    _prepare(
-        two,
-        {**TINY, "train.epochs": 2, "train.strategy": "mirrored", "train.cpu_devices": 2, "train.batch_size": batch},
-        per_class=15,
-    )
-
-    processes = [_start(one), _start(two)]
-    outputs = [_finish(process) for process in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
-    assert "1 replica(s) of cifar10_tutorial (OneDeviceStrategy)" in outputs[0]
-    assert "2 replica(s) of cifar10_tutorial (MirroredStrategy)" in outputs[1]
-    steps = _losses(outputs[0])
-    assert len(steps) == 2 * count // batch
-    assert _losses(outputs[1]) == pytest.approx(steps, abs=2e-4)
-    for column in ("loss", "val_loss", "accuracy"):
-        assert [float(row[column]) for row in _history(two)] == pytest.approx(
-            [float(row[column]) for row in _history(one)], rel=1e-4
-        )
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
