@@ -1,10 +1,12 @@
 """Several replicas on one machine (MirroredStrategy over 2 logical CPU devices) on the settings a user may pick.
 
-Every network that trains at 32x32 or smaller, at its default settings, and the settings that change how
-batches meet the replicas (batch size against the data's size, odd splits, moving averages, an interrupted
-run): each must train, and where both see the same images its losses are the one-device run's. Device
-layouts are fixed when TensorFlow starts, so all of them train one after the other in one process.
-(Fine-tuning needs InceptionV3 at 75x75: too slow here; tests/test_training.py fine-tunes on one device.)
+The networks that train at 32x32 or smaller, each builder at its default settings (vgg16 and vgg19 are
+vgg16_bn's layout without batch normalization: trained so by hand, left out for the suite's time), and the
+settings that change how batches meet the replicas (batch size against the data's size, odd splits, moving
+averages, an interrupted run): each must train, and where both see the same images its losses are the
+one-device run's. Device layouts are fixed when TensorFlow starts, so all of them train one after the other
+in one process. (Fine-tuning needs InceptionV3 at 75x75: too slow here; tests/test_training.py fine-tunes on
+one device.)
 """
 
 import csv
@@ -30,7 +32,6 @@ CASES = [
     ("mnist_cnn", "mnist_cnn", {}, ODD, False),
     ("keras_cnn", "keras_cnn", {}, ODD, False),
     ("resnet", "resnet", {"train.resnet_n": 1}, ODD, False),
-    ("vgg16", "vgg16", VGG, ODD, False),  # vgg19 is the same builder, three layers deeper
     ("vgg16_bn", "vgg16_bn", VGG, ODD, False),
     (
         "small batches",

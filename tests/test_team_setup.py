@@ -244,9 +244,16 @@ def _wait_for(api: str, flow_run: str, processes: _Processes, seconds: float) ->
     return run
 
 
-def _logs(api: str, flow_run: str) -> str:
+def _logs(api: str, flow_run: str, until: str | None = None) -> str:
+    """The flow run's log; with `until`, once it holds that (or after 30 s): the run's processes send their log
+    lines in batches, which may reach the server after the run has ended."""
     body = {"logs": {"flow_run_id": {"any_": [flow_run]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
-    return "\n".join(entry["message"] for entry in _request(f"{api}/logs/filter", PREFECT_AUTH, body))
+    deadline = time.monotonic() + 30
+    while True:
+        log = "\n".join(entry["message"] for entry in _request(f"{api}/logs/filter", PREFECT_AUTH, body))
+        if until is None or until in log or time.monotonic() > deadline:
+            return log
+        time.sleep(1)
 
 
 def _task_states(api: str, flow_run: str) -> dict[str, str]:
@@ -352,7 +359,7 @@ def test_two_nightly_runs_through_a_process_worker(tmp_path, monkeypatch):
         # The second run, in a new clone: it pulls every output from the remote and skips every stage.
         second = _wait_for(team.api, _trigger(team.prefect, team.checkout), processes, 240)
         assert _task_states(team.api, second["id"]) == {**dict.fromkeys(STAGES, "Skipped"), "summary": "Completed"}
-        log = _logs(team.api, second["id"])
+        log = _logs(team.api, second["id"], until="dvc.lock unchanged: nothing to push")
         assert "From the DVC remote, as dvc.lock names them: data/raw/digits, data/shards/digits" in log, log
         assert "dvc.lock unchanged: nothing to push" in log
         assert "Stages run: nothing: every stage was up to date" in _summary(team.api, second["id"])
