@@ -229,13 +229,7 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devic
         .repeat()
     )
     validation = (
-        inputs.evaluation_data(
-            shards_dir,
-            "validation",
-            params.image_size,
-            params.input_size,
-            params.batch_size,
-        )
+        inputs.evaluation_data(shards_dir, "validation", params.image_size, params.input_size, params.batch_size)
         .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
         .cache()
     )

@@ -2,8 +2,9 @@
 
 Every epoch is backed up under <paths.checkpoints>/<model>-<hash of the settings, seed and data>/,
 which DVC does not delete, so running train again with the same settings continues after the last
-completed epoch. The folder holds Keras' BackupAndRestore files (backup-<phase>/), a finished phase's
-weights (<phase>.weights.npz), the best epoch's weights, the history and the MLflow run to continue.
+completed epoch. The folder holds Keras' BackupAndRestore files (backup-<phase>/; a cluster's loop
+writes its own there: distributed.backup_epoch), a finished phase's weights (<phase>.weights.npz), the
+best epoch's weights, the history and the MLflow run to continue.
 
 Two of Keras' private APIs are used here, each in one place with the reason beside it:
 `WholeBackupAndRestore` (BackupAndRestore's `_save_model` and the file names and counters it keeps)

@@ -35,7 +35,7 @@ def describe(strategy: tf.distribute.Strategy) -> str:
 
 
 def worker_name(strategy: tf.distribute.Strategy) -> str | None:
-    """ "worker-1" for a worker of a cluster that is not the chief (its backups' folder); None otherwise."""
+    """The name of a worker of a cluster that is not the chief, "worker-1" (its backups' folder); None otherwise."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if is_chief(strategy) or resolver is None:
         return None
