@@ -25,7 +25,7 @@ export UV_PYTHON_DOWNLOADS := never
 # .venv with uv in it (pip comes with the venv; uv pip sync leaves pip and uv alone).
 define bootstrap
 test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-$(VENV)/bin/python -m pip install --quiet 'uv==$(UV_VERSION)'
+$(VENV)/bin/python -m pip install --quiet --quiet 'uv==$(UV_VERSION)'
 endef
 
 # The project itself is built with the lock's setuptools: nothing in .venv comes from outside the lock.

@@ -172,7 +172,8 @@ def _rotated_jpeg() -> bytes:
 
 
 def _decoded(prepared: images.Prepared) -> np.ndarray:
-    return np.asarray(PIL.Image.open(io.BytesIO(prepared.encoded)))
+    """The stored image as training decodes it: RGB, whatever channels the stored file has."""
+    return tf.io.decode_image(prepared.encoded, channels=3, expand_animations=False).numpy()
 
 
 def test_every_kind_of_image_becomes_upright_rgb(tmp_path):
@@ -190,9 +191,12 @@ def test_every_kind_of_image_becomes_upright_rgb(tmp_path):
         (tmp_path / name).write_bytes(data)
         prepared[name] = images.prepare(str(tmp_path / name), image_size=None)
         assert isinstance(prepared[name], images.Prepared), (name, prepared[name])
-        assert _decoded(prepared[name]).shape[2:] == (3,) or name == "gray.jpg", name
+        assert _decoded(prepared[name]).shape == (16, 8, 3) if name == "rotated.jpg" else (8, 8, 3), name
 
-    assert prepared["gray.jpg"].encoding == "original" and prepared["gray.jpg"].encoded == cases["gray.jpg"]
+    for unchanged in ("gray.jpg", "gray.png"):
+        assert prepared[unchanged].encoding == "original" and prepared[unchanged].encoded == cases[unchanged]
+    assert tuple(_decoded(prepared["gray.png"])[0, 0]) == (77, 77, 77), "one gray channel decodes as three"
+    assert PIL.Image.open(io.BytesIO(prepared["deep.png"].encoded)).mode == "L", "16-bit gray stays one channel"
     assert prepared["cmyk.jpg"].encoding == "jpeg" and tuple(_decoded(prepared["cmyk.jpg"])[0, 0]) > (200, 0, 0)
     assert tuple(_decoded(prepared["alpha.png"])[0, 0]) == (255, 255, 255), "transparent pixels are composited on white"
     assert tuple(_decoded(prepared["deep.png"])[0, 0]) == (255, 255, 255), "16-bit white stays white"
@@ -330,3 +334,37 @@ def test_records_are_the_same_bytes_in_every_process():
     ]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert outputs[0] and outputs[0] == outputs[1]
+
+
+def test_shards_store_each_image_in_its_smallest_lossless_form(workdir):
+    """Unchanged gray and RGB PNGs and JPEGs keep their own bytes; a resized gray image stays one channel;
+    every record decodes (as training decodes it) to the RGB pixels of its source."""
+    raw, random = workdir / "raw", np.random.default_rng(3)
+    sources = {}
+    for label, (mode, extension) in enumerate([("L", ".png"), ("RGB", ".png"), ("L", ".jpg"), ("RGB", ".jpg")]):
+        (raw / f"c{label}").mkdir(parents=True)
+        for index in range(12):
+            shape = (48, 64) if mode == "L" else (48, 64, 3)
+            pixels = np.clip(random.normal(90 + 20 * label, 30, shape), 0, 255).astype(np.uint8)
+            path = raw / f"c{label}" / f"{index}{extension}"
+            PIL.Image.fromarray(pixels, mode=mode).save(path, quality=90)
+            sources[path.relative_to(raw).as_posix()] = np.asarray(PIL.Image.open(path).convert("RGB"))
+    convert.convert(_dataset(), seed=2, raw_dir=raw, shards_dir=workdir / "shards")
+
+    manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
+    assert manifest["encodings"] == {"original": 48}
+    shard_bytes = sum(path.stat().st_size for path in (workdir / "shards").glob("*.tfrecord"))
+    source_bytes = sum(path.stat().st_size for path in raw.rglob("*.*"))
+    assert shard_bytes <= 1.1 * source_bytes, (shard_bytes, source_bytes)
+    for split in SPLITS:
+        for image, _, source in records.read_split(workdir / "shards", split, (48, 64), with_source=True):
+            name = source.numpy().decode()
+            # PNGs exactly; JPEGs as close as two JPEG decoders (TensorFlow's and Pillow's) come.
+            tolerance = 0 if name.endswith(".png") else 4
+            assert np.abs(image.numpy().astype(int) - sources[name]).max() <= tolerance, name
+
+    gray = raw / "c0" / "0.png"
+    resized = images.prepare(str(gray), image_size=(24, 32))
+    assert resized.encoding == "png" and PIL.Image.open(io.BytesIO(resized.encoded)).mode == "L"
+    expected = np.asarray(PIL.Image.open(gray).convert("RGB").resize((32, 24), PIL.Image.Resampling.BILINEAR))
+    assert np.array_equal(tf.io.decode_image(resized.encoded, channels=3).numpy(), expected)

@@ -4,12 +4,16 @@ Runs in the convert stage's worker processes, so it imports nothing heavier than
 
 - Every file is decoded in full before it is accepted: empty, truncated, non-image (whatever the
   extension says) and decompression-bomb files are rejected with a reason.
-- Grayscale, palette, CMYK and 16-bit images become RGB; transparency is composited on white (a
-  transparent background reads as the white page it usually stands for, not as black).
+- Every image is stored in the smallest form that training's decoder (`tf.io.decode_image(channels=3)`)
+  turns into its RGB pixels: palette, CMYK and colour images with transparency become RGB; grayscale
+  images (16-bit scaled to 8, transparency composited) stay one channel, which the decoder repeats into
+  three. Transparency is composited on white (a transparent background reads as the white page it
+  usually stands for, not as black).
 - EXIF orientation is applied, so a photo taken upright is stored upright.
-- Stored encoding: a JPEG that needs no change keeps its original bytes (no second lossy pass, no
-  growth); a JPEG that was rotated, converted or resized is re-encoded as JPEG at quality 95;
-  everything else (PNG, GIF, BMP, TIFF, WebP, ...) is stored as PNG, losslessly.
+- Stored encoding: a JPEG, or an 8-bit grayscale or RGB PNG without transparency, that needs no change
+  keeps its original bytes (no second lossy pass, no growth: shards of such a folder are its size plus
+  the records' few bytes); a JPEG that was rotated, converted or resized is re-encoded as JPEG at
+  quality 95; everything else (PNG, GIF, BMP, TIFF, WebP, ...) is stored as PNG, losslessly.
 - Each image also gets a perceptual hash (a difference hash of its upright grayscale picture), which
   finds near-duplicates that identical-bytes checks miss: the same photo resized or re-saved.
 """
@@ -32,8 +36,8 @@ _WHITE = (255, 255, 255, 255)
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    encoded: bytes  # JPEG or PNG of the RGB image
-    encoding: str  # "original" (the source JPEG's bytes), "jpeg" or "png" (encoded here)
+    encoded: bytes  # JPEG or PNG of the image, RGB or one channel of gray
+    encoding: str  # "original" (the source file's bytes), "jpeg" or "png" (encoded here)
     source_sha256: str  # of the source file's bytes: finds the same image under two classes or splits
     difference_hash: str  # 16 hex digits, see difference_hash(); empty for an image too small to compare
 
@@ -102,7 +106,7 @@ def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple
         is_jpeg = image.format == "JPEG"
         target = None if image_size is None else (image_size[1], image_size[0])  # Pillow sizes are (width, height)
         upright = image.getexif().get(_ORIENTATION_TAG, 1) in (0, 1)
-        if is_jpeg and upright and image.mode in ("RGB", "L") and target in (None, image.size):
+        if upright and target in (None, image.size) and _decodes_as_stored(data, image):
             image.load()  # decodes every byte: a truncated file fails here, not in training
             return data, "original", difference_hash(image)
         if is_jpeg and target is not None:
@@ -112,26 +116,41 @@ def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple
             image.draft(image.mode, (side, side))
         image.load()
         image = PIL.ImageOps.exif_transpose(image)
-        rgb = _as_rgb(image)
-    picture_hash = difference_hash(rgb)
-    if target is not None and rgb.size != target:
-        rgb = rgb.resize(target, PIL.Image.Resampling.BILINEAR)
+        flat = _gray_or_rgb(image)
+    picture_hash = difference_hash(flat)
+    if target is not None and flat.size != target:
+        flat = flat.resize(target, PIL.Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     if is_jpeg:
-        rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        flat.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         return buffer.getvalue(), "jpeg", picture_hash
-    rgb.save(buffer, format="PNG")
+    flat.save(buffer, format="PNG")
     return buffer.getvalue(), "png", picture_hash
 
 
-def _as_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def _decodes_as_stored(data: bytes, image: PIL.Image.Image) -> bool:
+    """Whether training's decoder gives the same RGB pixels from the file's own bytes as Pillow does here.
+
+    A JPEG in RGB or gray; a PNG of 8 bits per sample, gray (colour type 0) or RGB (2), without a
+    transparent colour: its header says so at fixed places (bit depth at byte 24, colour type at 25).
+    """
+    if image.format == "JPEG":
+        return image.mode in ("RGB", "L")
+    if image.format == "PNG":
+        return len(data) > 25 and data[24] == 8 and data[25] in (0, 2) and "transparency" not in image.info
+    return False
+
+
+def _gray_or_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit gray ("L") for a grayscale image, else RGB; transparency composited on white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit and float grayscale: scale to 8 bits; Pillow's own conversion would clip at 255.
         pixels = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode != "F" and pixels.max(initial=0) > 255 else 255.0
         image = PIL.Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    gray = image.mode in ("1", "L", "LA", "La")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         background = PIL.Image.new("RGBA", image.size, _WHITE)
-        return PIL.Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+        image = PIL.Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("L" if gray else "RGB")
