@@ -1,50 +1,49 @@
-"""Input pipeline throughput: the training tf.data pipeline against Keras' ImageDataGenerator, same images.
+"""Input pipeline throughput: the training tf.data pipeline against Keras' own recipe, same images, same distortions.
 
     python -m bench.input_pipeline                 # 7,200 32x32 images (5,040 in the training split)
     python -m bench.input_pipeline --images 600    # quicker, noisier
 
-The images (CIFAR-like 32x32 RGB PNGs: smooth gradients plus noise, ten classes) go through the convert
-stage into TFRecord shards in a temporary folder. Then, in this process, alternating, twice each:
-- ImageDataGenerator (the seed's anchor): `width_shift_range=0.1, height_shift_range=0.1,
-  horizontal_flip=True`, `.flow(x, y, batch_size)` over the training split already decoded in memory
-  as a NumPy array (it never reads a file). One pass over the split after a one-batch warm-up.
+The images (CIFAR-like 32x32 RGB PNGs: smooth gradients plus noise, ten classes) are written to a folder
+of class folders in a temporary folder and go through the convert stage into TFRecord shards. Then, in
+this process, alternating, twice each:
+- Keras' recipe (the anchor: what a team writes today from Keras' guides):
+  `keras.utils.image_dataset_from_directory` over the folder (its 70% "training" subset, 32x32),
+  `.cache().shuffle(1000)`, then Keras 3 preprocessing layers doing the pipeline's distortions in a
+  parallel `map`: ZeroPadding2D(4) + RandomCrop(32, 32), RandomFlip("horizontal"),
+  RandomBrightness(63/255 of the range), RandomContrast(0.8); `prefetch(AUTOTUNE)`.
 - The pipeline (`tasks.data.inputs.training_data`): shards -> parse, decode, cache, shuffle, batch, random
-  crop (4 pixels of padding), flip, brightness, contrast -> uint8 batches, as the train stage reads
-  them. Its first pass (cold: reading the shards, decoding every PNG, filling the in-memory cache)
-  and the passes after it (warm: the cache hit, as in every epoch of training after the first) are
-  timed separately, on a fresh dataset each time.
-Each side's batches are pulled into this Python process as they would be by a training loop
-(ImageDataGenerator: NumPy float32; tf.data: eager uint8 tensors) and nothing else is done with them.
-Beside wall-clock images/s, images per CPU second of the process are reported: ImageDataGenerator
-runs on one core, the pipeline on all of them, so when other work shares the cores the wall-clock
-ratio drops while the CPU one, the work each image costs, stays.
+  crop (4 pixels of padding), flip, brightness, contrast -> uint8 batches, as the train stage reads them.
+For each, the first pass (cold: reading the files, decoding every PNG, filling the in-memory cache) and
+the passes after it (warm: the cache hit, as in every epoch of training after the first) are timed
+separately, on a fresh dataset each time. The batches are pulled into this Python process as a training
+loop pulls them (eager tensors: the recipe's float32, the pipeline's uint8) and nothing else is done
+with them. Beside wall-clock images/s, images per CPU second of the process are reported: the CPU ratio,
+the work each image costs, changes little when other work shares the cores.
 
-The goal is checked on the warm passes: a training run reads its data once and then `epochs` times
-from the cache (20 epochs by default), so the warm pass is what the pipeline costs per epoch, and the
-anchor holds its images in memory too. The cold pass is reported beside it, with its own ratio,
-because it is what a one-epoch run pays. Exits non-zero when the warm pipeline delivers less than
-10 times as many images per second as ImageDataGenerator.
+The goal is checked on the warm passes: a training run reads its data once and then `epochs` times from
+the cache (20 epochs by default), so the warm pass is what the pipeline costs per epoch. The cold pass
+is reported beside it, with its own ratio, because it is what a one-epoch run pays. Exits non-zero when
+the warm pipeline delivers less than 5 times as many images per second as Keras' recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import pathlib
 import sys
 import tempfile
 import time
-import warnings
-
-import numpy as np
 
 from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks import convert
 from tasks.common import contracts
-from tasks.data import inputs, records
+from tasks.data import inputs
 
-REQUIRED_RATIO = 10.0
+REQUIRED_RATIO = 5.0
 SIDE = 32
 CLASSES = 10
 AUGMENT = ("crop", "flip", "brightness", "contrast")
@@ -76,31 +75,53 @@ def make_shards(folder: pathlib.Path, image_count: int, side: int = SIDE) -> pat
     return shards_dir
 
 
-def in_memory(shards_dir: pathlib.Path, split: str = "train", side: int = SIDE) -> tuple[np.ndarray, np.ndarray]:
-    """The split decoded into NumPy arrays, as a script holding its data set in memory has it (not timed)."""
-    images, labels = [], []
-    for image_batch, label_batch in records.read_split(shards_dir, split, (side, side)).batch(1024):
-        images.append(image_batch.numpy())
-        labels.append(label_batch.numpy())
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def image_data_generator(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Timing:
-    """One pass of the seed's ImageDataGenerator over the in-memory images, after a one-batch warm-up."""
-    from keras.src.legacy.preprocessing.image import ImageDataGenerator  # Keras 3 keeps it there, deprecated
-
-    generator = ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
-    flow = generator.flow(images, labels, batch_size=batch_size, shuffle=True, seed=0)
-    with warnings.catch_warnings():
-        # It calls SciPy by a deprecated module path, once per image: a warning per image, not ours to fix.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        next(flow)
+def timed_passes(data, warm_passes: int) -> list[tuple[int, float, float]]:
+    """(images, seconds, CPU seconds) of the first pass over `data`, then of `warm_passes` passes after it."""
+    timings = []
+    for passes in (1, warm_passes):
         delivered, start, start_cpu = 0, time.perf_counter(), time.process_time()
-        for _ in range(len(flow)):
-            image_batch, _ = next(flow)
-            delivered += len(image_batch)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    return Timing("ImageDataGenerator: shift 0.1, flip (NumPy in memory)", delivered, seconds, cpu_seconds)
+        for _ in range(passes):
+            for image_batch, _ in data:
+                delivered += int(image_batch.shape[0])
+        timings.append((delivered, time.perf_counter() - start, time.process_time() - start_cpu))
+    return timings
+
+
+def keras_recipe(raw_dir: pathlib.Path, batch_size: int, warm_passes: int) -> tuple[Timing, Timing]:
+    """(cold first pass, warm passes) of Keras' recipe: image_dataset_from_directory, cache, shuffle, layers."""
+    import keras
+    import tensorflow as tf
+
+    distort = keras.Sequential(
+        [
+            keras.layers.ZeroPadding2D(CROP_PADDING),
+            keras.layers.RandomCrop(SIDE, SIDE, seed=0),
+            keras.layers.RandomFlip("horizontal", seed=0),
+            keras.layers.RandomBrightness(inputs.BRIGHTNESS_DELTA, value_range=(0, 255), seed=0),
+            keras.layers.RandomContrast(inputs.CONTRAST_FACTOR, value_range=(0, 255), seed=0),
+        ]
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # "Using 5040 files for training.", whatever `verbose` says
+        data = keras.utils.image_dataset_from_directory(
+            raw_dir,
+            image_size=(SIDE, SIDE),
+            batch_size=batch_size,
+            validation_split=0.3,
+            subset="training",
+            seed=0,
+            verbose=False,
+        )
+    data = (
+        data.cache()
+        .shuffle(1000)
+        .map(lambda images, labels: (distort(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    cold, warm = timed_passes(data, warm_passes)
+    return (
+        Timing("Keras recipe, 1st pass (cold: read, decode, fill cache)", *cold),
+        Timing(f"Keras recipe, passes 2-{warm_passes + 1} (warm: from cache)", *warm),
+    )
 
 
 def training_pipeline(shards_dir: pathlib.Path, batch_size: int, warm_passes: int) -> tuple[Timing, Timing]:
@@ -116,27 +137,23 @@ def training_pipeline(shards_dir: pathlib.Path, batch_size: int, warm_passes: in
         cache_mb=4096,
         seed=0,
     )
-    timings = []
-    for passes in (1, warm_passes):
-        delivered, start, start_cpu = 0, time.perf_counter(), time.process_time()
-        for _ in range(passes):
-            for image_batch, _ in data:
-                delivered += int(image_batch.shape[0])
-        timings.append((delivered, time.perf_counter() - start, time.process_time() - start_cpu))
+    cold, warm = timed_passes(data, warm_passes)
     return (
-        Timing("pipeline, 1st pass (cold: read, decode, fill cache)", *timings[0]),
-        Timing(f"pipeline, passes 2-{warm_passes + 1} (warm: from cache)", *timings[1]),
+        Timing("pipeline, 1st pass (cold: read, decode, fill cache)", *cold),
+        Timing(f"pipeline, passes 2-{warm_passes + 1} (warm: from cache)", *warm),
     )
 
 
-def measure(shards_dir: pathlib.Path, batch_size: int, warm_passes: int) -> dict[str, list[Timing]]:
-    images, labels = in_memory(shards_dir)
-    runs: dict[str, list[Timing]] = {"anchor": [], "cold": [], "warm": []}
+def measure(raw_dir: pathlib.Path, shards_dir: pathlib.Path, batch_size: int, warm_passes: int) -> dict:
+    """Each side's timings: anchor_cold, anchor_warm (Keras' recipe), cold, warm (the pipeline)."""
+    runs: dict[str, list[Timing]] = {"anchor_cold": [], "anchor_warm": [], "cold": [], "warm": []}
     for _ in range(2):  # alternating, so that a burst of other work hits both alike; the faster run counts
-        runs["anchor"].append(image_data_generator(images, labels, batch_size))
-        cold, warm = training_pipeline(shards_dir, batch_size, warm_passes)
-        runs["cold"].append(cold)
-        runs["warm"].append(warm)
+        for prefix, (cold, warm) in (
+            ("anchor_", keras_recipe(raw_dir, batch_size, warm_passes)),
+            ("", training_pipeline(shards_dir, batch_size, warm_passes)),
+        ):
+            runs[f"{prefix}cold"].append(cold)
+            runs[f"{prefix}warm"].append(warm)
     return runs
 
 
@@ -158,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-input-") as folder:
         shards_dir = make_shards(pathlib.Path(folder), arguments.images)
         train_count = contracts.Manifest.read(shards_dir).count("train")
-        runs = measure(shards_dir, arguments.batch_size, arguments.warm_passes)
+        runs = measure(pathlib.Path(folder) / "raw", shards_dir, arguments.batch_size, arguments.warm_passes)
     fastest = {side: min(timings, key=lambda timing: timing.seconds / timing.images) for side, timings in runs.items()}
-    anchor = fastest["anchor"].images_per_second
-    ratios = {side: fastest[side].images_per_second / anchor for side in ("cold", "warm")}
     cheapest = {side: max(timing.images_per_cpu_second for timing in timings) for side, timings in runs.items()}
-    cpu_ratios = {side: cheapest[side] / cheapest["anchor"] for side in ("cold", "warm")}
+    ratios = {
+        side: fastest[side].images_per_second / fastest[f"anchor_{side}"].images_per_second for side in ("cold", "warm")
+    }
+    cpu_ratios = {side: cheapest[side] / cheapest[f"anchor_{side}"] for side in ("cold", "warm")}
     print(
         f"{train_count} training images of {SIDE}x{SIDE}, batches of {arguments.batch_size}; "
         "faster of two alternating runs each"
@@ -176,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 timing.images,
                 timing.seconds,
                 timing.images_per_second,
-                None if side == "anchor" else f"{ratios[side]:.1f}x",
+                f"{ratios[side]:.1f}x" if side in ratios else None,
                 cheapest[side],
-                None if side == "anchor" else f"{cpu_ratios[side]:.1f}x",
+                f"{cpu_ratios[side]:.1f}x" if side in cpu_ratios else None,
             ]
             for side, timing in fastest.items()
         ],
@@ -191,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "augment": list(AUGMENT),
         "warm_passes": arguments.warm_passes,
         "required_ratio": REQUIRED_RATIO,
-        "image_data_generator_images_per_second": round(anchor, 1),
-        "pipeline_cold_images_per_second": round(fastest["cold"].images_per_second, 1),
-        "pipeline_warm_images_per_second": round(fastest["warm"].images_per_second, 1),
+        **{f"{side}_images_per_second": round(timing.images_per_second, 1) for side, timing in fastest.items()},
         "ratio_cold": round(ratios["cold"], 2),
         "ratio_warm": round(ratios["warm"], 2),
         "images_per_cpu_second": {side: round(value, 1) for side, value in cheapest.items()},
@@ -201,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ratio_warm": round(cpu_ratios["warm"], 2),
         "runs": {side: [dataclasses.asdict(timing) for timing in timings] for side, timings in runs.items()},
     }
-    report["passed"] = bench_report.check("warm pipeline over ImageDataGenerator", ratios["warm"], REQUIRED_RATIO)
-    print(f"cold pipeline over ImageDataGenerator: {ratios['cold']:.3g}x (shown, not a goal: the first epoch only)")
+    report["passed"] = bench_report.check("warm pipeline over Keras' recipe", ratios["warm"], REQUIRED_RATIO)
+    print(f"cold pipeline over Keras' recipe: {ratios['cold']:.3g}x (shown, not a goal: the first epoch only)")
     bench_report.write("input_pipeline", report)
     return 0 if report["passed"] else 1
 

@@ -27,6 +27,7 @@ def machine() -> dict:
         "load_average": _load_average(),
     }
     try:
+        import tasks  # noqa: F401, I001 - first: turns TensorFlow's start-up notices down
         import tensorflow as tf
 
         facts["tensorflow"] = tf.__version__

@@ -17,13 +17,15 @@ def test_input_pipeline_benchmark_reports_both_sides(workdir):
     report = json.loads((workdir / "reports" / "bench" / "input_pipeline.json").read_text())
     assert report["benchmark"] == "input_pipeline" and report["machine"]["cores"] >= 1
     assert 180 <= report["train_images"] <= 240, "about 70% of the images form the training split"
-    for side in ("image_data_generator", "pipeline_cold", "pipeline_warm"):
+    sides = ("anchor_cold", "anchor_warm", "cold", "warm")
+    for side in sides:
         assert report[f"{side}_images_per_second"] > 0
     assert report["cpu_ratio_warm"] > 0
-    assert report["ratio_warm"] == round(
-        report["pipeline_warm_images_per_second"] / report["image_data_generator_images_per_second"], 2
-    )
-    assert [len(report["runs"][side]) for side in ("anchor", "cold", "warm")] == [2, 2, 2]
+    assert report["ratio_warm"] == round(report["warm_images_per_second"] / report["anchor_warm_images_per_second"], 2)
+    assert [len(report["runs"][side]) for side in sides] == [2, 2, 2, 2]
+    for run in report["runs"]["anchor_cold"]:
+        # Keras takes 70% of all files, convert 70% of each class: a few images apart.
+        assert abs(run["images"] - report["train_images"]) <= 0.1 * report["train_images"], run
     assert isinstance(report["passed"], bool)
 
 

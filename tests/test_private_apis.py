@@ -170,22 +170,3 @@ def test_dvc_repo_reset_makes_a_held_repository_read_its_files_again(tmp_path, m
         pathlib.Path("out.txt").write_text("changed\n")
         repo._reset()
         assert repo.status(targets=["make"]), f"a changed output is not seen after _reset. {fix}"
-
-
-# --- keras.src.legacy.preprocessing.image.ImageDataGenerator: bench/input_pipeline.py
-
-
-def test_image_data_generator_is_where_the_input_pipeline_benchmark_imports_it():
-    try:
-        from keras.src.legacy.preprocessing.image import ImageDataGenerator
-    except ImportError as error:
-        pytest.fail(
-            f"Keras {keras.__version__} moved or removed ImageDataGenerator ({error}): bench/input_pipeline.py "
-            "image_data_generator() imports it there to time the seed's augmentation against the training "
-            "pipeline; import it from its new place"
-        )
-    # The benchmark's generator, on the benchmark's kind of input: uint8 images in memory, integer labels.
-    generator = ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
-    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
-    batch_images, batch_labels = next(iter(generator.flow(images, np.arange(8), batch_size=4, shuffle=True, seed=0)))
-    assert batch_images.shape == (4, 8, 8, 3) and batch_labels.shape == (4,)

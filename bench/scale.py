@@ -1,0 +1,310 @@
+"""A team's folder of photos through the whole pipeline: each stage's time, memory and disk at N images.
+
+    python -m bench.scale                          # N = 10,000 (about 10 minutes on 2 cores)
+    python -m bench.scale --images 100000          # the size the goals are set for (hours)
+    python -m bench.scale --keep data/scale        # keep the photos and the copy there; a rerun reuses the photos
+
+A seeded generator writes N photo-like JPEGs (sides of 300 to 500 pixels, quality 80 to 95, 20 classes,
+one broken file in 2,000: empty, truncated or not an image) into a folder. A fresh copy of the repository
+runs the default pipeline on it as a team would: `dataset.name: imagefolder` with the folder as source,
+`dataset.image_size` 224, `keras_cnn` fed 64x64 images for one epoch, the training split streamed from
+the shards (`train.cache_mb` 64). Each stage runs on its own (`dvc repro --single-item <stage>`) and
+reports its wall time, images per second, the peak of the summed resident memory of the stage's
+processes (dvc, the stage, its workers; sampled every 0.1 s) and the seconds DVC spends outside the
+stage's command (hashing, caching, locking). Then a no-op `dvc repro`, and the disk: the source
+folder, and what the pipeline added besides it (hard links to the source's files count once).
+
+Convert's rate is set against the work itself: Pillow alone decoding the same files, resizing them to
+224x224 and encoding them as JPEG quality 95, on every core (a process pool), in the same run.
+
+Goals (exit 1 when one is missed): convert at least 0.9x the Pillow rate; DVC's own time at most 10% of
+each stage's; a no-op `dvc repro` at most 3 s; disk beyond the source folder at most the shards + 10%;
+and, when reports/bench/ holds this benchmark's report for a smaller N, each stage's peak memory at
+most 1.3x that one's. Writes reports/bench/scale-<N>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import psutil
+
+from bench import orchestration, workspace
+from bench import report as bench_report
+
+CLASSES = 20
+SETTINGS = {
+    "dataset.name": "imagefolder",
+    "dataset.image_size": [224, 224],
+    "train.model": "keras_cnn",
+    "train.image_size": [64, 64],
+    "train.epochs": 1,
+    "train.batch_size": 64,
+    "train.cache_mb": 64,
+    "register.min_precision": 0.0,
+}
+STAGES = ("download", "convert", "train", "evaluate", "register")
+MIN_CONVERT_RATIO = 0.9
+MAX_DVC_SHARE = 0.10
+MAX_NOOP_REPRO_SECONDS = 3.0
+MAX_DISK_OVER_SHARDS = 1.10
+MAX_MEMORY_GROWTH = 1.3
+BROKEN_EVERY = 2000
+
+
+def photo(index: int, seed: int) -> tuple[str, bytes]:
+    """The `index`-th generated photo: (its path under the folder, its file's bytes).
+
+    A smooth random field (a 6x6 grid of colours scaled up), tinted by its class, plus sensor-like noise:
+    compresses like a photo, and the class shows at 64x64. Every `BROKEN_EVERY`-th file is broken.
+    """
+    random = np.random.default_rng([seed, index])
+    label = index % CLASSES
+    path = f"class_{label:03d}/photo_{index:07d}.jpg"
+    if index % BROKEN_EVERY == BROKEN_EVERY - 1:
+        return path, [b"", b"not an image at all", _encoded(random, label)[:2000]][index // BROKEN_EVERY % 3]
+    return path, _encoded(random, label)
+
+
+def _encoded(random: np.random.Generator, label: int) -> bytes:
+    width, height = (int(side) for side in random.integers(300, 501, 2))
+    grid = random.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    field = np.asarray(PIL.Image.fromarray(grid).resize((width, height), PIL.Image.Resampling.BICUBIC), np.float32)
+    hue = np.array([(label * 37) % 256, (label * 91) % 256, (label * 151) % 256], np.float32)
+    pixels = 0.5 * field + 0.5 * hue + random.normal(0, 6, (height, width, 3))
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=int(random.integers(80, 96))
+    )
+    return buffer.getvalue()
+
+
+def _write_photos(job: tuple[pathlib.Path, int, int, int]) -> None:
+    folder, start, stop, seed = job
+    for index in range(start, stop):
+        relative, data = photo(index, seed)
+        (folder / relative).write_bytes(data)
+
+
+def make_photos(folder: pathlib.Path, count: int, seed: int = 0) -> pathlib.Path:
+    """`count` photos in `folder`, made on every core; kept when a previous call made the same ones."""
+    marker = folder / f".complete-{count}-{seed}"
+    if marker.exists():
+        return folder
+    for label in range(CLASSES):
+        (folder / f"class_{label:03d}").mkdir(parents=True, exist_ok=True)
+    chunk = 500
+    jobs = [(folder, start, min(start + chunk, count), seed) for start in range(0, count, chunk)]
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        pool.map(_write_photos, jobs)
+    marker.touch()
+    return folder
+
+
+def _pillow_work(path: str) -> int:
+    """What convert does to a photo, with Pillow alone: decode (draft-scaled), RGB, resize to 224, JPEG 95."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.draft("RGB", (224, 224))
+            rgb = image.convert("RGB").resize((224, 224), PIL.Image.Resampling.BILINEAR)
+    except (OSError, PIL.UnidentifiedImageError):
+        return 0
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=95)
+    return len(buffer.getvalue())
+
+
+def pillow_rate(folder: pathlib.Path) -> float:
+    """Images per second of Pillow alone doing convert's work on the folder's files, on every core."""
+    paths = sorted(str(path) for path in folder.rglob("*.jpg"))
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        pool.map(_pillow_work, paths[:50])  # each worker imports Pillow before the clock starts
+        start = time.perf_counter()
+        pool.map(_pillow_work, paths, chunksize=64)
+        seconds = time.perf_counter() - start
+    return len(paths) / seconds
+
+
+class PeakMemory:
+    """The highest sum of resident memory over a process and all its descendants, sampled every 0.1 s."""
+
+    def __init__(self, pid: int):
+        self.root, self.peak, self.running = psutil.Process(pid), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            total = 0
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for process in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
+def run_stage(copy: pathlib.Path, stage: str, variables: dict[str, str]) -> dict:
+    """One stage through DVC: wall seconds, the stage command's own seconds, peak memory (bytes)."""
+    command = ["dvc", "repro", "--single-item", stage]
+    start = time.perf_counter()
+    lines = []
+    with subprocess.Popen(
+        command, cwd=copy, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        memory = PeakMemory(process.pid)
+        for line in process.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+    seconds = time.perf_counter() - start
+    peak = memory.stop()
+    if process.returncode != 0:
+        tail = "\n".join(line for _, line in lines[-30:])
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}:\n{tail}")
+    return {"seconds": seconds, "command_seconds": _command_seconds(lines, seconds), "peak_memory": peak}
+
+
+def _command_seconds(lines: list[tuple[float, str]], total: float) -> float:
+    """From DVC's "> python -m ..." line to its next line of its own (lock file, or the end)."""
+    begun = next(arrived for arrived, line in lines if line.startswith("> python"))
+    own = re.compile(r"^(Updating|Generating) lock file")
+    ended = next((arrived for arrived, line in lines if arrived > begun and own.match(line)), total)
+    return ended - begun
+
+
+def disk_usage(paths: list[pathlib.Path], seen: set[tuple[int, int]]) -> int:
+    """Bytes on disk of the files under `paths` whose inodes are not in `seen` (which gets them added)."""
+    total = 0
+    for root in paths:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                status = os.lstat(os.path.join(folder, name))
+                key = (status.st_dev, status.st_ino)
+                if key not in seen:
+                    seen.add(key)
+                    total += status.st_blocks * 512
+    return total
+
+
+def measure(folder: pathlib.Path, count: int) -> dict:
+    photos = make_photos(folder / "photos", count)
+    rate = pillow_rate(photos)
+    copy = folder / "repository"
+    if copy.exists():
+        raise SystemExit(f"{copy} exists: remove it (the photos beside it are reused)")
+    workspace.copy_repository(copy)
+    orchestration.write_params(copy, {**SETTINGS, "dataset.source": str(photos)})
+    variables = orchestration.environment()
+    stages = {stage: run_stage(copy, stage, variables) for stage in STAGES}
+    noop = orchestration.measure_noop_repro(copy, variables)
+    seen: set[tuple[int, int]] = set()
+    source_bytes = disk_usage([photos], seen)
+    shards_bytes = disk_usage([copy / "data" / "shards"], set())
+    added = {
+        "data (raw, shards)": disk_usage([copy / "data"], seen),
+        "DVC cache": disk_usage([copy / ".dvc" / "cache"], seen),
+        "models, checkpoints, MLflow": disk_usage(
+            [copy / name for name in ("models", "checkpoints", "mlruns", "mlartifacts")], seen
+        ),
+    }
+    return {
+        "images": count,
+        "settings": SETTINGS,
+        "pillow_images_per_second": rate,
+        "stages": stages,
+        "noop_repro_seconds": noop,
+        "disk": {"source": source_bytes, "shards": shards_bytes, "added": added},
+    }
+
+
+def check(report: dict, smaller: dict | None) -> bool:
+    count, stages = report["images"], report["stages"]
+    convert_rate = count / stages["convert"]["command_seconds"]
+    passed = [
+        bench_report.check(
+            "convert over Pillow alone", convert_rate / report["pillow_images_per_second"], MIN_CONVERT_RATIO
+        )
+    ]
+    for stage, result in stages.items():
+        share = 1 - result["command_seconds"] / result["seconds"]
+        passed.append(bench_report.check(f"DVC's share of {stage}", 100 * share, 100 * MAX_DVC_SHARE, False, "%"))
+    noop = statistics.median(report["noop_repro_seconds"])
+    passed.append(bench_report.check("no-op dvc repro", noop, MAX_NOOP_REPRO_SECONDS, False, " s"))
+    disk = report["disk"]
+    data_added = disk["added"]["data (raw, shards)"] + disk["added"]["DVC cache"]
+    passed.append(
+        bench_report.check(
+            "data disk beyond the source, over the shards", data_added / disk["shards"], MAX_DISK_OVER_SHARDS, False
+        )
+    )
+    if smaller is not None:
+        for stage, result in stages.items():
+            growth = result["peak_memory"] / smaller["stages"][stage]["peak_memory"]
+            name = f"{stage}'s peak memory over {smaller['images']:,} images'"
+            passed.append(bench_report.check(name, growth, MAX_MEMORY_GROWTH, False))
+    return all(passed)
+
+
+def smaller_report(count: int) -> dict | None:
+    """This benchmark's report for the largest N below `count` in reports/bench/, if any."""
+    reports = [json.loads(path.read_text()) for path in bench_report.REPORT_DIR.glob("scale-*.json")]
+    below = [report for report in reports if report["images"] < count]
+    return max(below, key=lambda report: report["images"]) if below else None
+
+
+def print_report(report: dict) -> None:
+    count = report["images"]
+    rows = []
+    for stage, result in report["stages"].items():
+        dvc_seconds = result["seconds"] - result["command_seconds"]
+        rows.append([stage, result["seconds"], dvc_seconds, count / result["seconds"], result["peak_memory"] / 2**20])
+    print(f"{count:,} photos; Pillow alone on every core: {report['pillow_images_per_second']:.0f} images/s")
+    bench_report.print_table(["stage", "seconds", "of which DVC", "images/s", "peak memory MiB"], rows)
+    disk = report["disk"]
+    disk_rows = [["source folder", disk["source"] / 2**20], ["shards", disk["shards"] / 2**20]]
+    disk_rows += [[f"added: {name}", value / 2**20] for name, value in disk["added"].items()]
+    bench_report.print_table(["disk", "MiB"], disk_rows)
+    print(f"no-op dvc repro: {', '.join(f'{seconds:.2f}' for seconds in report['noop_repro_seconds'])} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000, help="photos to generate (default: %(default)s)")
+    parser.add_argument("--keep", type=pathlib.Path, help="work in this folder and keep it (default: a temporary one)")
+    arguments = parser.parse_args(argv)
+    if arguments.keep is not None:
+        arguments.keep.mkdir(parents=True, exist_ok=True)
+        report = measure(arguments.keep.resolve(), arguments.images)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+            report = measure(pathlib.Path(folder), arguments.images)
+    print_report(report)
+    passed = check(report, smaller_report(arguments.images))
+    bench_report.write(f"scale-{arguments.images}", report)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
