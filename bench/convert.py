@@ -4,15 +4,17 @@
     python -m bench.convert --images 600     # quicker, noisier
 
 Two cases, each a loop and the stage on the same files, in this process, one after the other:
-- keep size (dataset.image_size: null, the default): the loop opens each file, converts it to RGB,
-  encodes PNG (as this pipeline's first convert stage did) and writes one TFRecord. The ratio of
-  this case is the one checked.
-- resize to half (dataset.image_size set): the loop decodes, converts, resizes and encodes JPEG at
-  quality 95, exactly the stage's own per-image work; what is left is the stage's use of all cores
-  and of the JPEG decoder's scaling. Shown for what it tells, not checked.
+- resize to half (dataset.image_size set): the loop decodes (letting the JPEG decoder scale down, as
+  the stage does), converts to RGB, resizes and encodes JPEG at quality 95, exactly the stage's own
+  per-image work, and writes one TFRecord. Like for like: what is left is the stage's use of every
+  core, against its own bookkeeping (digests, validation, the index). The ratio of this case is the
+  one checked.
+- keep size (dataset.image_size: null, the default): the loop re-encodes each file as PNG (as this
+  pipeline's first convert stage did), while the stage keeps an unchanged JPEG's own bytes: not the
+  same work, so shown for what it tells, not checked.
 Each is timed twice, alternating, and the faster run counts (other work on the machine only ever
 slows a run down). Prints a table, writes reports/bench/convert.json and exits non-zero when the
-stage is less than 1.7 times as fast as the loop in the keep-size case.
+stage is less than 1.7 times as fast as the loop in the resize case (2 cores: at most 2x).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def plain_loop(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[in
     with tf.io.TFRecordWriter(str(output)) as writer:
         for path in paths:
             with PIL.Image.open(path) as image:
+                if image_size is not None:
+                    image.draft("RGB", (max(image_size), max(image_size)))
                 rgb = image.convert("RGB")
             buffer = io.BytesIO()
             if image_size is None:
@@ -162,8 +166,9 @@ def main() -> int:
             },
         }
     bench_report.print_table(["case", "method", "seconds", "images/s", "MB written", "ratio"], rows)
+    resize = next(case for case in report["cases"] if case.startswith("resize"))
     report["passed"] = bench_report.check(
-        "convert stage over the loop (keep size)", report["cases"]["keep size"]["ratio"], REQUIRED_RATIO
+        f"convert stage over the loop ({resize})", report["cases"][resize]["ratio"], REQUIRED_RATIO
     )
     bench_report.write("convert", report)
     return 0 if report["passed"] else 1

@@ -44,25 +44,16 @@ def test_disk_usage_counts_a_hard_linked_file_once(tmp_path):
     assert 64 * 1024 <= scale.disk_usage([tmp_path / "copy"], seen) < 2 * 64 * 1024, "only b.bin is new"
 
 
-def test_peak_memory_sums_a_process_and_its_children():
+def test_a_stage_watch_sums_a_process_and_its_children_and_times_the_children():
+    """As DVC runs a stage: the parent works alone (DVC's own time), then runs its command as a child."""
     code = (
-        "import subprocess, sys, time; block = bytearray(80 * 2**20); "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(80 * 2**20); time.sleep(1.5)']); "
-        "child.wait()"
+        "import subprocess, sys, time; block = bytearray(80 * 2**20); time.sleep(0.6); "
+        "command = 'import time; b = bytearray(80 * 2**20); time.sleep(1.5)'; "
+        "subprocess.run([sys.executable, '-c', command]); time.sleep(0.6)"
     )
     process = subprocess.Popen([sys.executable, "-c", code])
-    memory = scale.PeakMemory(process.pid)
+    watch = scale.StageWatch(process.pid)
     process.wait()
-    assert memory.stop() > 160 * 2**20, "both processes' 80 MiB blocks at once"
-
-
-def test_the_stage_command_seconds_come_from_dvcs_own_lines():
-    lines = [
-        (0.8, "Running stage 'convert':"),
-        (1.0, "> python -m tasks.convert"),
-        (5.0, "convert: 10 images"),
-        (9.0, "Updating lock file 'dvc.lock'"),
-        (9.5, ""),
-    ]
-    assert scale._command_seconds(lines, total=10.0) == 8.0
-    assert scale._command_seconds(lines[:3], total=6.0) == 5.0, "no lock line: up to the end"
+    peak, command_seconds = watch.stop()
+    assert peak > 160 * 2**20, "both processes' 80 MiB blocks at once"
+    assert 1.3 <= command_seconds <= 2.2, command_seconds
