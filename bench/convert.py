@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import PIL.Image
-import tensorflow as tf
 
 from bench import report as bench_report
 from tasks import convert
@@ -91,6 +90,8 @@ def plain_loop(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[in
     labels = {
         name: label for label, name in enumerate(sorted(path.name for path in raw_dir.iterdir() if path.is_dir()))
     }
+    import tensorflow as tf  # here, not above: importing tasks first turns its start-up notices down
+
     start = time.perf_counter()
     with tf.io.TFRecordWriter(str(output)) as writer:
         for path in paths:
