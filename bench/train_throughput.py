@@ -9,7 +9,7 @@ in this process, `--runs` times each (2 by default, of `--epochs` 7), alternatin
 the same work faster or slower from one minute to the next, and alternating gives both sides their
 share of each; each run also costs a model build, tracing and (for the stage) a saved model, so two
 long runs time more epochs (ten per side) in the same three minutes than three short ones (six)
-(docs/benchmarks.md, train_throughput):
+(docs/benchmarks-history.md, train_throughput):
 - bare fit: the same network (`tasks.modeling.architectures.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on NumPy arrays of the training split held in memory (decoded once,
   centre-cropped to the input size, no distortion), validating on the validation split as NumPy.
@@ -27,7 +27,7 @@ default). The bare fit gets a new input iterator every epoch (Keras does so for 
 this machine four or five epochs in ten then leave one core idle much of the time; the stage keeps one
 iterator for the whole fit (tasks/train.py). The median is not moved by a few slow epochs, where
 the throughput over all of them (reported beside it, as "all epochs") is, and the fastest epoch of
-each side (also reported) compares the two at their best (docs/benchmarks.md, train_throughput).
+each side (also reported) compares the two at their best (docs/benchmarks-history.md, train_throughput).
 The process's CPU time per image is compared the same way.
 `train.deterministic: true` (the default) turns on TensorFlow's op determinism for the whole
 process, so it is turned on first, for both sides.

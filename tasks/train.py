@@ -222,7 +222,7 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devic
     )
     # Repeated, so that one input iterator serves the whole fit, `steps_per_epoch` steps an epoch: given a
     # finite dataset, Keras makes a new iterator every epoch, and on a 2-core CPU four or five epochs in ten
-    # then leave one core idle much of the time (docs/benchmarks.md, train_throughput).
+    # then leave one core idle much of the time (docs/benchmarks-history.md, train_throughput).
     training = (
         inputs.training_data(**pipeline, drop_remainder=devices.multi_worker, replicas=replicas)
         .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
@@ -401,7 +401,7 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
         keras.callbacks.CSVLogger(str(work / contracts.HISTORY_FILE), append=True),
         monitoring.MlflowMetrics(),
         # Step summaries every log_every_steps calls of the training function: every call costs too much
-        # (docs/benchmarks.md).
+        # (docs/benchmarks-history.md).
         keras.callbacks.TensorBoard(
             str(work / contracts.TENSORBOARD_DIR),
             histogram_freq=params.histogram_freq,

@@ -119,7 +119,7 @@ def _distortion(augment: tuple[str, ...], image_size: tuple[int, int], input_siz
 
     Written with plain TensorFlow ops rather than Keras' preprocessing layers: with those, crop, flip,
     brightness and contrast delivered 12,000 images/s of 32x32 on 2 cores, with these 110,000-125,000
-    (bench/input_pipeline.py; docs/benchmarks.md has the profile). The geometric distortions (crop, flip,
+    (bench/input_pipeline.py; docs/benchmarks-history.md has the profile). The geometric distortions (crop, flip,
     shift) only move whole pixels, so they are one gather of rows and one of columns of the uint8 images,
     each image with its own window; brightness and contrast then run once over the batch in float32.
     Random draws are stateless, from the batch's own seed: reproducible with any number of parallel calls.
