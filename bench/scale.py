@@ -224,11 +224,11 @@ def shards_cache_files(copy: pathlib.Path) -> list[pathlib.Path]:
 
 
 def measure(folder: pathlib.Path, count: int) -> dict:
-    photos = make_photos(folder / "photos", count)
-    rate = pillow_rate(photos)
     copy = folder / "repository"
     if copy.exists():
         raise SystemExit(f"{copy} exists: remove it (the photos beside it are reused)")
+    photos = make_photos(folder / "photos", count)
+    rate = pillow_rate(photos)
     workspace.copy_repository(copy)
     orchestration.write_params(copy, {**SETTINGS, "dataset.source": str(photos)})
     variables = orchestration.environment()
@@ -279,7 +279,7 @@ def check(report: dict, smaller: dict | None) -> bool:
     if smaller is not None:
         for stage, result in stages.items():
             growth = result["peak_memory"] / smaller["stages"][stage]["peak_memory"]
-            name = f"{stage}'s peak memory over {smaller['images']:,} images'"
+            name = f"{stage}'s peak memory over the {smaller['images']:,}-photo run's"
             passed.append(bench_report.check(name, growth, MAX_MEMORY_GROWTH, False))
     return all(passed)
 
