@@ -63,4 +63,4 @@ flow: lock-check
 test: lock-check
 	ruff check .
 	ruff format --check .
-	python -m pytest --numprocesses 2 --dist loadfile
+	python -m pytest --numprocesses 2 --dist loadfile --no-loadscope-reorder

@@ -22,8 +22,9 @@ from bench import workspace
 
 REPOSITORY = workspace.REPOSITORY
 # The slowest test files, slowest first (from `pytest --durations`): the test command hands whole files to
-# its two workers in collection order (`--dist loadfile`), so a slow file handed out last keeps one worker
-# busy while the other has nothing left. In alphabetical order the slowest came last.
+# its two workers in collection order (`--dist loadfile --no-loadscope-reorder`), so a slow file handed out
+# last keeps one worker busy while the other has nothing left. xdist's own order (files with the most tests
+# first) put these few-test files last.
 SLOWEST_FILES = [
     "test_register.py",
     "test_kill.py",
