@@ -104,7 +104,7 @@ def _write_photos(job: tuple[pathlib.Path, int, int, int]) -> None:
 
 def make_photos(folder: pathlib.Path, count: int, seed: int = 0) -> pathlib.Path:
     """`count` photos in `folder`, made on every core; kept when a previous call made the same ones."""
-    marker = folder / f".complete-{count}-{seed}"
+    marker = folder.parent / f".{folder.name}-complete-{count}-{seed}"  # beside it: not a file of the data set
     if marker.exists():
         return folder
     for label in range(CLASSES):
