@@ -191,7 +191,8 @@ def test_every_kind_of_image_becomes_upright_rgb(tmp_path):
         (tmp_path / name).write_bytes(data)
         prepared[name] = images.prepare(str(tmp_path / name), image_size=None)
         assert isinstance(prepared[name], images.Prepared), (name, prepared[name])
-        assert _decoded(prepared[name]).shape == (16, 8, 3) if name == "rotated.jpg" else (8, 8, 3), name
+        expected_shape = (16, 8, 3) if name == "rotated.jpg" else (8, 8, 3)
+        assert _decoded(prepared[name]).shape == expected_shape, name
 
     for unchanged in ("gray.jpg", "gray.png"):
         assert prepared[unchanged].encoding == "original" and prepared[unchanged].encoded == cases[unchanged]
