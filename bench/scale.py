@@ -1,7 +1,7 @@
 """A team's folder of photos through the whole pipeline: each stage's time, memory and disk at N images.
 
-    python -m bench.scale                          # N = 10,000 (about 10 minutes on 2 cores)
-    python -m bench.scale --images 100000          # the size the goals are set for (hours)
+    python -m bench.scale                          # N = 10,000 (3 to 5 minutes on 2 cores)
+    python -m bench.scale --images 100000          # the size the goals are set for (27 minutes, 3.5 GB of photos)
     python -m bench.scale --keep data/scale        # keep the photos and the copy there; a rerun reuses the photos
 
 A seeded generator writes N photo-like JPEGs (sides of 300 to 500 pixels, quality 80 to 95, 20 classes,
