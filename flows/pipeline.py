@@ -82,7 +82,7 @@ def unchanged(stage: str, params: config.Params, tracked: bool) -> bool:
     download also runs when the folder changed since the raw copy was made."""
     if not tracked:
         return False
-    if stage == "download" and download.source_changed(**download.arguments(params)):
+    if stage == "download" and download.source_changed(params.dataset, params.raw_dir):
         return False
     return dvc_stages.up_to_date(stage)
 

@@ -40,7 +40,7 @@ import tensorflow as tf
 import tqdm
 
 from tasks.common import config, contracts, disk, errors, files
-from tasks.data import changes, images, records, reuse, splits
+from tasks.data import changes, images, listing, records, reuse, splits
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
@@ -104,9 +104,8 @@ def arguments(params: config.Params) -> dict[str, Any]:
         shards_dir=params.shards_dir,
         report_dir=params.data_report_dir,
         model_name=params.registered_model_name,
-        # Beside the downloads, not in the shards folder: a DVC output must hold the same bytes for the same
-        # images, and file times differ from one checkout to the next.
-        digests_file=params.downloads_dir / f"convert-{params.dataset.name}-digests.csv",
+        digests_file=params.digests_file,
+        listing_file=listing.path_for(params.raw_dir),
     )
 
 
@@ -119,6 +118,7 @@ def convert(
     report_dir: pathlib.Path | None = None,
     model_name: str | None = None,
     digests_file: pathlib.Path | None = None,
+    listing_file: pathlib.Path | None = None,
 ) -> ConvertResult:
     """Validates every file of `raw_dir`, splits the images by their names and writes them as shards.
 
@@ -126,19 +126,23 @@ def convert(
     The data-change report (against the data the champion of `model_name` was trained on, else the
     previous shards) goes to `report_dir`; its guard stops the run before the shards are replaced.
     `digests_file` keeps each file's sha256 by its size, time and inode, so that the next run reads only
-    the files that changed. Without the room estimated (space_needed), it stops before writing anything.
+    the files that changed. `listing_file`, when there, is download's listing of the raw folder (what DVC
+    recorded): a file that differs from it stops the run. Without the room estimated (space_needed), it
+    stops before writing anything.
     """
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
     earlier = reuse.previous(shards_dir)
-    known = reuse.read_digests(digests_file) if digests_file else {}
+    known = listing.read_digests(digests_file) if digests_file else {}
     disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
-        digests = _hash_all(found, known)
+        sources, paths = [item.source for item in found], [str(item.path) for item in found]
+        digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
+        _require_listed(listing_file, found, digests, [source for source, _ in outside])
         accepted, rejected, decoded = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
         )
@@ -161,7 +165,7 @@ def convert(
         contracts.write_index(staging, entries)
         manifest.write(staging)
     if digests_file:
-        reuse.write_digests(digests_file, [(item.source, item.identity) for item in found], digests)
+        listing.write_digests(digests_file, [(item.source, item.identity) for item in found], digests)
     counts = {split: len(split_images) for split, split_images in grouped.items()}
     return ConvertResult(
         shards_dir=shards_dir,
@@ -404,26 +408,23 @@ def _prepare_all(
     return accepted, rejected, len(to_decode)
 
 
-def _hash_all(found: list[_File], known: dict[str, tuple[tuple[int, int, int], str]]) -> list[str | None]:
-    """The sha256 of every file (None: unreadable). A file whose size, time and inode are those `known`
-    recorded keeps its digest, as git and DVC do; the others are read on threads (hashlib and reads
-    release the GIL), in batches: one task per file would cost more than hashing a small file."""
-    digests: list[str | None] = [
-        known[item.source][1] if item.identity and known.get(item.source, (None,))[0] == item.identity else None
-        for item in found
-    ]
-    todo = [index for index, digest in enumerate(digests) if digest is None]
-    batches = [todo[start : start + 256] for start in range(0, len(todo), 256)]
-    paths = [[str(found[index].path) for index in batch] for batch in batches]
-    with concurrent.futures.ThreadPoolExecutor(_workers() * 2) as pool:
-        for batch, batch_digests in zip(batches, pool.map(_hash_batch, paths), strict=True):
-            for index, digest in zip(batch, batch_digests, strict=True):
-                digests[index] = digest
-    return digests
-
-
-def _hash_batch(paths: list[str]) -> list[str | None]:
-    return [images.file_sha256(path) for path in paths]
+def _require_listed(
+    listing_file: pathlib.Path | None, found: list[_File], digests: list[str | None], outside: list[str]
+) -> None:
+    """The raw folder holds exactly the files download listed (what DVC recorded), with the same bytes."""
+    listed = listing.read(listing_file) if listing_file else None
+    if listed is None:
+        return  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
+    here = {item.source: digest or "" for item, digest in zip(found, digests, strict=True)}
+    here.update({source: listed.get(source, "") for source in outside})  # rejected unread: their presence counts
+    listed.pop(contracts.LAYOUT_FILE, None)
+    differing = sorted(source for source in here.keys() | listed.keys() if here.get(source) != listed.get(source))
+    if differing:
+        raise errors.BadInput(
+            f"{len(differing)} files of the raw folder differ from download's listing {listing_file} (added, removed "
+            f"or changed since, e.g. {differing[0]}); the raw folder is download's output: change the images in "
+            "dataset.source, then rerun download (`dvc repro -f download`)"
+        )
 
 
 def _workers() -> int:

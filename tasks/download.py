@@ -10,7 +10,9 @@ sub-folder per class, or with train/ [validation/ or val/] [test/] folders that 
 folders).
 
 Archives are kept in <paths.downloads>/ and verified before use. The raw folder also gets
-layout.json: where the data came from and which split folders it brings, for the convert stage.
+layout.json: where the data came from and which split folders it brings, for the convert stage. Beside
+the folder, <dataset.name>.files.csv lists every file with its size and sha256: DVC tracks that listing,
+not the folder (tasks/data/listing.py).
 A source folder is only read: its files are hard-linked into the raw folder (copied where the raw
 folder is on another file system), never moved, changed or deleted.
 """
@@ -24,7 +26,7 @@ import sys
 from typing import Any
 
 from tasks.common import config, disk, errors, files
-from tasks.data import fetch, sources
+from tasks.data import fetch, listing, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +39,23 @@ class DownloadResult:
 
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
-    return dict(dataset=params.dataset, raw_dir=params.raw_dir, downloads_dir=params.downloads_dir)
+    return dict(
+        dataset=params.dataset,
+        raw_dir=params.raw_dir,
+        downloads_dir=params.downloads_dir,
+        digests_file=params.digests_file,
+    )
 
 
-@disk.writes(raw_dir="paths.raw", downloads_dir="paths.downloads")
-def download(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir: pathlib.Path) -> DownloadResult:
-    """Writes the data set named by `dataset.name` to `raw_dir` as [<split>/]<class>/<image>, and layout.json.
+@disk.writes(raw_dir="paths.raw", downloads_dir="paths.downloads", digests_file="paths.downloads")
+def download(
+    dataset: config.DatasetParams,
+    raw_dir: pathlib.Path,
+    downloads_dir: pathlib.Path,
+    digests_file: pathlib.Path | None = None,
+) -> DownloadResult:
+    """Writes the data set named by `dataset.name` to `raw_dir` as [<split>/]<class>/<image>, and layout.json,
+    then its listing (tasks/data/listing.py; `digests_file` keeps the files' digests for the next run).
 
     A copy of a folder that would not fit stops before anything is copied; an archive is checked as it is
     downloaded and before it is unpacked (tasks/data/fetch.py).
@@ -50,13 +63,15 @@ def download(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir
     source = sources.load(dataset.name)
     _refuse_overlap(dataset, raw_dir)
     disk.require(*_copy_needed(dataset, raw_dir))
+    listing.remove(raw_dir)
     with files.staged_directory(raw_dir) as staging:
         layout = source.write(dataset, staging, downloads_dir)
         layout.write(staging)
+    listing.write(raw_dir, digests_file or config.digests_file(downloads_dir, dataset.name))
     return _result(raw_dir, layout.splits)
 
 
-def source_changed(dataset: config.DatasetParams, raw_dir: pathlib.Path, downloads_dir: pathlib.Path) -> bool:
+def source_changed(dataset: config.DatasetParams, raw_dir: pathlib.Path) -> bool:
     """Whether the source may hold other data than `raw_dir` was made from, though no setting changed.
 
     DVC sees settings, code and the raw folder itself, not a user's folder or a URL's content: each

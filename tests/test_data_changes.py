@@ -10,7 +10,7 @@ import pytest
 
 from tasks import convert
 from tasks.common import config, contracts, errors
-from tasks.data import changes, images, splits
+from tasks.data import changes, listing, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -190,8 +190,8 @@ def test_unchanged_files_are_not_even_read_again(workdir, monkeypatch):
     _add_images(raw, "class_0", ["late.png"], seed=8)
     (raw / "class_1" / "005.png").write_bytes((raw / "class_1" / "006.png").read_bytes())  # new bytes, new time
     hashed = []
-    original = images.file_sha256
-    monkeypatch.setattr(images, "file_sha256", lambda path: hashed.append(path) or original(path))
+    original = listing.file_sha256
+    monkeypatch.setattr(listing, "file_sha256", lambda path: hashed.append(path) or original(path))
 
     result = convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
     assert sorted(pathlib.Path(path).name for path in hashed) == ["005.png", "late.png"]

@@ -70,7 +70,6 @@ def _estimate(monkeypatch: pytest.MonkeyPatch, shards: pathlib.Path) -> int:
     monkeypatch.setattr(disk, "require", check)
     shutil.rmtree(shards)
     shutil.rmtree(pathlib.Path("reports"))
-    pathlib.Path("data/downloads/convert-imagefolder-digests.csv").unlink()
     (need,) = seen
     assert need.folder == shards.relative_to(pathlib.Path.cwd()) and need.setting == "paths.shards"
     return need.bytes
@@ -79,6 +78,8 @@ def _estimate(monkeypatch: pytest.MonkeyPatch, shards: pathlib.Path) -> int:
 def test_convert_stops_before_writing_a_shard_when_its_estimate_does_not_fit(project, monkeypatch, capsys):
     shards = project / "data" / "shards" / "imagefolder"
     needed = disk.with_margin(_estimate(monkeypatch, shards))
+    digests = project / "data" / "downloads" / "imagefolder-digests.csv"  # download's, which convert rewrites
+    written = digests.stat().st_mtime_ns
     capsys.readouterr()
 
     _free_space(monkeypatch, needed - 1)
@@ -93,7 +94,7 @@ def test_convert_stops_before_writing_a_shard_when_its_estimate_does_not_fit(pro
         "paths.shards in params.yaml at a disk with more room"
     )
     assert list((project / "data" / "shards").iterdir()) == [], "nothing written, not even a staging folder"
-    assert not (project / "data" / "downloads" / "convert-imagefolder-digests.csv").exists()
+    assert digests.stat().st_mtime_ns == written, "the digests' record is not rewritten either"
     assert not (project / "reports").exists(), "no data-change report either"
 
     _free_space(monkeypatch, needed)  # just enough: the stage runs as it always does

@@ -1,7 +1,18 @@
-import PIL.Image
+import csv
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
 
-from tasks import download
-from tasks.common import config
+import PIL.Image
+import pytest
+
+from tasks import convert, download
+from tasks.common import config, errors
+from tasks.data import fetch
+from tests import archives
 from tests.conftest import REPOSITORY
 
 
@@ -30,23 +41,42 @@ def test_a_second_download_replaces_the_first_and_leaves_nothing_partial(workdir
     download.download(dataset, target, workdir / "downloads")
 
     assert not (target / "0" / "stray.png").exists()
-    assert sorted(path.name for path in (workdir / "raw").iterdir()) == ["digits"]
+    assert sorted(path.name for path in (workdir / "raw").iterdir()) == ["digits", "digits.files.csv"]
     assert len(list(target.rglob("*.png"))) == 1797
 
 
+def test_the_listing_dvc_tracks_names_every_file_and_convert_refuses_a_folder_that_differs(workdir):
+    dataset = config.load_params(REPOSITORY / "params.yaml").dataset
+    raw, listed = workdir / "raw" / "digits", workdir / "raw" / "digits.files.csv"
+    download.download(dataset, raw, workdir / "downloads")
+    first = listed.read_bytes()
+    rows = list(csv.reader(io.StringIO(first.decode())))
+
+    assert rows[0] == ["path", "size", "sha256"]
+    on_disk = sorted(path.relative_to(raw).as_posix() for path in raw.rglob("*") if path.is_file())
+    assert [row[0] for row in rows[1:]] == on_disk and len(on_disk) == 1797 + 1  # the images and layout.json
+    for path, size, sha256 in rows[1::300]:
+        content = (raw / path).read_bytes()
+        assert (int(size), sha256) == (len(content), hashlib.sha256(content).hexdigest())
+    download.download(dataset, raw, workdir / "downloads")  # new files, new inodes: hashed again
+    assert listed.read_bytes() == first, "the same images give the same listing: DVC sees no change"
+
+    changed = raw / rows[1][0]
+    changed.write_bytes((raw / rows[2][0]).read_bytes())
+    with pytest.raises(errors.BadInput) as stopped:
+        convert.convert(dataset, 42, raw, workdir / "shards", listing_file=listed)
+    assert str(stopped.value) == (
+        f"1 files of the raw folder differ from download's listing {listed} (added, removed or changed since, "
+        f"e.g. {rows[1][0]}); the raw folder is download's output: change the images in dataset.source, then "
+        "rerun download (`dvc repro -f download`)"
+    )
+    assert not (workdir / "shards").exists()
+    changed.unlink()
+    with pytest.raises(errors.BadInput, match=f"1 files of the raw folder differ .* e.g. {rows[1][0]}\\)"):
+        convert.convert(dataset, 42, raw, workdir / "shards", listing_file=listed)
+
+
 # --- real sources, over HTTP from a local server --------------------------------------------------
-
-import hashlib
-import json
-import os
-import tarfile
-import zipfile
-
-import pytest
-
-from tasks import convert
-from tasks.data import fetch
-from tests import archives
 
 
 def _dataset(**changes) -> config.DatasetParams:

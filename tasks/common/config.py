@@ -295,6 +295,10 @@ class Params(_Section):
         return pathlib.Path(self.paths.downloads)
 
     @property
+    def digests_file(self) -> pathlib.Path:
+        return digests_file(self.downloads_dir, self.dataset.name)
+
+    @property
     def shards_dir(self) -> pathlib.Path:
         return pathlib.Path(self.paths.shards) / self.dataset.name
 
@@ -351,6 +355,12 @@ def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, A
     for dotted_key, value in (overrides or {}).items():
         _set_dotted(raw, dotted_key, value, path)
     return parse_params(raw, source=str(path))
+
+
+def digests_file(downloads_dir: pathlib.Path, dataset_name: str) -> pathlib.Path:
+    """Each raw file's sha256 by its size, time and inode, for download's listing and convert: beside the
+    downloads, as file times and inodes differ from one checkout to the next."""
+    return downloads_dir / f"{dataset_name}-digests.csv"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

@@ -73,18 +73,6 @@ def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejecte
     return Prepared(encoded=encoded, encoding=encoding, source_sha256=source_sha256, difference_hash=picture_hash)
 
 
-def file_sha256(path: str) -> str | None:
-    """The sha256 of a file's bytes, or None when it cannot be read (prepare then says why)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
 def difference_hash(image: PIL.Image.Image) -> str:
     """64 bits: is each pixel of a 9x8 grayscale thumbnail brighter than its right neighbour.
 

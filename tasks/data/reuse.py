@@ -10,14 +10,12 @@ one that does not check out are converted again from their sources.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import pathlib
 from typing import BinaryIO
 
-from tasks.common import contracts, errors, files
+from tasks.common import contracts, errors
 from tasks.data import records
 
 
@@ -81,29 +79,3 @@ def previous(shards_dir: pathlib.Path) -> tuple[contracts.Manifest, list[contrac
     except (errors.BadInput, errors.MissingInput) as error:
         print(f"convert: converting every file again: {error}")
         return None
-
-
-def read_digests(path: pathlib.Path) -> dict[str, tuple[tuple[int, int, int], str]]:
-    """source -> ((size, modification time in ns, inode), sha256), as write_digests kept them; {} without."""
-    try:
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
-            return {
-                row[0]: ((int(row[1]), int(row[2]), int(row[3])), row[4]) for row in csv.reader(stream) if len(row) == 5
-            }
-    except (OSError, ValueError):  # none yet, or unreadable: every file is hashed again, nothing is lost
-        return {}
-
-
-def write_digests(
-    path: pathlib.Path, identities: list[tuple[str, tuple[int, int, int] | None]], digests: list[str | None]
-) -> None:
-    """Each file's (source, (size, time, inode)) with its sha256, for read_digests in the next run."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerows(
-        (source, *identity, digest)
-        for (source, identity), digest in zip(identities, digests, strict=True)
-        if identity and digest
-    )
-    files.make_folder(path.parent)
-    files.write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
