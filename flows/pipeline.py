@@ -29,7 +29,7 @@ import prefect.runtime
 import prefect.states
 import yaml
 
-from flows import dvc_stages, reports
+from flows import dvc_stages, local_api
 from tasks import download, stages
 from tasks.common import config, errors, locking
 
@@ -53,6 +53,8 @@ def pipeline(
 ) -> str:
     """download -> convert -> train -> evaluate -> register, on `params_file` with `overrides`; with
     `push_dvc_lock`, dvc.lock is committed and pushed to the checkout's branch afterwards."""
+    from flows import reports  # TensorFlow, Keras, MLflow: imported here, so that main() can start the API first
+
     params = config.load_params(params_file, overrides)  # a bad setting fails here, before any work
     # One run at a time: the pipeline lock keeps out a stage running by hand or under `dvc repro`,
     # DVC's lock keeps `dvc repro` from starting (and deleting outputs) while this flow works.
@@ -108,6 +110,8 @@ def _worth_retrying(task, task_run, state) -> bool:
 @prefect.task(cache_policy=prefect.cache_policies.NO_CACHE, retry_condition_fn=_worth_retrying)
 def stage_task(stage: str, params: config.Params, tracked: bool, **extra: Any) -> Any:
     """Runs one stage on the arguments its module chooses, then records it in dvc.lock as `dvc repro` would."""
+    from flows import reports
+
     started = time.time()
     try:
         result = stages.call(stage, params, **extra)
@@ -131,6 +135,8 @@ def skip_task(stage: str) -> prefect.states.State:
 @prefect.task(name="summary", cache_policy=prefect.cache_policies.NO_CACHE)
 def summary_task(params: config.Params, results: list) -> str:
     """What changed in the data, the test metrics, MLflow run and registry decision, as a markdown artifact."""
+    from flows import reports
+
     ran = [stage for stage, result in zip(STAGES, results, strict=True) if result is not None]
     return reports.run_summary(
         params.metrics_path, params.registry_path, params.model_dir, params.data_report_dir, params.evaluation_dir, ran
@@ -160,6 +166,10 @@ def main(arguments: list[str] | None = None) -> None:
     if not options.verbose and not errors.verbose():
         _console_without_tracebacks()
     logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console printed them again
+    api = local_api.start_in_background()  # without a configured server, Prefect's local API starts meanwhile:
+    from flows import reports  # noqa: F401 - the run's heavy modules (TensorFlow, Keras, MLflow)
+
+    local_api.wait(api)
     print(pipeline(options.params, overrides))
 
 
