@@ -12,20 +12,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import sklearn.metrics  # noqa: E402
 
+# Above this many classes a cell is too small for its count: the matrix shows each row's share by colour alone.
+MAX_CLASSES_WITH_COUNTS = 30
+MAX_FIGURE_INCHES = 24.0  # at 100 dpi; 100 classes get cells of about 0.2 inch, names in 5-point type
+
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: pathlib.Path) -> None:
-    size = max(4.0, 0.5 * len(class_names) + 2)
+    """Counts in each cell up to MAX_CLASSES_WITH_COUNTS classes; beyond, each row coloured by its share
+    (recall on the diagonal), so that 100 classes stay one readable picture of bounded size."""
+    class_count = len(class_names)
+    with_counts = class_count <= MAX_CLASSES_WITH_COUNTS
+    size = min(MAX_FIGURE_INCHES, max(4.0, (0.5 if with_counts else 0.2) * class_count + 2))
     figure, axes = plt.subplots(figsize=(size, size))
-    sklearn.metrics.ConfusionMatrixDisplay.from_predictions(
+    display = sklearn.metrics.ConfusionMatrixDisplay.from_predictions(
         labels,
         predicted,
-        labels=list(range(len(class_names))),
+        labels=list(range(class_count)),
         display_labels=class_names,
         ax=axes,
         colorbar=False,
+        include_values=with_counts,
+        normalize=None if with_counts else "true",
         xticks_rotation="vertical",
     )
-    axes.set_title("Confusion matrix (test split)")
+    if not with_counts:
+        figure.colorbar(display.im_, ax=axes, shrink=0.5, label="share of the true class's test images")
+        axes.tick_params(labelsize=max(4, min(8, round(600 / class_count))))
+    axes.set_title("Confusion matrix (test split)" + ("" if with_counts else ": share of each true class"))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
