@@ -121,15 +121,12 @@ def convert(
     listing_file: pathlib.Path | None = None,
 ) -> ConvertResult:
     """Validates every file of `raw_dir`, splits the images by their names and writes them as shards.
-
     Files whose content the shards already in `shards_dir` hold are taken from there, not decoded again.
     The data-change report (against the data the champion of `model_name` was trained on, else the
     previous shards) goes to `report_dir`; its guard stops the run before the shards are replaced.
-    `digests_file` keeps each file's sha256 by its size, time and inode, so that the next run reads only
-    the files that changed. `listing_file`, when there, is download's listing of the raw folder (what DVC
-    recorded): a file that differs from it stops the run. Without the room estimated (space_needed), it
-    stops before writing anything.
-    """
+    `digests_file` keeps each file's sha256 by its size, time and inode (the next run reads only changed
+    files); a file that differs from download's `listing_file` (what DVC recorded) stops the run, as does
+    too little room for the estimate (space_needed), before anything is written."""
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
@@ -140,9 +137,7 @@ def convert(
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
-        sources, paths = [item.source for item in found], [str(item.path) for item in found]
-        digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
-        _require_listed(listing_file, found, digests, [source for source, _ in outside])
+        digests = _digests(found, known, listing_file, [source for source, _ in outside])
         accepted, rejected, decoded = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
         )
@@ -408,13 +403,16 @@ def _prepare_all(
     return accepted, rejected, len(to_decode)
 
 
-def _require_listed(
-    listing_file: pathlib.Path | None, found: list[_File], digests: list[str | None], outside: list[str]
-) -> None:
-    """The raw folder holds exactly the files download listed (what DVC recorded), with the same bytes."""
+def _digests(
+    found: list[_File], known: dict, listing_file: pathlib.Path | None, outside: list[str]
+) -> list[str | None]:
+    """Each found file's sha256 (None: unreadable), after checking that the raw folder holds exactly the files
+    download listed (what DVC recorded), with the same bytes."""
+    sources, paths = [item.source for item in found], [str(item.path) for item in found]
+    digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
     listed = listing.read(listing_file) if listing_file else None
     if listed is None:
-        return  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
+        return digests  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
     here = {item.source: digest or "" for item, digest in zip(found, digests, strict=True)}
     here.update({source: listed.get(source, "") for source in outside})  # rejected unread: their presence counts
     listed.pop(contracts.LAYOUT_FILE, None)
@@ -425,6 +423,7 @@ def _require_listed(
             f"or changed since, e.g. {differing[0]}); the raw folder is download's output: change the images in "
             "dataset.source, then rerun download (`dvc repro -f download`)"
         )
+    return digests
 
 
 def _workers() -> int:

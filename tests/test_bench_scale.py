@@ -10,8 +10,11 @@ import sys
 
 import PIL.Image
 
-from bench import scale
+from bench import cifar10_sized, scale
+from tasks import download
+from tasks.common import config, files
 from tasks.data import images
+from tests.conftest import REPOSITORY
 
 
 def test_the_photos_are_seeded_varied_jpegs_with_a_few_broken_files(tmp_path):
@@ -57,3 +60,19 @@ def test_a_stage_watch_sums_a_process_and_its_children_and_times_the_children():
     peak, command_seconds = watch.stop()
     assert peak > 160 * 2**20, "both processes' 80 MiB blocks at once"
     assert 1.3 <= command_seconds <= 2.2, command_seconds
+
+
+def test_the_cifar10_sized_archive_is_read_by_the_cifar10_source_over_http(tmp_path):
+    archive = cifar10_sized.make_archive(tmp_path / "archive", records_per_batch=20)
+    dataset = config.DatasetParams(
+        **{**config.load_params(REPOSITORY / "params.yaml").dataset.model_dump(), "name": "cifar10"}
+    )
+    with cifar10_sized.serving(archive.parent) as url:
+        source = dataset.model_copy(update={"source": f"{url}/{archive.name}", "sha256": files.sha256_of(archive)})
+        result = download.download(source, tmp_path / "raw" / "cifar10", tmp_path / "downloads")
+
+    assert result.splits == ("train", "test") and result.class_names == tuple(sorted(cifar10_sized.CLASS_NAMES))
+    assert result.file_count == 6 * 20
+    assert len(list((tmp_path / "raw" / "cifar10" / "test").rglob("*.png"))) == 20
+    with PIL.Image.open(next((tmp_path / "raw" / "cifar10" / "train").rglob("*.png"))) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from bench import input_pipeline, train_throughput
+from bench import input_pipeline, streaming, train_throughput
 
 
 def test_input_pipeline_benchmark_reports_both_sides(workdir):
@@ -57,4 +57,17 @@ def test_train_throughput_benchmark_reports_ratio_and_flop_fraction(workdir):
         sum(epoch[0] for epoch in bare) / sum(epoch[0] for epoch in stage), abs=1e-3
     )
     assert 0 < figures["flop_fraction"] < 1 and 0 < figures["cpu_flop_fraction"] < 1.5
+    assert isinstance(report["passed"], bool)
+
+
+def test_streaming_benchmark_compares_the_stage_with_and_without_its_cache(workdir):
+    streaming.main(["--images", "100", "--epochs", "3", "--runs", "1"])
+    report = json.loads((workdir / "reports" / "bench" / "streaming.json").read_text())
+    assert report["benchmark"] == "streaming" and 55 <= report["train_images"] <= 85
+    epochs = report["epochs_wall_cpu_matmul"]
+    assert [len(epochs["cached"]), len(epochs["streaming"])] == [1, 1], "of 3 epochs, the first and last are not timed"
+    assert report["streaming_images_per_second"] == pytest.approx(
+        report["train_images"] / epochs["streaming"][0][0], rel=1e-3
+    )
+    assert report["ratio"] == pytest.approx(epochs["cached"][0][0] / epochs["streaming"][0][0], abs=1e-3)
     assert isinstance(report["passed"], bool)

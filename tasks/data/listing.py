@@ -33,15 +33,6 @@ def path_for(raw_dir: pathlib.Path) -> pathlib.Path:
     return raw_dir.with_name(raw_dir.name + SUFFIX)
 
 
-def identity_of(path: str) -> Identity | None:
-    """A regular file's size, time and inode; None when it cannot be read as one (vanished, a broken link)."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return (status.st_size, status.st_mtime_ns, status.st_ino) if stat.S_ISREG(status.st_mode) else None
-
-
 def hash_all(
     sources: list[str], paths: list[str], identities: list[Identity | None], known: dict[str, tuple[Identity, str]]
 ) -> list[str | None]:
@@ -79,23 +70,28 @@ def file_sha256(path: str) -> str | None:
 
 
 def write(raw_dir: pathlib.Path, digests_file: pathlib.Path) -> int:
-    """Lists every file under `raw_dir` (sorted by path) into path_for(raw_dir); returns how many."""
-    sources, paths = [], []
+    """Lists every file under `raw_dir` (sorted by path) into path_for(raw_dir); returns how many. A file that
+    cannot be read (a broken link) is listed without size and digest, as convert sees it (and rejects it)."""
+    sources, paths, identities = [], [], []
     for directory, folders, names in os.walk(raw_dir):
         folders.sort()
         for name in sorted(names):
             path = os.path.join(directory, name)
+            try:
+                status = os.stat(path)
+            except OSError:
+                status = None
+            if status is not None and not stat.S_ISREG(status.st_mode):
+                continue  # a socket or a device: no file of the data set
             paths.append(path)
             sources.append(os.path.relpath(path, raw_dir).replace(os.sep, "/"))
-    identities = [identity_of(path) for path in paths]
-    kept = [index for index, identity in enumerate(identities) if identity is not None]  # no folders' links
-    sources, paths, identities = ([values[index] for index in kept] for values in (sources, paths, identities))
+            identities.append((status.st_size, status.st_mtime_ns, status.st_ino) if status else None)
     digests = hash_all(sources, paths, identities, read_digests(digests_file))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(HEADER)
     writer.writerows(
-        (source, identity[0], digest or "")
+        (source, identity[0] if identity else "", digest or "")
         for source, identity, digest in sorted(zip(sources, identities, digests, strict=True))
     )
     files.write_bytes(path_for(raw_dir), buffer.getvalue().encode("utf-8", "surrogateescape"))
