@@ -68,7 +68,7 @@ def _photo(job) -> None:
 def _timed(dataset, raw_dir: pathlib.Path, shards_dir: pathlib.Path) -> tuple[float, convert.ConvertResult]:
     """A conversion as `python -m tasks.convert` runs it: with its record of file digests beside the shards."""
     start = time.perf_counter()
-    digests_file = shards_dir.parent / f"{shards_dir.name}-digests.csv"
+    digests_file = shards_dir.parent / f"{shards_dir.name}-digests.sqlite"
     result = convert.convert(dataset, seed=0, raw_dir=raw_dir, shards_dir=shards_dir, digests_file=digests_file)
     return time.perf_counter() - start, result
 

@@ -78,7 +78,7 @@ def _estimate(monkeypatch: pytest.MonkeyPatch, shards: pathlib.Path) -> int:
 def test_convert_stops_before_writing_a_shard_when_its_estimate_does_not_fit(project, monkeypatch, capsys):
     shards = project / "data" / "shards" / "imagefolder"
     needed = disk.with_margin(_estimate(monkeypatch, shards))
-    digests = project / "data" / "downloads" / "imagefolder-digests.csv"  # download's, which convert rewrites
+    digests = project / "data" / "downloads" / "imagefolder-digests.sqlite"  # download's, which convert rewrites
     written = digests.stat().st_mtime_ns
     capsys.readouterr()
 

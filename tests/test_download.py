@@ -54,25 +54,26 @@ def test_the_listing_dvc_tracks_names_every_file_and_convert_refuses_a_folder_th
 
     assert rows[0] == ["path", "size", "sha256"]
     on_disk = sorted(path.relative_to(raw).as_posix() for path in raw.rglob("*") if path.is_file())
-    assert [row[0] for row in rows[1:]] == on_disk and len(on_disk) == 1797 + 1  # the images and layout.json
+    assert sorted(row[0] for row in rows[1:]) == on_disk and len(on_disk) == 1797 + 1  # the images and layout.json
     for path, size, sha256 in rows[1::300]:
         content = (raw / path).read_bytes()
         assert (int(size), sha256) == (len(content), hashlib.sha256(content).hexdigest())
     download.download(dataset, raw, workdir / "downloads")  # new files, new inodes: hashed again
     assert listed.read_bytes() == first, "the same images give the same listing: DVC sees no change"
 
-    changed = raw / rows[1][0]
-    changed.write_bytes((raw / rows[2][0]).read_bytes())
+    pictures = [row[0] for row in rows[1:] if row[0].endswith(".png")]
+    changed = raw / pictures[0]
+    changed.write_bytes((raw / pictures[1]).read_bytes())
     with pytest.raises(errors.BadInput) as stopped:
         convert.convert(dataset, 42, raw, workdir / "shards", listing_file=listed)
     assert str(stopped.value) == (
         f"1 files of the raw folder differ from download's listing {listed} (added, removed or changed since, "
-        f"e.g. {rows[1][0]}); the raw folder is download's output: change the images in dataset.source, then "
+        f"e.g. {pictures[0]}); the raw folder is download's output: change the images in dataset.source, then "
         "rerun download (`dvc repro -f download`)"
     )
     assert not (workdir / "shards").exists()
     changed.unlink()
-    with pytest.raises(errors.BadInput, match=f"1 files of the raw folder differ .* e.g. {rows[1][0]}\\)"):
+    with pytest.raises(errors.BadInput, match=f"1 files of the raw folder differ .* e.g. {pictures[0]}\\)"):
         convert.convert(dataset, 42, raw, workdir / "shards", listing_file=listed)
 
 

@@ -360,7 +360,7 @@ def load_params(path: str | pathlib.Path = "params.yaml", overrides: dict[str, A
 def digests_file(downloads_dir: pathlib.Path, dataset_name: str) -> pathlib.Path:
     """Each raw file's sha256 by its size, time and inode, for download's listing and convert: beside the
     downloads, as file times and inodes differ from one checkout to the next."""
-    return downloads_dir / f"{dataset_name}-digests.csv"
+    return downloads_dir / f"{dataset_name}-digests.sqlite"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
