@@ -4,9 +4,9 @@ Without a configured server (PREFECT_API_URL), Prefect starts a temporary local 
 call to it: a new Python process that imports Prefect's server and answers /health, about 5 s on 2
 cores, and only after the flow's own imports (TensorFlow, Keras, MLflow: some 7 s). Started first, on a
 thread, the same server (Prefect's SubprocessASGIServer, one per process, which its client then finds
-running) starts while those modules import: `python -m flows.pipeline` reached its flow 3.5 s sooner
+running) starts while those modules import: `python -m flows.pipeline` reached its flow 3.3 s sooner
 (16.0 -> 12.7 s on 2 cores). With a configured server there is nothing to start, which is the way to
-pay no start-up at all (README: Prefect).
+pay no start-up at all (README, With Prefect).
 """
 
 from __future__ import annotations
