@@ -1,8 +1,9 @@
 """A team's folder of photos through the whole pipeline: each stage's time, memory and disk at N images.
 
     python -m bench.scale                          # N = 10,000 (3 to 5 minutes on 2 cores)
-    python -m bench.scale --images 100000          # the size the goals are set for (27 minutes, 3.5 GB of photos)
+    python -m bench.scale --images 100000          # the size the goals are set for (about 30 minutes, 3.5 GB of photos)
     python -m bench.scale --keep data/scale        # keep the photos and the copy there; a rerun reuses the photos
+    python -m bench.scale --cifar10                # 60,000 32x32 images through the cifar10 source (5 minutes)
 
 A seeded generator writes N photo-like JPEGs (sides of 300 to 500 pixels, quality 80 to 95, 20 classes,
 one broken file in 2,000: empty, truncated or not an image) into a folder. A fresh copy of the repository
@@ -21,7 +22,9 @@ Convert's rate is set against the work itself: Pillow alone decoding the same fi
 Goals (exit 1 when one is missed): convert at least 0.9x the Pillow rate; DVC's own time at most 10% of
 each stage's; a no-op `dvc repro` at most 3 s; disk beyond the source folder at most the shards + 10%;
 and, when reports/bench/ holds this benchmark's report for a smaller N, each stage's peak memory at
-most 1.3x that one's. Writes reports/bench/scale-<N>.json.
+most 1.3x that one's. Writes reports/bench/scale-<N>.json. The CIFAR-10-sized case (bench/cifar10_sized.py)
+runs the same stages on the official binary archive's layout, served on 127.0.0.1, held to DVC's share
+and the no-op repro; it writes reports/bench/scale-cifar10.json.
 """
 
 from __future__ import annotations

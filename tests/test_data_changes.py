@@ -207,3 +207,39 @@ def test_a_class_whose_files_all_became_unreadable_counts_as_vanished(workdir):
         path.write_bytes(b"half-synced")  # the folder is still there, its images are not
     with pytest.raises(errors.BadInput, match="class 'class_2' vanished"):
         _convert(raw, workdir)
+
+
+def _entries(hashes: list[int]) -> list[contracts.IndexEntry]:
+    return [
+        contracts.IndexEntry(
+            f"class_{index % 2}/{index:05d}.png", f"class_{index % 2}", "train", "", f"{value:016x}", ""
+        )
+        for index, value in enumerate(hashes)
+    ]
+
+
+def test_the_near_duplicate_search_finds_every_close_pair_a_bucket_block_at_a_time(monkeypatch):
+    # Clustered hashes (a few bits flipped in 40 bases), in buckets larger than a block of rows.
+    monkeypatch.setattr(changes, "_ROWS", 7)
+    random = np.random.default_rng(4)
+    bases = random.integers(0, 2**63, 40, dtype=np.uint64)
+    flips = [sum(1 << int(bit) for bit in random.choice(64, random.integers(0, 5), replace=False)) for _ in range(400)]
+    hashes = [int(bases[index % 40]) ^ flips[index] for index in range(400)]
+    entries = _entries(hashes)
+
+    found = {(a.path, b.path) for a, b in changes._near_duplicate_pairs(entries)}
+
+    expected = {
+        (a.path, b.path)
+        for a in entries
+        for b in entries
+        if a.path < b.path and bin(int(a.difference_hash, 16) ^ int(b.difference_hash, 16)).count("1") <= 3
+    }
+    assert found == expected and len(expected) > 100
+
+
+def test_a_folder_of_look_alikes_stops_the_near_duplicate_search_and_says_so(monkeypatch):
+    monkeypatch.setattr(changes, "MOST_NEAR_DUPLICATE_PAIRS", 50)
+    near = changes._near_duplicates(_entries([index % 3 for index in range(300)]))  # 3 hashes, 1 bit apart
+    assert near["search_stopped"] and near["groups"] == 50
+    assert not changes._near_duplicates(_entries([0, 1, 2**40]))["search_stopped"]

@@ -35,6 +35,11 @@ INDEX_ARTIFACT = "data/index.csv"  # where train logs the shards' index in its M
 NEAR_DUPLICATE_BITS = 3  # of 64; at most 3 lets 4 bands of 16 bits find every such pair (pigeonhole)
 _LISTED = 10  # files per class and groups shown in the Markdown; the JSON lists all
 _MOST_ALIKE = 20  # images of one difference hash paired: 1,000 blank images make 190 pairs, not 499,500
+# Near-duplicate pairs the search keeps. A folder of look-alikes (products on white, generated pictures)
+# has millions, which neither memory nor a report holds (60,000 such images took convert to 6.4 GB);
+# the report says when the search stopped there.
+MOST_NEAR_DUPLICATE_PAIRS = 10_000
+_ROWS = 256  # hashes of a bucket compared with all of it at a time: memory grows with the bucket, not its square
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +130,7 @@ def compare(
         "vanished_classes": sorted(set(old_classes) - set(now_by_class)),
         "moved_between_splits": {"count": len(moved), "into_test": len(into_test), "files": sorted(moved)},
         "identical": _groups(_identical_groups(entries)),
-        "near_duplicates": _groups(_near_duplicate_pairs(entries)),
+        "near_duplicates": _near_duplicates(entries),
         "imbalance": _imbalance(entries, class_names),
     }
     values["guard"] = {
@@ -174,8 +179,14 @@ def _identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contract
     return [by_digest[digest] for digest in sorted(by_digest)]
 
 
+def _near_duplicates(entries: list[contracts.IndexEntry]) -> dict[str, Any]:
+    pairs = _near_duplicate_pairs(entries)
+    return {**_groups(pairs), "search_stopped": len(pairs) >= MOST_NEAR_DUPLICATE_PAIRS}
+
+
 def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
-    """Pairs of images whose difference hashes differ in at most NEAR_DUPLICATE_BITS bits.
+    """Pairs of images whose difference hashes differ in at most NEAR_DUPLICATE_BITS bits, at most
+    MOST_NEAR_DUPLICATE_PAIRS of them.
 
     Pairs, not groups: similar pictures chain (a ~ b ~ c), and a chain's ends need not look alike.
     By hand: no library here compares hashes this way. Candidates come from 4 bands of 16 bits (two
@@ -196,17 +207,23 @@ def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[cont
         sorted_keys = keys[order]
         boundaries = (np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1).tolist()
         for start, end in zip([0, *boundaries], [*boundaries, len(order)], strict=True):
-            if end - start < 2:
-                continue
-            members = order[start:end]
-            distances = np.bitwise_count(values[members][:, None] ^ values[members][None, :])
-            for first, second in zip(*np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1)), strict=True):
-                close.add((int(members[first]), int(members[second])))
+            for first_row in range(start, end - 1, _ROWS):
+                if len(close) >= MOST_NEAR_DUPLICATE_PAIRS:
+                    break
+                rows, columns = order[first_row : min(first_row + _ROWS, end)], order[first_row:end]
+                distances = np.bitwise_count(values[rows][:, None] ^ values[columns][None, :])
+                row, column = np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1))  # later in the bucket
+                first, second = rows[row], columns[column]
+                close.update(zip(np.minimum(first, second).tolist(), np.maximum(first, second).tolist(), strict=True))
     pairs = []
     for first, second in sorted(close):
-        left = by_hash[distinct[first]][:_MOST_ALIKE]
-        right = by_hash[distinct[second]][:_MOST_ALIKE]
-        pairs += [[a, b] for a in left for b in right if a.path < b.path]
+        left, right = by_hash[distinct[first]][:_MOST_ALIKE], by_hash[distinct[second]][:_MOST_ALIKE]
+        if first == second:
+            pairs += [[a, b] for a in left for b in left if a.path < b.path]
+        else:  # each pair in path order, whichever hash sorts first
+            pairs += [[a, b] if a.path < b.path else [b, a] for a in left for b in right]
+        if len(pairs) >= MOST_NEAR_DUPLICATE_PAIRS:
+            return pairs[:MOST_NEAR_DUPLICATE_PAIRS]
     return pairs
 
 
@@ -324,7 +341,12 @@ def _findings(values: dict[str, Any]) -> list[str]:
         f"- Identical files in two splits: {len(identical['across_splits'])} group(s); "
         f"under two classes: {len(identical['across_classes'])}",
         f"- Near-duplicate pairs (difference hash within {NEAR_DUPLICATE_BITS} bits) in two splits: "
-        f"{len(near['across_splits'])}; under two classes: {len(near['across_classes'])}",
+        f"{len(near['across_splits'])}; under two classes: {len(near['across_classes'])}"
+        + (
+            f" (the search stopped at {MOST_NEAR_DUPLICATE_PAIRS:,} pairs: many images look alike)"
+            if near.get("search_stopped")
+            else ""
+        ),
         f"- Imbalance: largest {imbalance['largest']!r} {imbalance['largest_images']:,}, smallest "
         f"{imbalance['smallest']!r} {imbalance['smallest_images']:,}"
         + (f" ({imbalance['ratio']:g}x)" if imbalance["ratio"] else ""),
