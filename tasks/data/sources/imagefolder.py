@@ -12,12 +12,11 @@ import hashlib
 import os
 import pathlib
 import shutil
-import stat
 import tarfile
 import zipfile
 
 from tasks.common import config, contracts, errors, files
-from tasks.data import fetch
+from tasks.data import fetch, listing
 
 _SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 # Added by macOS's archiver beside the real content: resource forks, not images of any class.
@@ -99,20 +98,12 @@ def archive(source: str, sha256: str | None, downloads_dir: pathlib.Path) -> pat
 
 def folder_fingerprint(folder: pathlib.Path) -> str:
     """A digest of every file's path, size and modification time under `folder`: cheap for 50,000 photos,
-    and it changes when one is added, removed or replaced. Walked a folder at a time, in sorted order: no
-    list of every file (at 100,000 photos that list was most of download's memory)."""
+    and it changes when one is added, removed or replaced. Walked a folder at a time, in sorted order
+    (listing.walk): no list of every file (at 100,000 photos that list was most of download's memory)."""
     digest = hashlib.sha256()
-    for directory, folders, names in os.walk(folder):
-        folders.sort()
-        for name in sorted(names):
-            try:
-                status = os.stat(os.path.join(directory, name))
-            except OSError:  # vanished, or a broken link: not a file of the data set
-                continue
-            if stat.S_ISREG(status.st_mode):
-                relative = os.path.relpath(os.path.join(directory, name), folder).replace(os.sep, "/")
-                line = f"{relative}\t{status.st_size}\t{status.st_mtime_ns}\n"
-                digest.update(line.encode("utf-8", "surrogateescape"))
+    for source, _, identity in listing.walk(folder):
+        if identity is not None:  # a vanished file or a broken link is no file of the data set
+            digest.update(f"{source}\t{identity[0]}\t{identity[1]}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
