@@ -475,10 +475,14 @@ def _save(
     # run.json is written last and read first: without it the folder never passes for a finished
     # model while the files below are being replaced (a kill mid-save leaves it visibly unfinished).
     (model_dir / contracts.RUN_FILE).unlink(missing_ok=True)
-    serving.save(model_dir / contracts.MODEL_FILE)
+    # Each file replaces the last one, never written into: DVC's cache may share its data (cache.type
+    # hardlink, .dvc/config), and writing into the file would change the cached model of an earlier run.
+    with files.staged_file(model_dir / contracts.MODEL_FILE) as staged:
+        serving.save(staged)
     contracts.write_labels(model_dir, data.manifest.classes)
     _preprocessing(params, data).write(model_dir)
-    shutil.copyfile(work / contracts.HISTORY_FILE, model_dir / contracts.HISTORY_FILE)
+    with files.staged_file(model_dir / contracts.HISTORY_FILE) as staged:
+        shutil.copyfile(work / contracts.HISTORY_FILE, staged)
     shutil.rmtree(model_dir / contracts.TENSORBOARD_DIR, ignore_errors=True)
     shutil.copytree(work / contracts.TENSORBOARD_DIR, model_dir / contracts.TENSORBOARD_DIR)
     return serving, calibration_figures

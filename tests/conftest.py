@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -62,6 +63,16 @@ def make_image_folder(
             image = [image, image.convert("RGB"), image.convert("P")][index % 3]
             image.save(folder / f"{index:03d}.png")
     return root
+
+
+def assert_cache_intact(repository: pathlib.Path) -> None:
+    """Every file in the repository's DVC cache still has the content its name (that content's md5) says:
+    nothing wrote into a file that DVC's cache shares with the workspace (cache.type hardlink)."""
+    cached = [path for path in (repository / ".dvc" / "cache" / "files" / "md5").rglob("*") if path.is_file()]
+    assert len(cached) > 3
+    for path in cached:
+        name = path.parent.name + path.name.removesuffix(".dir")
+        assert hashlib.md5(path.read_bytes()).hexdigest() == name, f"{path} was changed after DVC cached it"
 
 
 def write_params(path: pathlib.Path, overrides: dict[str, object]) -> None:

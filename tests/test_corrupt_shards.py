@@ -18,7 +18,7 @@ from bench.workspace import copy_repository
 from tasks import convert, train
 from tasks.common import config, contracts, files
 from tasks.modeling import scoring
-from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
+from tests.conftest import FAST, REPOSITORY, assert_cache_intact, make_image_folder, write_params
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_dvc_sees_the_damaged_shard_and_repro_brings_it_back(tmp_path):
     # shard, decodes its images again from their files, and writes the same bytes.
     assert "Running stage 'convert'" in restored
     assert "train-00000-of-00001.tfrecord again: it is missing or does not match its sha256" in restored
+    assert "from DVC's cache: a damaged copy of a shard" in restored
     assert shard.read_bytes() == good
     manifest = json.loads((shard.parent / contracts.MANIFEST_FILE).read_text())
     assert files.sha256_of(shard) == manifest["splits"]["train"]["shards"][0]["sha256"]
+    # The damaged shard was a hard link to DVC's cached copy (cache.type hardlink): convert removed that copy
+    # and DVC cached the good shard again, so no version in the cache holds the damage.
+    assert_cache_intact(folder)

@@ -11,7 +11,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from tests.conftest import FAST, stop, write_params
+from tests.conftest import FAST, assert_cache_intact, stop, write_params
 from tests.test_pipeline import _dvc
 
 
@@ -68,6 +68,12 @@ def test_unchanged_stages_are_skipped_and_dvc_agrees(repository_copy, prefect_se
     assert "Data: unchanged; trained again for changed code or settings" in third.result()
     assert _versions(repository_copy) == 2
     assert "Data and pipelines are up to date." in _dvc("status", cwd=repository_copy).stdout
+    # DVC's cache shares its files' data with the outputs (cache.type hardlink on this file system), so the
+    # shards take their size once; train's second model replaced the first one's files instead of writing
+    # into them, so the cache still holds the first model intact.
+    shards = [path for path in (repository_copy / "data" / "shards" / "digits").iterdir() if path.is_file()]
+    assert shards and all(path.stat().st_nlink == 2 for path in shards)
+    assert_cache_intact(repository_copy)
 
 
 def test_a_failed_training_fails_the_flow_registers_nothing_and_the_rerun_resumes_there(

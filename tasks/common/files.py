@@ -153,7 +153,15 @@ def _running(process_id: int) -> bool:
 
 
 def sha256_of(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
+    return _hexdigest(path, hashlib.sha256())
+
+
+def md5_of(path: pathlib.Path) -> str:
+    """The name DVC gives a file's content in its cache."""
+    return _hexdigest(path, hashlib.md5())
+
+
+def _hexdigest(path: pathlib.Path, digest) -> str:
     with path.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)

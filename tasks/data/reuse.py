@@ -15,7 +15,7 @@ import hashlib
 import pathlib
 from typing import BinaryIO
 
-from tasks.common import contracts, errors
+from tasks.common import contracts, errors, files
 from tasks.data import records
 
 
@@ -51,11 +51,13 @@ def find_previous(
     whole: dict[str, Stored] = {}
     encoded_only: dict[str, Stored] = {}
     shards = [shard for split in manifest.splits.values() for shard in split.shards] if by_path else []
+    damaged = False
     for shard in shards:
         path = shards_dir / shard.file
         data = path.read_bytes() if path.is_file() else b""  # one shard, at most about dataset.shard_size_mb
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             print(f"convert: decoding the images of {path} again: it is missing or does not match its sha256")
+            damaged = True
             continue
         for offset, serialized, source, encoded in records.iterate_records(data, path):
             entry = by_path.get(source)
@@ -67,7 +69,34 @@ def find_previous(
             elif entry.sha256 not in encoded_only:
                 encoded_only[entry.sha256] = Stored(None, spool.tell(), len(encoded), len(encoded), entry)
                 spool.write(encoded)
+    if damaged:
+        _check_cached_shards(shards_dir)
     return whole, encoded_only
+
+
+def _check_cached_shards(shards_dir: pathlib.Path) -> None:
+    """Removes from DVC's cache every copy of a shard of dvc.lock's version whose content no longer matches
+    its name (the md5 of the content). With cache.type hardlink (.dvc/config) a shard and its cached copy
+    are one file, so damage written into the shard is in the cache too, under the good content's name: DVC
+    would hand it out at the next checkout of that version, and push it. Once removed, DVC caches the good
+    shard that convert writes next. Hashed here, not by DVC's own check, which trusts any read-only cached
+    file (and root writes into read-only files); only after a damaged shard, so it costs nothing otherwise."""
+    import dvc.exceptions  # here: only a damaged shard needs DVC
+    import dvc.repo
+
+    try:
+        with dvc.repo.Repo(str(shards_dir)) as repo:
+            outs = [out for out in repo.index.outs if pathlib.Path(out.fs_path) == shards_dir.resolve()]
+            for out in outs if outs and outs[0].hash_info and outs[0].hash_info.isdir else []:
+                for _key, _meta, hash_info in out.get_obj() or []:
+                    cached = pathlib.Path(out.cache.oid_to_path(hash_info.value))
+                    if cached.is_file() and files.md5_of(cached) != hash_info.value:
+                        cached.unlink()
+                        print(f"convert: removed {cached} from DVC's cache: a damaged copy of a shard")
+    except dvc.exceptions.NotDvcRepoError:
+        return  # shards outside a DVC repository: no cache to check
+    except (dvc.exceptions.DvcException, OSError) as error:  # the conversion itself does not depend on it
+        print(f"convert: DVC's cached copies of the shards were not checked: {error}")
 
 
 def previous(shards_dir: pathlib.Path) -> tuple[contracts.Manifest, list[contracts.IndexEntry]] | None:
