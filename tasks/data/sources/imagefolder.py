@@ -161,8 +161,8 @@ def _link_folder(source: pathlib.Path, staging: pathlib.Path) -> contracts.Layou
 
 def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
     # A hard link costs no time or space for a 50,000-photo folder. It shares the file's data with the
-    # source, which is safe because this pipeline and DVC (with its default cache types) only ever
-    # replace or delete files in the raw folder, never write into them (see README: Your own images).
+    # source, which is safe because this pipeline only ever replaces or deletes files in the raw folder,
+    # never writes into them, and DVC does not track the folder (see README: Your own images).
     try:
         os.link(source, destination)
     except OSError:  # another file system, or links not allowed there
