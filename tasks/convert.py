@@ -25,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import gc
 import io
 import math
 import multiprocessing
@@ -66,7 +67,7 @@ class ConvertResult:
 
 @dataclasses.dataclass(frozen=True)
 class _File:
-    path: pathlib.Path
+    path: str  # a str, not a pathlib.Path: one is made per file, and only its text is ever needed
     source: str  # relative to the raw folder, with "/" separators, as named on disk
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
@@ -108,7 +109,31 @@ def arguments(params: config.Params) -> dict[str, Any]:
     )
 
 
+def _existing_objects_frozen(function):
+    """Runs `function` with the objects the process already holds out of the garbage collector's full
+    collections (gc.freeze), and hands them back when it returns.
+
+    With TensorFlow loaded a process holds about 400,000 objects, and a full collection walks them all: about
+    0.3 s each time the objects a conversion makes set one off (every 10,000 images or so), a tenth of its
+    time. The forked workers also keep those objects' memory shared rather than copy the pages a collection
+    touches.
+    A caller that froze objects itself keeps them frozen: nothing is frozen or handed back here then."""
+
+    @functools.wraps(function)
+    def frozen(*args, **kwargs):
+        if gc.get_freeze_count():
+            return function(*args, **kwargs)
+        gc.freeze()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return frozen
+
+
 @disk.writes(shards_dir="paths.shards", report_dir="paths.data_report", digests_file="paths.downloads")
+@_existing_objects_frozen
 def convert(
     dataset: config.DatasetParams,
     seed: int,
@@ -136,8 +161,8 @@ def convert(
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
-        digests = _digests(found, known, listing_file, [source for source, _ in outside])
-        accepted, rejected, decoded = _prepare_all(
+        digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
+        accepted, rejected, decoded, digests = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
         )
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
@@ -204,7 +229,7 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
     sample = found[:: max(1, len(found) // SIZE_SAMPLE)][:SIZE_SAMPLE]
     source_bytes, stored = 0, []
     for item in sample:
-        prepared = images.prepare(str(item.path), image_size)
+        prepared = images.prepare(item.path, image_size)
         if isinstance(prepared, images.Prepared) and item.identity:
             source_bytes += item.identity[0]
             stored.append(len(prepared.encoded))
@@ -309,8 +334,7 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
 def _class_files(folder: pathlib.Path, raw_dir: pathlib.Path, split: str | None, class_name: str) -> list[_File]:
     """Every file under a class folder, with its size, time and inode (tasks/data/listing.py's walk)."""
     return [
-        _File(pathlib.Path(path), source, split, class_name, identity)
-        for source, path, identity in listing.walk(folder, raw_dir)
+        _File(path, source, split, class_name, identity) for source, path, identity in listing.walk(folder, raw_dir)
     ]
 
 
@@ -344,11 +368,12 @@ def _prepare_all(
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
     spool_path: pathlib.Path,
-) -> tuple[list[_Image], list[tuple[str, str]], int]:
-    """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores."""
+) -> tuple[list[_Image], list[tuple[str, str]], int, list[str | None]]:
+    """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores;
+    and `digests` with those of the files read only to be decoded (None in `digests`) filled in."""
     labels = {name: label for label, name in enumerate(class_names)}
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
-    accepted, rejected, to_decode = [], [], []
+    accepted, to_decode = [], []
     # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
     with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
         whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
@@ -358,10 +383,13 @@ def _prepare_all(
             if stored is None or stored.entry.sha256 != digest:
                 to_decode.append(item)
                 continue
-            image = _Image(item.source, *placer.place(item), labels[item.class_name], stored.offset, stored.length)
             accepted.append(
-                dataclasses.replace(
-                    image,
+                _Image(
+                    item.source,
+                    *placer.place(item),
+                    labels[item.class_name],
+                    stored.offset,
+                    stored.length,
                     size=stored.encoded_size,
                     origin=stored.origin,
                     as_is=stored is whole.get(item.source),
@@ -370,33 +398,55 @@ def _prepare_all(
                     encoding=stored.entry.encoding,
                 )
             )
-        for item, result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
-            if isinstance(result, images.Rejected):
-                rejected.append((item.source, result.reason))
-                continue
-            offset = spool.tell()
-            spool.write(result.encoded)
-            image = _Image(item.source, *placer.place(item), labels[item.class_name], offset, len(result.encoded))
-            accepted.append(
-                dataclasses.replace(
-                    image,
-                    size=len(result.encoded),
-                    sha256=result.source_sha256,
-                    difference_hash=result.difference_hash,
-                    encoding=result.encoding,
-                )
+        decoded, rejected, hashed = _decode_to_spool(to_decode, image_size, placer, labels, spool)
+    filled = [
+        hashed.get(item.source) if digest is None else digest for item, digest in zip(found, digests, strict=True)
+    ]
+    return accepted + decoded, rejected, len(to_decode), filled
+
+
+def _decode_to_spool(
+    to_decode: list[_File], image_size: tuple[int, int] | None, placer: _Placer, labels: dict[str, int], spool
+) -> tuple[list[_Image], list[tuple[str, str]], dict[str, str | None]]:
+    """The files decoded on all cores, their encoded images appended to `spool`: (accepted images, rejected
+    files with the reason, each file's sha256 by its source (None: unreadable))."""
+    accepted, rejected, hashed = [], [], {}
+    for item, result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
+        hashed[item.source] = result.source_sha256
+        if isinstance(result, images.Rejected):
+            rejected.append((item.source, result.reason))
+            continue
+        offset = spool.tell()
+        spool.write(result.encoded)
+        accepted.append(
+            _Image(
+                item.source,
+                *placer.place(item),
+                labels[item.class_name],
+                offset,
+                len(result.encoded),
+                size=len(result.encoded),
+                sha256=result.source_sha256,
+                difference_hash=result.difference_hash,
+                encoding=result.encoding,
             )
-    return accepted, rejected, len(to_decode)
+        )
+    return accepted, rejected, hashed
 
 
 def _digests(
-    found: list[_File], known: dict, listing_file: pathlib.Path | None, outside: list[str]
+    found: list[_File], known: dict, listing_file: pathlib.Path | None, outside: list[str], reusing: bool
 ) -> list[str | None]:
     """Each found file's sha256 (None: unreadable), after checking that the raw folder holds exactly the files
-    download listed (what DVC recorded), with the same bytes."""
-    sources, paths = [item.source for item in found], [str(item.path) for item in found]
-    digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
+    download listed (what DVC recorded), with the same bytes. Only when something compares them before any
+    file is decoded (download's listing, or the previous shards when `reusing`); else all None: every file
+    is decoded then, and prepare hashes each file as it reads it, rather than this process reading every
+    file once more, alone, before the workers start."""
     listed = listing.read(listing_file) if listing_file else None
+    if listed is None and not reusing:
+        return [None] * len(found)
+    sources, paths = [item.source for item in found], [item.path for item in found]
+    digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
     if listed is None:
         return digests  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
     here = {item.source: digest or "" for item, digest in zip(found, digests, strict=True)}
@@ -419,7 +469,7 @@ def _workers() -> int:
 def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
     """images.prepare of every file, in order, on all cores; with a progress bar."""
     worker = functools.partial(images.prepare, image_size=image_size)
-    paths = [str(item.path) for item in to_decode]
+    paths = [item.path for item in to_decode]
     workers = _workers()
     pool = None
     if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:

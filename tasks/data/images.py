@@ -45,6 +45,7 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class Rejected:
     reason: str
+    source_sha256: str | None = None  # of the file's bytes, when it could be read
 
 
 def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejected:
@@ -54,22 +55,22 @@ def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejecte
             data = stream.read()
     except OSError as error:
         return Rejected(f"cannot read the file: {error.strerror}")
-    if not data:
-        return Rejected("empty file (0 bytes)")
     source_sha256 = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Rejected("empty file (0 bytes)", source_sha256)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit (~89 and ~179 megapixels): refuse both.
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             encoded, encoding, picture_hash = _decode_and_encode(data, image_size)
     except PIL.UnidentifiedImageError:
-        return Rejected("not an image: no image format recognised in its content")
+        return Rejected("not an image: no image format recognised in its content", source_sha256)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
-        return Rejected(f"decompression bomb: {error}")
+        return Rejected(f"decompression bomb: {error}", source_sha256)
     except OSError as error:
-        return Rejected(f"truncated or corrupt image data: {error}")
+        return Rejected(f"truncated or corrupt image data: {error}", source_sha256)
     except Exception as error:  # noqa: BLE001 - a decoder fed untrusted bytes may raise anything; one file must not stop the rest
-        return Rejected(f"unreadable image: {type(error).__name__}: {error}")
+        return Rejected(f"unreadable image: {type(error).__name__}: {error}", source_sha256)
     return Prepared(encoded=encoded, encoding=encoding, source_sha256=source_sha256, difference_hash=picture_hash)
 
 
@@ -85,7 +86,10 @@ def difference_hash(image: PIL.Image.Image) -> str:
     """
     if min(image.size) < 32:
         return ""
-    pixels = np.asarray(image.convert("L").resize((9, 8), PIL.Image.Resampling.BILINEAR), dtype=np.int16)
+    thumbnail = image.convert("L").resize((9, 8), PIL.Image.Resampling.BILINEAR)
+    # From its bytes: np.asarray of a Pillow image goes through its array interface, which costs more than the
+    # hash's other steps on a thumbnail this small.
+    pixels = np.frombuffer(thumbnail.tobytes(), dtype=np.uint8).reshape(8, 9)
     return np.packbits(pixels[:, 1:] > pixels[:, :-1]).tobytes().hex()
 
 
@@ -103,7 +107,8 @@ def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple
             side = max(target)
             image.draft(image.mode, (side, side))
         image.load()
-        image = PIL.ImageOps.exif_transpose(image)
+        if not upright:  # exif_transpose would only copy an upright image
+            image = PIL.ImageOps.exif_transpose(image)
         flat = _gray_or_rgb(image)
     picture_hash = difference_hash(flat)
     if target is not None and flat.size != target:
