@@ -86,8 +86,9 @@ def _check_cached_shards(shards_dir: pathlib.Path) -> None:
 
     try:
         with dvc.repo.Repo(str(shards_dir)) as repo:
-            outs = [out for out in repo.index.outs if pathlib.Path(out.fs_path) == shards_dir.resolve()]
-            for out in outs if outs and outs[0].hash_info and outs[0].hash_info.isdir else []:
+            for out in repo.index.outs:
+                if pathlib.Path(out.fs_path) != shards_dir.resolve() or not (out.hash_info and out.hash_info.isdir):
+                    continue  # another output, or one dvc.lock has no version of yet
                 for _key, _meta, hash_info in out.get_obj() or []:
                     cached = pathlib.Path(out.cache.oid_to_path(hash_info.value))
                     if cached.is_file() and files.md5_of(cached) != hash_info.value:
