@@ -50,6 +50,7 @@ import PIL.Image
 from bench import report as bench_report
 from tasks import convert
 from tasks.common import config
+from tasks.data import records
 
 REQUIRED_RATIO = 0.9
 CHUNK = 64  # files per task of the anchor's pool: a round-trip per file would cost more than a small file
@@ -119,27 +120,10 @@ def encode_file(path: str, image_size: tuple[int, int] | None) -> bytes:
     return buffer.getvalue()
 
 
-def example(encoded: bytes, label: int, source: str) -> bytes:
-    """The anchor's record: the same features as the stage's (tasks/data/records.py), built as a user would,
-    with tf.train.Example."""
-    import tensorflow as tf  # here, not above: importing tasks first turns its start-up notices down
-
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/source": tf.train.Feature(bytes_list=tf.train.BytesList(value=[os.fsencode(source)])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
-
-
 def cpu_seconds() -> float:
     """User and system time of this process and of the workers it has waited for."""
     times = os.times()
     return times.user + times.system + times.children_user + times.children_system
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pillow(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, int] | None, all_cores: bool) -> Timing:
@@ -155,18 +139,18 @@ def pillow(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, i
     work = functools.partial(encode_file, image_size=image_size)
     # fork where there is one, as the stage starts its workers: the same start-up cost on both sides.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(cores(), mp_context=context) if all_cores else None
+    pool = concurrent.futures.ProcessPoolExecutor(convert.worker_count(), mp_context=context) if all_cores else None
     try:
         with tf.io.TFRecordWriter(str(output)) as writer:
             encoded = pool.map(work, map(str, paths), chunksize=CHUNK) if pool else map(work, map(str, paths))
             for path, data in zip(paths, encoded, strict=True):
-                writer.write(example(data, labels[path.parent.name], path.relative_to(raw_dir).as_posix()))
+                writer.write(records.serialize(data, labels[path.parent.name], path.relative_to(raw_dir).as_posix()))
     finally:
         if pool:
             pool.shutdown()
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     encoding = "PNG" if image_size is None else "resize, JPEG 95"
-    where = f"Pillow on {cores()} cores" if all_cores else "Pillow, one process"
+    where = f"Pillow on {convert.worker_count()} cores" if all_cores else "Pillow, one process"
     return Timing(f"{where}: decode, RGB, {encoding}, write", len(paths), seconds, output.stat().st_size / 1e6, cpu)
 
 
@@ -217,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, (case, (case_dataset, methods)) in enumerate(cases.items()):
             (folder / str(index)).mkdir()
             results[case] = measure(raw_dir, folder / str(index), case_dataset, methods)
-    print(f"{arguments.images} JPEGs of {arguments.side}x{arguments.side}, {cores()} cores")
+    print(f"{arguments.images} JPEGs of {arguments.side}x{arguments.side}, {convert.worker_count()} cores")
     rows = []
     report = {"images": arguments.images, "side": arguments.side, "required_ratio": REQUIRED_RATIO, "cases": {}}
     for case, runs in results.items():

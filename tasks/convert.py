@@ -462,7 +462,8 @@ def _digests(
     return digests
 
 
-def _workers() -> int:
+def worker_count() -> int:
+    """The processes convert decodes with: one per core this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -470,7 +471,7 @@ def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
     """images.prepare of every file, in order, on all cores; with a progress bar."""
     worker = functools.partial(images.prepare, image_size=image_size)
     paths = [item.path for item in to_decode]
-    workers = _workers()
+    workers = worker_count()
     pool = None
     if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))

@@ -155,7 +155,8 @@ def _connect(path: pathlib.Path | None) -> sqlite3.Connection:
 def _lookup(connection: sqlite3.Connection, sources: list[str]) -> dict[str, tuple[Identity, str]]:
     try:
         rows = connection.execute(
-            f"SELECT * FROM digests WHERE source IN ({','.join('?' * len(sources))})", _encoded(sources)
+            f"SELECT * FROM digests WHERE source IN ({','.join('?' * len(sources))})",
+            [_encoded(source) for source in sources],
         ).fetchall()
     except sqlite3.DatabaseError:  # damaged, or no record: those files are hashed again, nothing is lost
         return {}
@@ -168,16 +169,16 @@ def _insert(
     connection.executemany(
         "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
         [
-            (_encoded([source])[0], *identity, digest)
+            (_encoded(source), *identity, digest)
             for source, identity, digest in zip(sources, identities, digests, strict=True)
             if identity and digest
         ],
     )
 
 
-def _encoded(sources: list[str]) -> list[bytes]:
+def _encoded(source: str) -> bytes:
     # Names the file system gave as bytes that are not UTF-8 (surrogate escapes) are kept as bytes.
-    return [source.encode("utf-8", "surrogateescape") for source in sources]
+    return source.encode("utf-8", "surrogateescape")
 
 
 def _known(rows: list[tuple]) -> dict[str, tuple[Identity, str]]:
