@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tasks import convert
 from tasks.common import config
-from tasks.data import inputs
+from tasks.data import inputs, records
 from tasks.modeling import optimizers
 from tests.conftest import REPOSITORY, make_image_folder
 
@@ -45,6 +45,31 @@ def test_training_batches_are_crops_of_the_input_size_and_reproducible(shards):
     np.testing.assert_array_equal(first, _images(inputs.training_data(shards, **settings)))
     undistorted = _images(inputs.training_data(shards, **{**settings, "augment": ()}))
     assert not np.array_equal(np.sort(first, axis=None), np.sort(undistorted, axis=None))
+
+
+@pytest.mark.parametrize("cache_mb", [10, 0], ids=["from memory", "from the shards"])
+def test_every_epoch_holds_every_training_image_once_in_a_new_order(shards, cache_mb):
+    settings = dict(image_size=(16, 16), input_size=(16, 16), crop_padding=0, augment=(), batch_size=8)
+    in_stored_order = np.stack(
+        [image for image, _ in records.read_split(shards, "train", (16, 16)).as_numpy_iterator()]
+    )
+    stored, count = sorted(image.tobytes() for image in in_stored_order), len(in_stored_order)
+    data = inputs.training_data(shards, **settings, shuffle_buffer=count, cache_mb=cache_mb, seed=5).repeat(2)
+    batches = [images.numpy() for images, _ in data]
+    steps = inputs.batches_per_epoch(count, 8)
+    assert len(batches) == 2 * steps
+    epochs = [np.concatenate(batches[:steps]), np.concatenate(batches[steps:])]
+    for epoch in epochs:
+        assert sorted(image.tobytes() for image in epoch) == stored, "each image once an epoch, unchanged"
+    assert not np.array_equal(epochs[0], epochs[1]), "reshuffled every epoch"
+    assert not np.array_equal(epochs[0], in_stored_order), "shuffled"
+
+    # Three replicas (of a batch size they divide): every batch a multiple of three images, the last one cut.
+    settings["batch_size"] = 6
+    data = inputs.training_data(shards, **settings, shuffle_buffer=count, cache_mb=cache_mb, seed=5, replicas=3)
+    sizes = [int(images.shape[0]) for images, _ in data]
+    assert len(sizes) == inputs.batches_per_epoch(count, 6, 3)
+    assert sizes == [6] * (count // 6) + ([count % 6 // 3 * 3] if count % 6 >= 3 else []), sizes
 
 
 def test_padded_crops_shift_whole_images_by_at_most_the_padding(shards):
