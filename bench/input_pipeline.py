@@ -17,8 +17,9 @@ For each, the first pass (cold: reading the files, decoding every PNG, filling t
 the passes after it (warm: the cache hit, as in every epoch of training after the first) are timed
 separately, on a fresh dataset each time. The batches are pulled into this Python process as a training
 loop pulls them (eager tensors: the recipe's float32, the pipeline's uint8), through one iterator of the
-repeated dataset on both sides, as the train stage reads its data, and nothing else is done with them. Beside wall-clock images/s, images per CPU second of the process are reported: the CPU ratio,
-the work each image costs, changes little when other work shares the cores.
+repeated dataset on both sides, as the train stage reads its data, and nothing else is done with them.
+Beside wall-clock images/s, images per CPU second of the process are reported: the CPU ratio, the work
+each image costs, changes little when other work shares the cores.
 
 The goal is checked on the warm passes: a training run reads its data once and then `epochs` times from
 the cache (20 epochs by default), so the warm pass is what the pipeline costs per epoch. The cold pass

@@ -154,11 +154,13 @@ def _run_in_child(
     return seconds, cpu_seconds, json.loads(result.removeprefix(RESULT_MARK)), lines
 
 
-def measure_noop_repro(copy: pathlib.Path, variables: dict[str, str], attempts: int = 3) -> list[float]:
-    """Wall seconds of `dvc repro` with nothing to do; raises if any stage ran."""
+def measure_noop_repro(
+    copy: pathlib.Path, variables: dict[str, str], attempts: int = 3, arguments: tuple[str, ...] = ()
+) -> list[float]:
+    """Wall seconds of `dvc repro [arguments]` with nothing to do; raises if any stage ran."""
     timings = []
     for _ in range(attempts):
-        seconds, _, lines = run_timed(["dvc", "repro"], copy, variables)
+        seconds, _, lines = run_timed(["dvc", "repro", *arguments], copy, variables)
         ran = [line for _, line in lines if line.startswith("Running stage")]
         if ran:
             raise RuntimeError(f"dvc repro in {copy} was not a no-op: {ran}")

@@ -12,19 +12,23 @@ runs the default pipeline on it as a team would: `dataset.name: imagefolder` wit
 the shards (`train.cache_mb` 64). Each stage runs on its own (`dvc repro --single-item <stage>`) and
 reports its wall time, images per second, the peak of the summed resident memory of the stage's
 processes (dvc, the stage, its workers; sampled every 0.1 s) and the seconds DVC spends outside the
-stage's command (starting, hashing, caching, locking: while DVC has no child process; to 0.1 s). Then
-a no-op `dvc repro`, and the disk: the source folder, and what the pipeline added besides it (hard links
-to the source's files count once).
+stage's command (starting, hashing, caching, locking: while DVC has no child process; to 0.1 s). Part
+of that DVC spends on every call whatever the data (importing itself, reading the repository, dvc.yaml
+and dvc.lock, checking the stage's recorded hashes: 0.6-0.9 s here): measured after the run as the same
+`dvc repro --single-item <stage>` with nothing to do (the median of three). The rest is what the stage's
+data costs DVC, its bookkeeping: hashing the new outputs and caching them. Then a no-op `dvc repro`,
+and the disk: the source folder, and what the pipeline added besides it (hard links to the source's
+files count once).
 
 Convert's rate is set against the work itself: Pillow alone decoding the same files, resizing them to
 224x224 and encoding them as JPEG quality 95, on every core (a process pool), in the same run.
 
-Goals (exit 1 when one is missed): convert at least 0.9x the Pillow rate; DVC's own time at most 10% of
-each stage's; a no-op `dvc repro` at most 3 s; disk beyond the source folder at most the shards + 10%;
-and, when reports/bench/ holds this benchmark's report for a smaller N, each stage's peak memory at
-most 1.3x that one's. Writes reports/bench/scale-<N>.json. The CIFAR-10-sized case (bench/cifar10_sized.py)
-runs the same stages on the official binary archive's layout, served on 127.0.0.1, held to DVC's share
-and the no-op repro; it writes reports/bench/scale-cifar10.json.
+Goals (exit 1 when one is missed): convert at least 0.9x the Pillow rate; DVC's bookkeeping at most
+10% of each stage's time; a no-op `dvc repro` at most 3 s; disk beyond the source folder at most the
+shards + 10%; and, when reports/bench/ holds this benchmark's report for a smaller N, each stage's peak
+memory at most 1.3x that one's. Writes reports/bench/scale-<N>.json. The CIFAR-10-sized case
+(bench/cifar10_sized.py) runs the same stages on the official binary archive's layout, served on
+127.0.0.1, held to DVC's bookkeeping and the no-op repro; it writes reports/bench/scale-cifar10.json.
 """
 
 from __future__ import annotations
@@ -245,6 +249,9 @@ def measure(folder: pathlib.Path, count: int, cifar10: bool = False) -> dict:
         variables = orchestration.environment()
         stages = {stage: run_stage(copy, stage, variables) for stage in STAGES}
     noop = orchestration.measure_noop_repro(copy, variables)
+    unchanged = {
+        stage: orchestration.measure_noop_repro(copy, variables, arguments=("--single-item", stage)) for stage in STAGES
+    }
     seen: set[tuple[int, int]] = set()
     source_bytes = disk_usage([source], seen)
     shards_bytes = disk_usage([copy / "data" / "shards"], set())
@@ -264,12 +271,13 @@ def measure(folder: pathlib.Path, count: int, cifar10: bool = False) -> dict:
         "pillow_images_per_second": rate,
         "stages": stages,
         "noop_repro_seconds": noop,
+        "unchanged_stage_seconds": unchanged,
         "disk": {"source": source_bytes, "shards": shards_bytes, "added": added},
     }
 
 
 def check(report: dict, smaller: dict | None) -> bool:
-    """The goals, for a team's photos; the CIFAR-10-sized case is held to DVC's share and the no-op repro only
+    """The goals, for a team's photos; the CIFAR-10-sized case is held to DVC's bookkeeping and the no-op repro only
     (its raw folder is PNGs extracted from the archive, and convert keeps them as they are: no Pillow anchor)."""
     count, stages, photos = report["images"], report["stages"], report["case"] == "photos"
     passed = []
@@ -278,8 +286,9 @@ def check(report: dict, smaller: dict | None) -> bool:
         ratio = convert_rate / report["pillow_images_per_second"]
         passed.append(bench_report.check("convert over Pillow alone", ratio, MIN_CONVERT_RATIO))
     for stage, result in stages.items():
-        share = 1 - result["command_seconds"] / result["seconds"]
-        passed.append(bench_report.check(f"DVC's share of {stage}", 100 * share, 100 * MAX_DVC_SHARE, False, "%"))
+        share = dvc_bookkeeping(result, report["unchanged_stage_seconds"][stage]) / result["seconds"]
+        name = f"DVC's bookkeeping in {stage}"
+        passed.append(bench_report.check(name, 100 * share, 100 * MAX_DVC_SHARE, False, "%"))
     noop = statistics.median(report["noop_repro_seconds"])
     passed.append(bench_report.check("no-op dvc repro", noop, MAX_NOOP_REPRO_SECONDS, False, " s"))
     disk = report["disk"]
@@ -295,6 +304,13 @@ def check(report: dict, smaller: dict | None) -> bool:
     return all(passed)
 
 
+def dvc_bookkeeping(result: dict, unchanged_seconds: list[float]) -> float:
+    """Seconds of a stage's run that DVC spent outside the command beyond what the same `dvc repro` takes when
+    the stage is unchanged (none below zero)."""
+    outside = result["seconds"] - result["command_seconds"]
+    return max(0.0, outside - statistics.median(unchanged_seconds))
+
+
 def smaller_report(count: int, case: str) -> dict | None:
     """This benchmark's report of the same case for the largest N below `count` in reports/bench/, if any."""
     reports = [json.loads(path.read_text()) for path in bench_report.REPORT_DIR.glob("scale-*.json")]
@@ -307,12 +323,17 @@ def print_report(report: dict) -> None:
     rows = []
     for stage, result in report["stages"].items():
         dvc_seconds = result["seconds"] - result["command_seconds"]
-        rows.append([stage, result["seconds"], dvc_seconds, count / result["seconds"], result["peak_memory"] / 2**20])
+        unchanged = statistics.median(report["unchanged_stage_seconds"][stage])
+        bookkeeping = dvc_bookkeeping(result, report["unchanged_stage_seconds"][stage])
+        row = [stage, result["seconds"], dvc_seconds, unchanged, bookkeeping, count / result["seconds"]]
+        rows.append([*row, result["peak_memory"] / 2**20])
     if report["case"] == "photos":
         print(f"{count:,} photos; Pillow alone on every core: {report['pillow_images_per_second']:.0f} images/s")
     else:
         print(f"{count:,} CIFAR-10-sized images, the binary archive served on 127.0.0.1 to the cifar10 source")
-    bench_report.print_table(["stage", "seconds", "of which DVC", "images/s", "peak memory MiB"], rows)
+    columns = ["stage", "seconds", "of which DVC", "unchanged stage", "DVC's bookkeeping", "images/s"]
+    columns.append("peak memory MiB")
+    bench_report.print_table(columns, rows)
     disk = report["disk"]
     disk_rows = [["source folder", disk["source"] / 2**20], ["shards", disk["shards"] / 2**20]]
     disk_rows += [[f"added: {name}", value / 2**20] for name, value in disk["added"].items()]

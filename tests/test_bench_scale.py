@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import PIL.Image
+import pytest
 
 from bench import cifar10_sized, scale
 from tasks import download
@@ -82,3 +83,9 @@ def test_the_cifar10_sized_archive_is_read_by_the_cifar10_source_over_http(tmp_p
     assert len(list((tmp_path / "raw" / "cifar10" / "test").rglob("*.png"))) == 20
     with PIL.Image.open(next((tmp_path / "raw" / "cifar10" / "train").rglob("*.png"))) as image:
         assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_dvc_bookkeeping_is_its_time_outside_the_command_beyond_an_unchanged_stage():
+    unchanged = [0.7, 0.9, 0.6]
+    assert scale.dvc_bookkeeping({"seconds": 10.0, "command_seconds": 8.5}, unchanged) == pytest.approx(0.8)
+    assert scale.dvc_bookkeeping({"seconds": 2.0, "command_seconds": 1.5}, unchanged) == 0.0, "no more than a no-op"
