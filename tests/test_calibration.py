@@ -17,7 +17,7 @@ from tests.conftest import FAST, REPOSITORY, make_image_folder
 
 # One epoch on 8x8 images, without moving averages (after one epoch they would still be the random
 # start) and at a rate that learns something in the few steps of one epoch.
-QUICK = {**FAST, "train.batch_size": 8, "train.learning_rate": 0.003, "train.ema_momentum": None}
+QUICK = {**FAST, "train.batch_size": 8, "train.learning_rate": 0.001, "train.ema_momentum": None}
 
 
 def _synthetic(sharpness: float, images: int = 4000, classes: int = 5, seed: int = 0):
@@ -166,7 +166,7 @@ def test_min_confidence_marks_the_rows_below_it(trained, monkeypatch, capsys):
     files = sorted((folder / "raw").rglob("00*.png"))
     model, class_names, stored_size = predict.load("models")
     top = sorted(float(row["probability_1"]) for row in predict.predict(model, class_names, files, 1, stored_size))
-    threshold = (top[len(top) // 2 - 1] + top[len(top) // 2]) / 2  # half the images below it
+    threshold = (top[0] + top[-1]) / 2  # the least sure image below it, the surest above (many may be at 1.0)
     assert top[0] < threshold < top[-1], f"the tiny model gives every image the same confidence: {top}"
     (folder / "photos").mkdir()
     (folder / "photos" / "broken.png").write_bytes(b"not an image")
