@@ -233,7 +233,7 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devic
     ).map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
     # Kept in memory after the first pass under the same bound as the training split, else read from the
     # shards every epoch: held whatever its size, it made train's peak memory grow with the data set.
-    if manifest.count("validation") * params.input_size[0] * params.input_size[1] * 3 <= params.cache_mb * 2**20:
+    if inputs.fits_in_memory(manifest.count("validation"), params.input_size, params.cache_mb):
         validation = validation.cache()
     steps_per_epoch = inputs.batches_per_epoch(train_count, params.batch_size, replicas, devices.multi_worker)
     if steps_per_epoch < 1:

@@ -49,7 +49,7 @@ def training_data(
     count = contracts.Manifest.read(shards_dir).count("train")
     split = records.read_split(shards_dir, "train", image_size)
     distort = _distortion(tuple(augment), tuple(image_size), tuple(input_size), crop_padding)
-    if count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20:
+    if fits_in_memory(count, image_size, cache_mb):
         batches = _from_memory(split, count, batch_size, seed, drop_remainder, replicas, distort)
     else:
         batches = _from_shards(split, count, batch_size, shuffle_buffer, seed, drop_remainder, replicas, distort)
@@ -84,12 +84,11 @@ def _from_memory(
         order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), epoch_seed)
 
         def batch(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            start = step * batch_size
-            # Several replicas: cut to a multiple of them, as split_evenly does.
-            size = tf.minimum(tf.constant(batch_size, tf.int64), count - start) // replicas * replicas
-            indices = order[start : start + size]
-            batch_seed = tf.random.experimental.stateless_fold_in(epoch_seed, step)
-            return distort(tf.gather(images, indices), batch_seed), tf.gather(labels, indices)
+            indices = order[step * batch_size : (step + 1) * batch_size]
+            chosen, chosen_labels = tf.gather(images, indices), tf.gather(labels, indices)
+            if replicas > 1:
+                chosen, chosen_labels = split_evenly(chosen, chosen_labels, replicas)
+            return distort(chosen, tf.random.experimental.stateless_fold_in(epoch_seed, step)), chosen_labels
 
         return tf.data.Dataset.range(steps).map(batch, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -119,6 +118,11 @@ def _from_shards(
     return tf.data.Dataset.zip(data, seeds).map(
         lambda batch, batch_seed: (distort(batch[0], batch_seed), batch[1]), num_parallel_calls=tf.data.AUTOTUNE
     )
+
+
+def fits_in_memory(count: int, image_size: tuple[int, int], cache_mb: int) -> bool:
+    """Whether `count` decoded images of `image_size` take at most `cache_mb` MiB (train.cache_mb)."""
+    return count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20
 
 
 def batches_per_epoch(count: int, batch_size: int, replicas: int = 1, drop_remainder: bool = False) -> int:
