@@ -504,7 +504,8 @@ def _calibrated(
     Fitted on the serving model's own output, over the shards as evaluate reads them, so the temperature
     suits exactly the probabilities that predict, evaluate and the registered model give.
     """
-    uncalibrated = architectures.serving_model(model, params.image_size, params.input_size)
+    network = architectures.without_training_state(model)
+    uncalibrated = architectures.serving_model(network, params.image_size, params.input_size)
     # The serving model crops images itself: they are decoded at image_size and given to it uncropped.
     validation = scoring.predict_split(
         uncalibrated, shards_dir, "validation", params.batch_size, params.image_size, params.image_size
@@ -523,7 +524,7 @@ def _calibrated(
         "validation_ece_before": error_before,
         "validation_ece_after": error_after,
     }
-    return architectures.serving_model(model, params.image_size, params.input_size, temperature), figures
+    return architectures.serving_model(network, params.image_size, params.input_size, temperature), figures
 
 
 def _preprocessing(params: config.TrainParams, data: Data) -> contracts.Preprocessing:

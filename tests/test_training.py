@@ -20,7 +20,7 @@ import mlflow
 import pytest
 
 from tasks import convert, evaluate, train
-from tasks.common import config, contracts
+from tasks.common import config, contracts, tracking
 from tasks.modeling import checkpoints
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
@@ -169,6 +169,17 @@ def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_step
     train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", callbacks=[optimizer_steps])
     assert optimizer_steps.count == 3 * steps_per_epoch
     assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
+
+
+def test_the_saved_model_holds_its_weights_without_the_optimizer(workdir):
+    # A compiled network inside the serving model would carry Adam's two slots and the moving averages: 4x.
+    params = _prepare(workdir, {**FAST, "train.epochs": 1})
+    train.train(params.train, 7, workdir / params.shards_dir, workdir / "models")
+    model_file = workdir / "models" / contracts.MODEL_FILE
+    loaded = tracking.load_model_file(model_file)
+    weight_bytes = sum(weight.nbytes for weight in loaded.get_weights())
+    assert weight_bytes > 500_000, "the fixture's network must outweigh the file's configuration"
+    assert model_file.stat().st_size < 1.1 * weight_bytes + 50_000
 
 
 def test_inception_trains_a_head_then_fine_tunes_its_top(workdir):

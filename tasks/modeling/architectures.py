@@ -378,6 +378,17 @@ def serving_model(
     return keras.Model(images, calibrated, name=f"{network.name}_serving")
 
 
+def without_training_state(network: keras.Model) -> keras.Model:
+    """A copy of `network` with its weights and without what only training needs (its optimizer, compiled
+    loss and metrics). Saved inside a serving model, a compiled network carries its optimizer's variables:
+    Adam's two slots and the moving averages made the saved model 4x the size of its weights, in the model
+    folder, MLflow and DVC's cache, and every save and load that much slower."""
+    # From its configuration: keras.models.clone_model compiles the copy when the network was compiled.
+    copy = type(network).from_config(network.get_config())
+    copy.set_weights(network.get_weights())
+    return copy
+
+
 def network_of(model: keras.Model) -> keras.Model:
     """The network inside a serving model (what takes images of the input size, before calibration), or
     `model` itself when it is one already (as models saved before the preparation moved into it are)."""
