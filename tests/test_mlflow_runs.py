@@ -29,6 +29,9 @@ def trained(tmp_path_factory):
         patch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
         patch.setenv(tracking.DVC_EXPERIMENT_VARIABLE, EXPERIMENT_NAME)
         patch.setenv(tracking.DVC_BASELINE_VARIABLE, BASELINE)
+        # Samples every 0.2 s instead of 2: the tiny run may end before a 2 s interval does, and MLflow logs no
+        # sample of a run shorter than its interval.
+        patch.setattr(training_run, "SYSTEM_METRICS_SECONDS", 0.2)
         make_image_folder(folder / "raw", classes=3, per_class=20)
         params, result = run_stages(folder)
         yield folder, params, result, mlflow.MlflowClient(contracts.RunRecord.read(folder / "models").tracking_uri)
