@@ -88,7 +88,7 @@ def check(name: str, measured: float, required: float, higher_is_better: bool = 
     """Prints the goal's verdict and returns whether it was met."""
     passed = measured >= required if higher_is_better else measured <= required
     relation = ">=" if higher_is_better else "<="
-    print(f"{name}: {measured:.3g}{unit}, goal {relation} {required:g}{unit}: {'passed' if passed else 'FAILED'}")
+    print(f"{name}: {measured:.4g}{unit}, goal {relation} {required:g}{unit}: {'passed' if passed else 'FAILED'}")
     return passed
 
 
