@@ -26,10 +26,12 @@ before the stages and once right after convert, with the files as freshly read a
 the faster of the two counts (this machine's speed moves by up to 2x over half an hour, and a single
 measurement before the stages once made convert look 1.8x faster than Pillow).
 
-Goals (exit 1 when one is missed): convert at least 0.9x the Pillow rate; DVC's bookkeeping at most
-10% of each stage's time; a no-op `dvc repro` at most 3 s; disk beyond the source folder at most the
-shards + 10%; and, when reports/bench/ holds this benchmark's report for a smaller N, each stage's peak
-memory at most 1.3x that one's. Writes reports/bench/scale-<N>.json. The CIFAR-10-sized case
+Goals (exit 1 when one is missed): a no-op `dvc repro` at most 3 s; disk beyond the source folder at most
+the shards + 10%; when reports/bench/ holds this benchmark's report for an N at least 10x smaller, each
+stage's peak memory at most 1.3x that one's; and from 100,000 photos, the size they are set for, convert
+at least 0.9x the Pillow rate and DVC's bookkeeping at most 10% of each stage's time (below it both are
+shown, not checked: the stages' fixed costs, 5-10 s of starting Python and importing TensorFlow and DVC,
+weigh more there). Writes reports/bench/scale-<N>.json. The CIFAR-10-sized case
 (bench/cifar10_sized.py) runs the same stages on the official binary archive's layout, served on
 127.0.0.1, held to DVC's bookkeeping and the no-op repro; it writes reports/bench/scale-cifar10.json.
 """
@@ -76,6 +78,11 @@ MAX_DVC_SHARE = 0.10
 MAX_NOOP_REPRO_SECONDS = 3.0
 MAX_DISK_OVER_SHARDS = 1.10
 MAX_MEMORY_GROWTH = 1.3
+# The goals of convert's rate and DVC's bookkeeping are set for a team's folder of this many photos; below it a
+# stage's fixed costs (starting Python, importing TensorFlow and DVC: 5-10 s) weigh more, and both are shown
+# without being checked. Peak memory is checked between two runs this factor apart in N (10,000 and 100,000).
+GOAL_IMAGES = 100_000
+MEMORY_STEP = 10
 BROKEN_EVERY = 2000
 
 
@@ -286,17 +293,23 @@ def measure(folder: pathlib.Path, count: int, cifar10: bool = False) -> dict:
 
 def check(report: dict, smaller: dict | None) -> bool:
     """The goals, for a team's photos; the CIFAR-10-sized case is held to DVC's bookkeeping and the no-op repro only
-    (its raw folder is PNGs extracted from the archive, and convert keeps them as they are: no Pillow anchor)."""
+    (its raw folder is PNGs extracted from the archive, and convert keeps them as they are: no Pillow anchor).
+    Below GOAL_IMAGES photos, convert's rate and DVC's bookkeeping are shown, not checked."""
     count, stages, photos = report["images"], report["stages"], report["case"] == "photos"
+    checked = not photos or count >= GOAL_IMAGES
     passed = []
     if photos:
         convert_rate = count / stages["convert"]["command_seconds"]
         ratio = convert_rate / report["pillow_images_per_second"]
-        passed.append(bench_report.check("convert over Pillow alone", ratio, MIN_CONVERT_RATIO))
+        met = bench_report.check("convert over Pillow alone", ratio, MIN_CONVERT_RATIO)
+        passed.append(met or not checked)
     for stage, result in stages.items():
         share = dvc_bookkeeping(result, report["unchanged_stage_seconds"][stage]) / result["seconds"]
         name = f"DVC's bookkeeping in {stage}"
-        passed.append(bench_report.check(name, 100 * share, 100 * MAX_DVC_SHARE, False, "%"))
+        met = bench_report.check(name, 100 * share, 100 * MAX_DVC_SHARE, False, "%")
+        passed.append(met or not checked)
+    if not checked:
+        print(f"(convert's rate and DVC's bookkeeping: goals set at {GOAL_IMAGES:,} photos, not checked at {count:,})")
     noop = statistics.median(report["noop_repro_seconds"])
     passed.append(bench_report.check("no-op dvc repro", noop, MAX_NOOP_REPRO_SECONDS, False, " s"))
     disk = report["disk"]
@@ -320,9 +333,12 @@ def dvc_bookkeeping(result: dict, unchanged_seconds: list[float]) -> float:
 
 
 def smaller_report(count: int, case: str) -> dict | None:
-    """This benchmark's report of the same case for the largest N below `count` in reports/bench/, if any."""
+    """This benchmark's report of the same case for the largest N at most `count` / MEMORY_STEP in reports/bench/,
+    if any: what peak memory is compared with (a run closer in N would hide a growth with N)."""
     reports = [json.loads(path.read_text()) for path in bench_report.REPORT_DIR.glob("scale-*.json")]
-    below = [report for report in reports if report.get("case", "photos") == case and report["images"] < count]
+    below = [
+        report for report in reports if report.get("case", "photos") == case and report["images"] * MEMORY_STEP <= count
+    ]
     return max(below, key=lambda report: report["images"]) if below else None
 
 

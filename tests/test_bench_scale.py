@@ -4,6 +4,7 @@ The benchmark itself runs the whole pipeline on 10,000 photos (docs/benchmarks.m
 a few files, so that a figure it reports is known to mean what it says.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import PIL.Image
 import pytest
 
 from bench import cifar10_sized, scale
+from bench import report as bench_report
 from tasks import download
 from tasks.common import config, files
 from tasks.data import images
@@ -89,3 +91,41 @@ def test_dvc_bookkeeping_is_its_time_outside_the_command_beyond_an_unchanged_sta
     unchanged = [0.7, 0.9, 0.6]
     assert scale.dvc_bookkeeping({"seconds": 10.0, "command_seconds": 8.5}, unchanged) == pytest.approx(0.8)
     assert scale.dvc_bookkeeping({"seconds": 2.0, "command_seconds": 1.5}, unchanged) == 0.0, "no more than a no-op"
+
+
+def _report(images: int, convert_seconds: float, dvc_seconds: float, train_memory: float) -> dict:
+    """A scale report of two stages: Pillow at 1,000 images/s, convert's command taking `convert_seconds`,
+    each stage `dvc_seconds` outside its command beyond an unchanged one's 0.5 s."""
+    stage = {"seconds": 10.0 + dvc_seconds + 0.5, "command_seconds": 10.0, "peak_memory": 100.0}
+    return {
+        "images": images,
+        "case": "photos",
+        "pillow_images_per_second": 1000.0,
+        "stages": {
+            "convert": {**stage, "seconds": convert_seconds + dvc_seconds + 0.5, "command_seconds": convert_seconds},
+            "train": {**stage, "peak_memory": train_memory},
+        },
+        "unchanged_stage_seconds": {"convert": [0.5], "train": [0.5]},
+        "noop_repro_seconds": [1.2, 1.1, 1.3],
+        "disk": {"shards": 100, "added": {"data (raw, shards)": 102, "DVC cache of the shards": 0}},
+    }
+
+
+def test_convert_and_dvc_goals_are_checked_from_the_size_they_are_set_for():
+    slow = {"convert_seconds": 20.0, "dvc_seconds": 3.0}  # 0.5x Pillow at 10,000 photos; DVC 22% of a stage
+    assert scale.check(_report(10_000, **slow, train_memory=100.0), None), "shown, not checked, at 10,000"
+    assert not scale.check(_report(100_000, **{**slow, "convert_seconds": 200.0}, train_memory=100.0), None)
+    assert not scale.check(_report(100_000, 100.0, 3.0, train_memory=100.0), None), "DVC's share alone fails"
+    assert scale.check(_report(100_000, 100.0, 0.5, train_memory=100.0), None)
+
+
+def test_peak_memory_is_checked_against_a_run_at_least_ten_times_smaller(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_report, "REPORT_DIR", tmp_path)
+    for count in (600, 10_000, 50_000):
+        (tmp_path / f"scale-{count}.json").write_text(json.dumps(_report(count, 10.0, 0.5, train_memory=100.0)))
+    assert scale.smaller_report(100_000, "photos")["images"] == 10_000
+    assert scale.smaller_report(10_000, "photos")["images"] == 600
+    assert scale.smaller_report(5_000, "photos") is None
+    smaller = scale.smaller_report(100_000, "photos")
+    assert scale.check(_report(100_000, 100.0, 0.5, train_memory=129.0), smaller)
+    assert not scale.check(_report(100_000, 100.0, 0.5, train_memory=131.0), smaller)
