@@ -241,7 +241,7 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
 def _reused_whole(found: list[_File], known: dict, earlier, dataset: config.DatasetParams) -> set[str]:
     """The files whose records the previous shards hold as they are: unchanged (size, time and inode as the
     digests file recorded them), under the same path, classes and image size (tasks/data/reuse.py)."""
-    if earlier is None or earlier[0].image_size != (list(dataset.image_size) if dataset.image_size else None):
+    if earlier is None or not reuse.stored_alike(earlier[0], dataset.image_size):
         return set()
     if earlier[0].classes != sorted({item.class_name for item in found}):
         return set()  # other labels: every record is written again
@@ -538,6 +538,7 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, gr
         imbalance=_imbalance(accepted, class_names),
         duplicates=_duplicates(grouped, class_names),
         splits=written,
+        difference_hash_version=images.DIFFERENCE_HASH_VERSION,
     )
 
 

@@ -209,6 +209,19 @@ def test_every_kind_of_image_becomes_upright_rgb(tmp_path):
     assert _decoded(resized).shape == (4, 6, 3) and resized.encoding == "jpeg"
 
 
+def test_the_perceptual_hash_is_of_the_picture_as_stored(tmp_path):
+    pixels = np.random.default_rng(4).integers(0, 255, (160, 200, 3), dtype=np.uint8)
+    (tmp_path / "noise.png").write_bytes(_encode(PIL.Image.fromarray(pixels), "PNG"))
+    resized = PIL.Image.fromarray(pixels).resize((64, 64), PIL.Image.Resampling.BILINEAR)
+    whole = images.difference_hash(PIL.Image.fromarray(pixels))
+    assert images.difference_hash(resized) != whole, "a picture whose hash changes with resizing"
+
+    assert images.prepare(str(tmp_path / "noise.png"), image_size=(64, 64)).difference_hash == (
+        images.difference_hash(resized)
+    )
+    assert images.prepare(str(tmp_path / "noise.png"), image_size=None).difference_hash == whole
+
+
 @pytest.fixture
 def messy(workdir):
     """What a business folder looks like: odd modes, odd names, broken files, one image under two classes."""

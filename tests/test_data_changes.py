@@ -10,7 +10,7 @@ import pytest
 
 from tasks import convert
 from tasks.common import config, contracts, errors
-from tasks.data import changes, listing, splits
+from tasks.data import changes, images, listing, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -100,6 +100,21 @@ def test_a_corrupted_previous_shard_is_not_reused(workdir, capsys):
     assert f"decoding the images of {shard} again" in capsys.readouterr().out
     _convert(raw, workdir, shards="full", shard_size_mb=0.002)
     assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
+def test_shards_with_hashes_of_another_definition_are_converted_again(workdir, capsys):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=20, size=40)
+    _convert(raw, workdir, image_size=(36, 36))
+    manifest_file = workdir / "shards" / contracts.MANIFEST_FILE
+    written = json.loads(manifest_file.read_text())
+    assert written["difference_hash_version"] == images.DIFFERENCE_HASH_VERSION
+    del written["difference_hash_version"]  # as the release before the version was recorded wrote it
+    manifest_file.write_text(json.dumps(written))
+
+    result = _convert(raw, workdir, image_size=(36, 36))
+    assert result.decoded == 40, "no hash of the older definition is kept"
+    assert "perceptual hashes are of version 1" in capsys.readouterr().out
+    assert _convert(raw, workdir, image_size=(36, 36)).decoded == 0, "the shards just written are reused"
 
 
 def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdir):

@@ -114,6 +114,7 @@ class Manifest(_Contract):
     imbalance: dict[str, Any]
     duplicates: dict[str, Any]
     splits: dict[str, Split]
+    difference_hash_version: int = 1  # images.DIFFERENCE_HASH_VERSION of the index's hashes; 1 before it was recorded
 
     def write(self, shards_dir: pathlib.Path) -> None:
         # image_size null means "each image's own size": written even when None.

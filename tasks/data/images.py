@@ -14,8 +14,9 @@ Runs in the convert stage's worker processes, so it imports nothing heavier than
   keeps its original bytes (no second lossy pass, no growth: shards of such a folder are its size plus
   the records' few bytes); a JPEG that was rotated, converted or resized is re-encoded as JPEG at
   quality 95; everything else (PNG, GIF, BMP, TIFF, WebP, ...) is stored as PNG, losslessly.
-- Each image also gets a perceptual hash (a difference hash of its upright grayscale picture), which
-  finds near-duplicates that identical-bytes checks miss: the same photo resized or re-saved.
+- Each image also gets a perceptual hash (a difference hash of the upright picture as stored: after
+  resizing), which finds near-duplicates that identical-bytes checks miss: the same photo resized or
+  re-saved.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ import PIL.Image
 import PIL.ImageOps
 
 JPEG_QUALITY = 95  # visually lossless for photos, about a third of the PNG size of the same photo
+# Which picture difference_hash is taken of; the manifest records it, and hashes of two versions are never mixed.
+# 1: the decoded picture before resizing (for a 400-pixel photo resized to 224, 390 µs of the image's 2.3 ms).
+# 2: the picture as stored, after resizing (124 µs there; on 600 such photos 0.13 bits from version 1 on average,
+# at most 2). The same as 1 where nothing is resized.
+DIFFERENCE_HASH_VERSION = 2
 _ORIENTATION_TAG = 0x0112
 _WHITE = (255, 255, 255, 255)
 
@@ -110,9 +116,9 @@ def _decode_and_encode(data: bytes, image_size: tuple[int, int] | None) -> tuple
         if not upright:  # exif_transpose would only copy an upright image
             image = PIL.ImageOps.exif_transpose(image)
         flat = _gray_or_rgb(image)
-    picture_hash = difference_hash(flat)
     if target is not None and flat.size != target:
         flat = flat.resize(target, PIL.Image.Resampling.BILINEAR)
+    picture_hash = difference_hash(flat)
     buffer = io.BytesIO()
     if is_jpeg:
         flat.save(buffer, format="JPEG", quality=JPEG_QUALITY)

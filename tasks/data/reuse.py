@@ -16,7 +16,7 @@ import pathlib
 from typing import BinaryIO
 
 from tasks.common import contracts, errors, files
-from tasks.data import records
+from tasks.data import images, records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,12 @@ def find_previous(
     (sha256, label) of each file now): (by path: the whole records of files unchanged in name, bytes and
     label, left in their shards; by sha256: the encoded images of any other wanted content, copied to
     `spool`). A shard that does not match its sha256 is skipped: its images are decoded again."""
-    # None: a first conversion; another image_size: every image is resized again.
-    if earlier is None or earlier[0].image_size != (list(image_size) if image_size else None):
+    if earlier is None or not stored_alike(earlier[0], image_size):
+        if earlier and earlier[0].difference_hash_version != images.DIFFERENCE_HASH_VERSION:
+            print(
+                f"convert: decoding every file again: the previous shards' perceptual hashes are of version "
+                f"{earlier[0].difference_hash_version}, this release's of {images.DIFFERENCE_HASH_VERSION}"
+            )
         return {}, {}
     manifest, entries = earlier
     wanted_digests = {digest for digest, _ in wanted.values()}
@@ -98,6 +102,16 @@ def _check_cached_shards(shards_dir: pathlib.Path) -> None:
         return  # shards outside a DVC repository: no cache to check
     except (dvc.exceptions.DvcException, OSError) as error:  # the conversion itself does not depend on it
         print(f"convert: DVC's cached copies of the shards were not checked: {error}")
+
+
+def stored_alike(manifest: contracts.Manifest, image_size: tuple[int, int] | None) -> bool:
+    """Whether the previous shards store images as this run would: the same image size (else every image is
+    resized again) and perceptual hashes of the same definition (else all are taken again, so that one index
+    never compares hashes of two definitions)."""
+    return (
+        manifest.image_size == (list(image_size) if image_size else None)
+        and manifest.difference_hash_version == images.DIFFERENCE_HASH_VERSION
+    )
 
 
 def previous(shards_dir: pathlib.Path) -> tuple[contracts.Manifest, list[contracts.IndexEntry]] | None:
