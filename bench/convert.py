@@ -109,7 +109,8 @@ def encode_file(path: str, image_size: tuple[int, int] | None) -> bytes:
     with PIL.Image.open(path) as image:
         if image_size is not None:
             image.draft("RGB", (max(image_size), max(image_size)))
-        rgb = image.convert("RGB")
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # as the stage: no copy of an RGB picture
     buffer = io.BytesIO()
     if image_size is None:
         rgb.save(buffer, format="PNG")

@@ -140,7 +140,9 @@ def _pillow_work(path: str) -> int:
     try:
         with PIL.Image.open(path) as image:
             image.draft("RGB", (224, 224))
-            rgb = image.convert("RGB").resize((224, 224), PIL.Image.Resampling.BILINEAR)
+            image.load()
+            rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB picture
+            rgb = rgb.resize((224, 224), PIL.Image.Resampling.BILINEAR)
     except (OSError, PIL.UnidentifiedImageError):
         return 0
     buffer = io.BytesIO()

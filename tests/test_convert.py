@@ -214,6 +214,7 @@ def test_the_perceptual_hash_is_of_the_picture_as_stored(tmp_path):
     (tmp_path / "noise.png").write_bytes(_encode(PIL.Image.fromarray(pixels), "PNG"))
     resized = PIL.Image.fromarray(pixels).resize((64, 64), PIL.Image.Resampling.BILINEAR)
     whole = images.difference_hash(PIL.Image.fromarray(pixels))
+    assert len(whole) == 16 and images.difference_hash(resized.crop((0, 0, 31, 64))) == "", "none under 32 pixels"
     assert images.difference_hash(resized) != whole, "a picture whose hash changes with resizing"
 
     assert images.prepare(str(tmp_path / "noise.png"), image_size=(64, 64)).difference_hash == (
