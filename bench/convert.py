@@ -50,7 +50,7 @@ import PIL.Image
 from bench import report as bench_report
 from tasks import convert
 from tasks.common import config
-from tasks.data import records
+from tasks.data import tfrecords
 
 REQUIRED_RATIO = 0.9
 CHUNK = 64  # files per task of the anchor's pool: a round-trip per file would cost more than a small file
@@ -130,8 +130,6 @@ def cpu_seconds() -> float:
 def pillow(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, int] | None, all_cores: bool) -> Timing:
     """The anchor (`all_cores`: a worker per core, this process writing), or the same work in one process.
     Timed from listing the folder, as the stage's time includes finding its files."""
-    import tensorflow as tf  # here, not above: importing tasks first turns its start-up notices down
-
     start, cpu = time.perf_counter(), cpu_seconds()
     paths = sorted(raw_dir.rglob("*.jpg"))
     labels = {
@@ -142,10 +140,11 @@ def pillow(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, i
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = concurrent.futures.ProcessPoolExecutor(convert.worker_count(), mp_context=context) if all_cores else None
     try:
-        with tf.io.TFRecordWriter(str(output)) as writer:
+        with output.open("wb") as stream:  # written as the stage writes its shards
             encoded = pool.map(work, map(str, paths), chunksize=CHUNK) if pool else map(work, map(str, paths))
             for path, data in zip(paths, encoded, strict=True):
-                writer.write(records.serialize(data, labels[path.parent.name], path.relative_to(raw_dir).as_posix()))
+                record = tfrecords.serialize(data, labels[path.parent.name], path.relative_to(raw_dir).as_posix())
+                tfrecords.write_record(stream, record)
     finally:
         if pool:
             pool.shutdown()

@@ -36,11 +36,10 @@ import unicodedata
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import tqdm
 
 from tasks.common import config, contracts, disk, errors, files
-from tasks.data import changes, images, listing, records, reuse, splits
+from tasks.data import changes, images, listing, reuse, splits, tfrecords
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
@@ -557,10 +556,10 @@ def _write_split(
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as hashing:
         digests = []
         for index, positions in enumerate(np.array_split(np.arange(len(split_images)), shard_count)):
-            name = records.shard_name(split, index, shard_count)
-            with tf.io.TFRecordWriter(str(folder / name)) as writer:
+            name = tfrecords.shard_name(split, index, shard_count)
+            with (folder / name).open("wb") as shard:
                 for position in positions:
-                    writer.write(_record(split_images[position], spool, origins, stack))
+                    tfrecords.write_record(shard, _record(split_images[position], spool, origins, stack))
             digests.append((name, len(positions), hashing.submit(files.sha256_of, folder / name)))
         shards = [contracts.Shard(file=name, records=count, sha256=digest.result()) for name, count, digest in digests]
     return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
@@ -579,8 +578,8 @@ def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) ->
     if image.as_is:
         return data
     if image.origin is not None:  # another file's record holds the same bytes
-        data = records.encoded_image(data)
-    return records.serialize(data, image.label, image.source)
+        data = tfrecords.parse(data)[0]
+    return tfrecords.serialize(data, image.label, image.source)
 
 
 def _per_class(split_images: list[_Image], class_names: tuple[str, ...]) -> dict[str, int]:

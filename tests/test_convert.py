@@ -336,7 +336,7 @@ def test_records_are_the_same_bytes_in_every_process():
     import subprocess
     import sys
 
-    code = "from tasks.data import records; print(records.serialize(b'image', 1, 'class_1/a.png').hex())"
+    code = "from tasks.data import tfrecords; print(tfrecords.serialize(b'image', 1, 'class_1/a.png').hex())"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code],

@@ -1,4 +1,4 @@
-"""The TFRecord schema, in one place: the writer's encoder (convert) and the reader (train, evaluate).
+"""The shards' reader (train, evaluate, predict): the records that tasks/data/tfrecords.py writes, as tf.data.
 
 The shards folder's manifest (classes, counts, each shard's sha256) is tasks/common/contracts.py's.
 A record holds one RGB image as JPEG or PNG (tasks/data/images.py says which), its label (index into the
@@ -8,65 +8,18 @@ traced back to its file.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import struct
 
 import tensorflow as tf
 
 from tasks.common import contracts, errors, files
-from tasks.data import preprocessing
+from tasks.data import preprocessing, tfrecords
 
 _FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-    "image/source": tf.io.FixedLenFeature([], tf.string),
+    tfrecords.ENCODED: tf.io.FixedLenFeature([], tf.string),
+    tfrecords.LABEL: tf.io.FixedLenFeature([], tf.int64),
+    tfrecords.SOURCE: tf.io.FixedLenFeature([], tf.string),
 }
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def serialize(encoded: bytes, label: int, source: str) -> bytes:
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/source": tf.train.Feature(bytes_list=tf.train.BytesList(value=[os.fsencode(source)])),
-    }
-    # deterministic: map entries (the features) in key order; otherwise their order follows the
-    # process's string hash seed, and the same images would give other shard bytes in every process.
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
-
-
-def encoded_image(serialized: bytes) -> bytes:
-    """The encoded image of a serialized record."""
-    return tf.train.Example.FromString(serialized).features.feature["image/encoded"].bytes_list.value[0]
-
-
-def iterate_records(data: bytes, path: pathlib.Path):
-    """(offset, serialized record, source path, encoded image) of every record in `data`, a shard's bytes.
-
-    The TFRecord framing (length, its CRC, the record, its CRC) is read here rather than by
-    tf.data.TFRecordDataset, whose iteration from Python costs ~100 us a record: most of a nightly
-    conversion that reuses 50,000 images. The CRCs are not checked: callers check the whole shard's
-    sha256 first.
-    """
-    position = 0
-    while position < len(data):
-        (length,) = struct.unpack_from("<Q", data, position)
-        start, end = position + 12, position + 12 + length
-        if end + 4 > len(data):
-            raise errors.BadInput(f"shard {path} ends inside a record: it is cut off; run the convert stage again")
-        serialized = data[start:end]
-        feature = tf.train.Example.FromString(serialized).features.feature
-        yield (
-            start,
-            serialized,
-            os.fsdecode(feature["image/source"].bytes_list.value[0]),
-            feature["image/encoded"].bytes_list.value[0],
-        )
-        position = end + 4
 
 
 # Shards already checked by this process, by (path, size, modification time, inode): train reads its
@@ -114,12 +67,12 @@ def read_split(
 
     def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         example = tf.io.parse_single_example(serialized, _FEATURES)
-        image = tf.io.decode_image(example["image/encoded"], channels=3, expand_animations=False)
+        image = tf.io.decode_image(example[tfrecords.ENCODED], channels=3, expand_animations=False)
         # Resampled once (then cached) when the stored size is not the fed size.
         image = tf.ensure_shape(preprocessing.resize(image, (height, width)), (height, width, 3))
         if with_source:
-            return image, example["image/class/label"], example["image/source"]
-        return image, example["image/class/label"]
+            return image, example[tfrecords.LABEL], example[tfrecords.SOURCE]
+        return image, example[tfrecords.LABEL]
 
     # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.
     records_count = manifest.count(split)

@@ -16,7 +16,7 @@ import pathlib
 from typing import BinaryIO
 
 from tasks.common import contracts, errors, files
-from tasks.data import images, records
+from tasks.data import images, tfrecords
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def find_previous(
             print(f"convert: decoding the images of {path} again: it is missing or does not match its sha256")
             damaged = True
             continue
-        for offset, serialized, source, encoded in records.iterate_records(data, path):
+        for offset, serialized, source, encoded in tfrecords.iterate_records(data, path):
             entry = by_path.get(source)
             if entry is None:
                 continue

@@ -21,7 +21,7 @@ import pandas as pd
 import PIL.Image
 
 from tasks.common import contracts
-from tasks.data import records
+from tasks.data import records, tfrecords
 
 REVIEW_ROWS = 100  # rows of review.csv at most: a list one person can go through in a sitting
 REVIEW_SHOWN = 16  # images in review.png: the first rows of review.csv
@@ -85,7 +85,7 @@ def stored_images(shards_dir: pathlib.Path, wanted: set[tuple[str, str]]) -> dic
     found: dict[tuple[str, str], np.ndarray] = {}
     for split in sorted({split for split, _ in wanted}):
         for path in records.verify_shards(shards_dir, manifest, split):
-            for _, _, source, encoded in records.iterate_records(path.read_bytes(), path):
+            for _, _, source, encoded in tfrecords.iterate_records(path.read_bytes(), path):
                 if (split, source) in wanted:
                     with PIL.Image.open(io.BytesIO(encoded)) as image:
                         found[(split, source)] = np.asarray(image.convert("RGB"))
