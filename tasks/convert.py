@@ -380,7 +380,7 @@ def _prepare_all(
         for item, digest in zip(found, digests, strict=True):
             stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
             if stored is None or stored.entry.sha256 != digest:
-                to_decode.append(item)
+                to_decode.append((item, digest))
                 continue
             accepted.append(
                 _Image(
@@ -405,12 +405,17 @@ def _prepare_all(
 
 
 def _decode_to_spool(
-    to_decode: list[_File], image_size: tuple[int, int] | None, placer: _Placer, labels: dict[str, int], spool
+    to_decode: list[tuple[_File, str | None]],
+    image_size: tuple[int, int] | None,
+    placer: _Placer,
+    labels: dict[str, int],
+    spool,
 ) -> tuple[list[_Image], list[tuple[str, str]], dict[str, str | None]]:
-    """The files decoded on all cores, their encoded images appended to `spool`: (accepted images, rejected
-    files with the reason, each file's sha256 by its source (None: unreadable))."""
+    """The files (each with its sha256 when known) decoded on all cores, their encoded images appended to
+    `spool`: (accepted images, rejected files with the reason, each file's sha256 by its source (None:
+    unreadable))."""
     accepted, rejected, hashed = [], [], {}
-    for item, result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
+    for (item, _), result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
         hashed[item.source] = result.source_sha256
         if isinstance(result, images.Rejected):
             rejected.append((item.source, result.reason))
@@ -466,10 +471,11 @@ def worker_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
-    """images.prepare of every file, in order, on all cores; with a progress bar."""
-    worker = functools.partial(images.prepare, image_size=image_size)
-    paths = [item.path for item in to_decode]
+def _decode_all(to_decode: list[tuple[_File, str | None]], image_size: tuple[int, int] | None):
+    """images.prepare of every file, in order, on all cores; with a progress bar. A file's sha256, when known
+    (by the record of digests), is passed on rather than computed again."""
+    worker = functools.partial(_prepare, image_size=image_size)
+    paths, digests = [item.path for item, _ in to_decode], [digest for _, digest in to_decode]
     workers = worker_count()
     pool = None
     if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:
@@ -477,9 +483,9 @@ def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
     try:
         # map keeps the input order whatever order the workers finish in.
         results = (
-            pool.map(worker, paths, chunksize=max(1, min(64, len(paths) // (workers * 8))))
+            pool.map(worker, paths, digests, chunksize=max(1, min(64, len(paths) // (workers * 8))))
             if pool
-            else map(worker, paths)
+            else map(worker, paths, digests)
         )
         yield from tqdm.tqdm(
             results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
@@ -487,6 +493,12 @@ def _decode_all(to_decode: list[_File], image_size: tuple[int, int] | None):
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def _prepare(
+    path: str, source_sha256: str | None, image_size: tuple[int, int] | None
+) -> images.Prepared | images.Rejected:
+    return images.prepare(path, image_size, source_sha256)  # the arguments in the order _decode_all maps them
 
 
 def _group_splits(accepted: list[_Image]) -> dict[str, list[_Image]]:

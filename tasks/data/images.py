@@ -56,14 +56,15 @@ class Rejected:
     source_sha256: str | None = None  # of the file's bytes, when it could be read
 
 
-def prepare(path: str, image_size: tuple[int, int] | None) -> Prepared | Rejected:
-    """Decodes `path` and returns it as an RGB image of `image_size` ([height, width]; None keeps it)."""
+def prepare(path: str, image_size: tuple[int, int] | None, source_sha256: str | None = None) -> Prepared | Rejected:
+    """Decodes `path` and returns it as an RGB image of `image_size` ([height, width]; None keeps it).
+    `source_sha256`: the file's digest, when the caller knows it already (not computed again)."""
     try:
         with open(path, "rb") as stream:
             data = stream.read()
     except OSError as error:
         return Rejected(f"cannot read the file: {error.strerror}")
-    source_sha256 = hashlib.sha256(data).hexdigest()
+    source_sha256 = source_sha256 or hashlib.sha256(data).hexdigest()
     if not data:
         return Rejected("empty file (0 bytes)", source_sha256)
     try:
