@@ -26,7 +26,7 @@ import pytest
 
 from tasks import convert, download
 from tasks.common import config, disk, errors, files
-from tasks.data import fetch
+from tasks.data import fetch, tfrecords
 from tests.conftest import REPOSITORY, make_image_folder, write_params
 
 
@@ -105,30 +105,17 @@ def test_convert_stops_before_writing_a_shard_when_its_estimate_does_not_fit(pro
 FULL_DEVICE = pathlib.Path("/dev/full")  # Linux: every write to it fails with ENOSPC
 
 
-class _FullDiskWriter:
-    """tf.io.TFRecordWriter on a full disk: its shard file is made, and its writes go to /dev/full, whose
-    kernel error is the one a full disk gives a write (it names no file)."""
-
-    def __init__(self, path: str):
-        pathlib.Path(path).touch()
-        self.stream = FULL_DEVICE.open("wb", buffering=0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stream.close()
-
-    def write(self, record: bytes) -> None:
-        self.stream.write(record)
+def _write_to_a_full_disk(stream, record: bytes) -> None:
+    """tfrecords.write_record on a full disk: the shard file is made, and its writes go to /dev/full, whose kernel
+    error is the one a full disk gives a write (it names no file)."""
+    with FULL_DEVICE.open("wb", buffering=0) as full:
+        full.write(record)
 
 
 def test_a_disk_that_fills_up_while_convert_writes_names_the_folder_and_the_space_free(project, monkeypatch, capsys):
     if not FULL_DEVICE.exists():
         pytest.skip("no /dev/full here")
-    import tensorflow as tf
-
-    monkeypatch.setattr(tf.io, "TFRecordWriter", _FullDiskWriter)
+    monkeypatch.setattr(tfrecords, "write_record", _write_to_a_full_disk)
     code = errors.run_main(convert.main, [])
     line = _one_line(capsys.readouterr().err, "tasks.convert")
 

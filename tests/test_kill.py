@@ -180,7 +180,7 @@ KILL_POINTS = {
     "download: archive unpacked, raw folder not yet in place": KillPoint(
         "download", "tasks.data.fetch:extract after 1"
     ),
-    "convert: halfway through the first shard": KillPoint("convert", "tasks.data.records:serialize after 10"),
+    "convert: halfway through the first shard": KillPoint("convert", "tasks.data.tfrecords:serialize after 10"),
     "train: after epoch 1's backup": KillPoint("train", "keras.callbacks:BackupAndRestore.on_epoch_end after 1"),
     "train: last epoch done, model not yet saved": KillPoint(
         "train", "keras:Model.save before 1", epochs_before_kill=2
