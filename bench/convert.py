@@ -1,33 +1,33 @@
 """Convert throughput: the convert stage against Pillow alone doing the same work on every core.
 
-    python -m bench.convert                  # 10,000 128x128 JPEGs in a temporary folder
-    python -m bench.convert --images 3000    # quicker, noisier: the pools' start-up weighs more
+    python -m bench.convert                              # 4,000 photos and 10,000 128x128 JPEGs (1.5 min)
+    python -m bench.convert --photos 2000 --images 3000  # quicker, noisier: the pools' start-up weighs more
 
 The anchor is what a user would write today without this pipeline: a process pool with a worker per
 core (concurrent.futures.ProcessPoolExecutor, started as the stage starts its own) maps one function
 over the sorted files in chunks of 64; each call opens a file, decodes it (letting the JPEG decoder
-scale down, as the stage does), converts it to RGB, resizes and encodes it, and this process writes
-every result to one TFRecord. The anchor's time includes listing the folder and starting its pool, as
-the stage's includes finding its files and starting its own.
+scale down, as the stage does), converts it to RGB when it is not, resizes and encodes it, and this
+process writes every result to one TFRecord, as the stage writes its records. The anchor's time
+includes listing the folder and starting its pool, as the stage's includes finding its files and
+starting its own.
 
-Two cases, in this process, one after the other:
-- resize to half (dataset.image_size set): the anchor resizes bilinearly and encodes JPEG at quality 95,
-  exactly the stage's own per-image work. Like for like: what is left is the stage's own bookkeeping
-  (digests, validation, perceptual hashes, the splits, the index, the data-change report). The ratio
-  of this case is the one checked.
-- keep size (dataset.image_size: null, the default): the anchor re-encodes each file as PNG (as this
-  pipeline's first convert stage did), while the stage keeps an unchanged JPEG's own bytes: not the
-  same work, so shown for what it tells, not checked.
-A plain single-process loop doing the anchor's work is shown too, for scale, in the resize case (re-encoding
-PNGs in one process would take longer than all the rest). Each method is timed
-twice, alternating, and the faster run counts (other work on the machine only ever slows a run down).
-Prints a table, writes reports/bench/convert.json and exits non-zero when the stage converts at less
-than 0.9 times the anchor's rate in the resize case.
-
-10,000 images by default, about two seconds a run: at 3,000 a run takes well under a second, and what
-both sides pay once (forking the workers from a process that has TensorFlow loaded, about 0.07 s; the
-stage about 0.02 s more for its sample, report and index) and a busy machine's noise weigh three times as
-much. The CPU column (this process and its workers) moves less than the seconds when the machine is shared.
+Three cases, in this process, one after the other:
+- photos resized to 224x224 (checked): the scale benchmark's generated photos (sides of 300 to 500
+  pixels, a broken file in 2,000; bench/scale.py) with dataset.image_size [224, 224], the workload the
+  convert goal is set for: a team's photos of a few hundred pixels. The anchor resizes bilinearly and
+  encodes JPEG at quality 95, exactly the stage's own per-image work; what is left is the stage's own
+  bookkeeping (digests, validation, perceptual hashes, the splits, the records' order, the index, the
+  data-change report).
+- 128x128 JPEGs resized to 64x64 (shown): the same, on images so small that Pillow's work is 0.2 ms an
+  image and the bookkeeping, about 0.1 ms an image whatever its size, weighs half as much again. A
+  plain single-process loop doing the anchor's work is shown too, for scale.
+- keep size (dataset.image_size: null, the default; shown): the anchor re-encodes each 128x128 file as
+  PNG (as this pipeline's first convert stage did), while the stage keeps an unchanged JPEG's own bytes:
+  not the same work.
+Each method is timed twice, alternating, and the faster run counts (other work on the machine only ever
+slows a run down). Prints a table, writes reports/bench/convert.json and exits non-zero when the stage
+converts the photos at less than 0.9 times the anchor's rate. The CPU column (this process and its
+workers) moves less than the seconds when the machine is shared.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 import PIL.Image
 
 from bench import report as bench_report
+from bench import scale
 from tasks import convert
 from tasks.common import config
 from tasks.data import tfrecords
@@ -105,12 +106,16 @@ def make_folder(
 
 
 def encode_file(path: str, image_size: tuple[int, int] | None) -> bytes:
-    """The anchor's work on one file: decode (scaled by the JPEG decoder), RGB, then resize and JPEG 95, or PNG."""
-    with PIL.Image.open(path) as image:
-        if image_size is not None:
-            image.draft("RGB", (max(image_size), max(image_size)))
-        image.load()
-        rgb = image if image.mode == "RGB" else image.convert("RGB")  # as the stage: no copy of an RGB picture
+    """The anchor's work on one file: decode (scaled by the JPEG decoder), RGB, then resize and JPEG 95, or PNG;
+    nothing for a file that is no image."""
+    try:
+        with PIL.Image.open(path) as image:
+            if image_size is not None:
+                image.draft("RGB", (max(image_size), max(image_size)))
+            image.load()
+            rgb = image if image.mode == "RGB" else image.convert("RGB")  # as the stage: no copy of an RGB picture
+    except (OSError, PIL.UnidentifiedImageError):
+        return b""
     buffer = io.BytesIO()
     if image_size is None:
         rgb.save(buffer, format="PNG")
@@ -143,8 +148,9 @@ def pillow(raw_dir: pathlib.Path, output: pathlib.Path, image_size: tuple[int, i
         with output.open("wb") as stream:  # written as the stage writes its shards
             encoded = pool.map(work, map(str, paths), chunksize=CHUNK) if pool else map(work, map(str, paths))
             for path, data in zip(paths, encoded, strict=True):
-                record = tfrecords.serialize(data, labels[path.parent.name], path.relative_to(raw_dir).as_posix())
-                tfrecords.write_record(stream, record)
+                if data:
+                    source = path.relative_to(raw_dir).as_posix()
+                    tfrecords.write_record(stream, tfrecords.serialize(data, labels[path.parent.name], source))
     finally:
         if pool:
             pool.shutdown()
@@ -181,49 +187,63 @@ def measure(
     return runs
 
 
+CHECKED = "photos, resize to 224x224"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10000, help="JPEGs to convert (default: %(default)s)")
-    parser.add_argument("--side", type=int, default=128, help="their width and height in pixels (default: %(default)s)")
+    parser.add_argument("--photos", type=int, default=4000, help="photos to convert (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=10000, help="small JPEGs to convert (default: %(default)s)")
+    parser.add_argument("--side", type=int, default=128, help="the small JPEGs' side in pixels (default: %(default)s)")
     arguments = parser.parse_args(argv)
     dataset = folder_dataset()
     half = (arguments.side // 2, arguments.side // 2)
-    checked = f"resize to {half[0]}x{half[1]}"
-    # The single-process loop only where it is cheap (see above).
-    cases = {
-        "keep size": (dataset, ("anchor", "convert")),
-        checked: (dataset.model_copy(update={"image_size": half}), METHODS),
-    }
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as folder:
         folder = pathlib.Path(folder)
-        raw_dir = make_folder(folder / "raw", arguments.images, arguments.side)
-        for index, (case, (case_dataset, methods)) in enumerate(cases.items()):
-            (folder / str(index)).mkdir()
-            results[case] = measure(raw_dir, folder / str(index), case_dataset, methods)
-    print(f"{arguments.images} JPEGs of {arguments.side}x{arguments.side}, {convert.worker_count()} cores")
-    rows = []
-    report = {"images": arguments.images, "side": arguments.side, "required_ratio": REQUIRED_RATIO, "cases": {}}
-    for case, runs in results.items():
-        fastest = {method: min(timings, key=lambda timing: timing.seconds) for method, timings in runs.items()}
-        anchor = fastest["anchor"].images_per_second
-        for method, timing in fastest.items():
-            ratio = timing.images_per_second / anchor
-            shown = None if method == "anchor" else f"{ratio:.2f}x"
-            cpu_per_image = timing.cpu_seconds / timing.images * 1e6
-            row = [case, timing.method, timing.seconds, timing.images_per_second, cpu_per_image]
-            rows.append(row + [timing.megabytes_written, shown])
-        report["cases"][case] = {
-            "images_per_second": {method: round(timing.images_per_second, 1) for method, timing in fastest.items()},
-            "ratio": round(fastest["convert"].images_per_second / anchor, 3),
-            "runs": {method: [dataclasses.asdict(timing) for timing in timings] for method, timings in runs.items()},
+        small = make_folder(folder / "small", arguments.images, arguments.side)
+        cases = {  # (folder, settings, methods); the single-process loop only where it is cheap (see above)
+            CHECKED: (scale.make_photos(folder / "photos", arguments.photos), (224, 224), ("anchor", "convert")),
+            f"{arguments.side}x{arguments.side}, resize to {half[0]}x{half[1]}": (small, half, METHODS),
+            f"{arguments.side}x{arguments.side}, keep size": (small, None, ("anchor", "convert")),
         }
+        for index, (case, (raw_dir, image_size, methods)) in enumerate(cases.items()):
+            (folder / str(index)).mkdir()
+            case_dataset = dataset.model_copy(update={"image_size": image_size})
+            results[case] = measure(raw_dir, folder / str(index), case_dataset, methods)
+    print(
+        f"{arguments.photos} photos, {arguments.images} JPEGs of {arguments.side}x{arguments.side}, "
+        f"{convert.worker_count()} cores"
+    )
+    report = {**vars(arguments), "required_ratio": REQUIRED_RATIO, "checked": CHECKED, "cases": {}}
+    rows = []
+    for case, runs in results.items():
+        case_rows, report["cases"][case] = _case_report(case, runs)
+        rows += case_rows
     bench_report.print_table(["case", "method", "seconds", "images/s", "CPU us/image", "MB written", "ratio"], rows)
     report["passed"] = bench_report.check(
-        f"convert stage over Pillow on all cores ({checked})", report["cases"][checked]["ratio"], REQUIRED_RATIO
+        f"convert stage over Pillow on all cores ({CHECKED})", report["cases"][CHECKED]["ratio"], REQUIRED_RATIO
     )
     bench_report.write("convert", report)
     return 0 if report["passed"] else 1
+
+
+def _case_report(case: str, runs: dict[str, list[Timing]]) -> tuple[list[list], dict]:
+    """The table's rows of one case (each method's faster run) and its part of the report."""
+    fastest = {method: min(timings, key=lambda timing: timing.seconds) for method, timings in runs.items()}
+    anchor = fastest["anchor"].images_per_second
+    rows = []
+    for method, timing in fastest.items():
+        ratio = timing.images_per_second / anchor
+        shown = None if method == "anchor" else f"{ratio:.2f}x"
+        cpu_per_image = timing.cpu_seconds / timing.images * 1e6
+        rows.append([case, timing.method, timing.seconds, timing.images_per_second, cpu_per_image])
+        rows[-1] += [timing.megabytes_written, shown]
+    return rows, {
+        "images_per_second": {method: round(timing.images_per_second, 1) for method, timing in fastest.items()},
+        "ratio": round(fastest["convert"].images_per_second / anchor, 3),
+        "runs": {method: [dataclasses.asdict(timing) for timing in timings] for method, timings in runs.items()},
+    }
 
 
 if __name__ == "__main__":
