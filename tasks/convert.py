@@ -44,7 +44,7 @@ from tasks.data import changes, images, listing, reuse, splits, tfrecords
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
 _POOL_CONTEXT = "fork" if sys.platform == "linux" else "spawn"
-_MIN_FILES_FOR_POOL = 32  # below this, starting processes costs more than it saves
+_MIN_FILES_FOR_POOL = 32  # below this, sending files to the workers costs more than it saves
 # Images prepared before the conversion to learn what the settings make of this folder's files: evenly
 # spread over classes and names; a second or two even for large photos.
 SIZE_SAMPLE = 24
@@ -64,7 +64,7 @@ class ConvertResult:
     report: changes.Report
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # one per file: no __dict__ each
 class _File:
     path: str  # a str, not a pathlib.Path: one is made per file, and only its text is ever needed
     source: str  # relative to the raw folder, with "/" separators, as named on disk
@@ -78,7 +78,7 @@ class _File:
         return self.source.split("/", 2 if self.split else 1)[-1]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # one per image
 class _Image:
     source: str
     split: str
@@ -150,6 +150,24 @@ def convert(
     `digests_file` keeps each file's sha256 by its size, time and inode (the next run reads only changed
     files); a file that differs from download's `listing_file` (what DVC recorded) stops the run, as does
     too little room for the estimate (space_needed), before anything is written."""
+    # The decoding workers are forked first, from a process that holds no per-file lists yet (nor MLflow, which
+    # the change report imports): forked later, each would map those pages too, and a worker that touched
+    # one would copy it.
+    with _decoding_pool() as pool:
+        return _convert(pool, dataset, seed, raw_dir, shards_dir, report_dir, model_name, digests_file, listing_file)
+
+
+def _convert(
+    pool: concurrent.futures.Executor | None,
+    dataset: config.DatasetParams,
+    seed: int,
+    raw_dir: pathlib.Path,
+    shards_dir: pathlib.Path,
+    report_dir: pathlib.Path | None,
+    model_name: str | None,
+    digests_file: pathlib.Path | None,
+    listing_file: pathlib.Path | None,
+) -> ConvertResult:
     given_splits = _given_splits(raw_dir)
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
@@ -162,7 +180,7 @@ def convert(
         carve = _carved_fractions(given_splits, dataset)
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
         accepted, rejected, decoded, digests = _prepare_all(
-            found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path
+            found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path, pool
         )
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         rejected = sorted(outside + rejected)
@@ -367,6 +385,7 @@ def _prepare_all(
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
     spool_path: pathlib.Path,
+    pool: concurrent.futures.Executor | None,
 ) -> tuple[list[_Image], list[tuple[str, str]], int, list[str | None]]:
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores;
     and `digests` with those of the files read only to be decoded (None in `digests`) filled in."""
@@ -397,7 +416,7 @@ def _prepare_all(
                     encoding=stored.entry.encoding,
                 )
             )
-        decoded, rejected, hashed = _decode_to_spool(to_decode, image_size, placer, labels, spool)
+        decoded, rejected, hashed = _decode_to_spool(to_decode, image_size, placer, labels, spool, pool)
     filled = [
         hashed.get(item.source) if digest is None else digest for item, digest in zip(found, digests, strict=True)
     ]
@@ -410,12 +429,13 @@ def _decode_to_spool(
     placer: _Placer,
     labels: dict[str, int],
     spool,
+    pool: concurrent.futures.Executor | None,
 ) -> tuple[list[_Image], list[tuple[str, str]], dict[str, str | None]]:
     """The files (each with its sha256 when known) decoded on all cores, their encoded images appended to
     `spool`: (accepted images, rejected files with the reason, each file's sha256 by its source (None:
     unreadable))."""
     accepted, rejected, hashed = [], [], {}
-    for (item, _), result in zip(to_decode, _decode_all(to_decode, image_size), strict=True):
+    for (item, _), result in zip(to_decode, _decode_all(to_decode, image_size, pool), strict=True):
         hashed[item.source] = result.source_sha256
         if isinstance(result, images.Rejected):
             rejected.append((item.source, result.reason))
@@ -471,28 +491,39 @@ def worker_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _decode_all(to_decode: list[tuple[_File, str | None]], image_size: tuple[int, int] | None):
-    """images.prepare of every file, in order, on all cores; with a progress bar. A file's sha256, when known
-    (by the record of digests), is passed on rather than computed again."""
+@contextlib.contextmanager
+def _decoding_pool():
+    """A process per core to decode with, forked now (None on one core)."""
+    workers = worker_count()
+    if workers < 2:
+        yield None
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
+    try:
+        pool.submit(int).result()  # the executor forks all its workers at its first task
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _decode_all(
+    to_decode: list[tuple[_File, str | None]],
+    image_size: tuple[int, int] | None,
+    pool: concurrent.futures.Executor | None,
+):
+    """images.prepare of every file, in order, on the pool's workers (in this process when there are few); with a
+    progress bar. A file's sha256, when known (by the record of digests), is passed on rather than computed again."""
     worker = functools.partial(_prepare, image_size=image_size)
     paths, digests = [item.path for item, _ in to_decode], [digest for _, digest in to_decode]
-    workers = worker_count()
-    pool = None
-    if workers > 1 and len(paths) >= _MIN_FILES_FOR_POOL:
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
-    try:
+    if pool and len(paths) >= _MIN_FILES_FOR_POOL:
         # map keeps the input order whatever order the workers finish in.
-        results = (
-            pool.map(worker, paths, digests, chunksize=max(1, min(64, len(paths) // (workers * 8))))
-            if pool
-            else map(worker, paths, digests)
-        )
-        yield from tqdm.tqdm(
-            results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
-        )
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+        chunk = max(1, min(64, len(paths) // (worker_count() * 8)))
+        results = pool.map(worker, paths, digests, chunksize=chunk)
+    else:
+        results = map(worker, paths, digests)
+    yield from tqdm.tqdm(
+        results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
+    )
 
 
 def _prepare(

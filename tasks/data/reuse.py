@@ -19,7 +19,7 @@ from tasks.common import contracts, errors, files
 from tasks.data import images, tfrecords
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Stored:
     """An image of the previous shards: its whole record, left where it is, or its encoded image in the spool."""
 
