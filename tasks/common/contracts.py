@@ -128,7 +128,7 @@ class Manifest(_Contract):
         return self.splits[split].count
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class IndexEntry:
     """One accepted image of the shards: where it came from, its class and split, and its hashes.
 
