@@ -493,14 +493,17 @@ def worker_count() -> int:
 
 @contextlib.contextmanager
 def _decoding_pool():
-    """A process per core to decode with, forked now (None on one core)."""
+    """A process per core to decode with, forked now (None on one core). Where processes are spawned instead, they
+    start with the first files to decode: each imports the caller's main module again, which a run with nothing
+    to decode should not pay for."""
     workers = worker_count()
     if workers < 2:
         yield None
         return
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_POOL_CONTEXT))
     try:
-        pool.submit(int).result()  # the executor forks all its workers at its first task
+        if _POOL_CONTEXT == "fork":
+            pool.submit(int).result()  # the executor forks all its workers at its first task
         yield pool
     finally:
         pool.shutdown(cancel_futures=True)
