@@ -7,6 +7,7 @@ import sys
 import pytest
 import tensorflow as tf
 
+from tasks.common import errors
 from tasks.data import records, tfrecords
 from tests.conftest import REPOSITORY
 
@@ -67,7 +68,7 @@ def test_a_shard_is_tensorflows_tfrecord_file_and_reads_back(tmp_path):
     found = list(tfrecords.iterate_records(data, ours))
     assert [(source, encoded) for _, _, source, encoded in found] == [(source, encoded) for encoded, _, source in CASES]
     assert [data[offset : offset + len(record)] for offset, record, _, _ in found] == serialized
-    with pytest.raises(Exception, match="ends inside a record"):
+    with pytest.raises(errors.BadInput, match="ends inside a record"):
         list(tfrecords.iterate_records(data[:-3], ours))
 
 
