@@ -179,6 +179,7 @@ def _convert(
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
+        del known  # every file's record (about 0.5 KB each): nothing reads it past here
         accepted, rejected, decoded, digests = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path, pool
         )
@@ -435,8 +436,9 @@ def _decode_to_spool(
     `spool`: (accepted images, rejected files with the reason, each file's sha256 by its source (None:
     unreadable))."""
     accepted, rejected, hashed = [], [], {}
-    for (item, _), result in zip(to_decode, _decode_all(to_decode, image_size, pool), strict=True):
-        hashed[item.source] = result.source_sha256
+    for (item, known), result in zip(to_decode, _decode_all(to_decode, image_size, pool), strict=True):
+        # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
+        sha256 = hashed[item.source] = known or result.source_sha256
         if isinstance(result, images.Rejected):
             rejected.append((item.source, result.reason))
             continue
@@ -450,7 +452,7 @@ def _decode_to_spool(
                 offset,
                 len(result.encoded),
                 size=len(result.encoded),
-                sha256=result.source_sha256,
+                sha256=sha256,
                 difference_hash=result.difference_hash,
                 encoding=result.encoding,
             )
