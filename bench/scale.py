@@ -58,6 +58,7 @@ import psutil
 import yaml
 
 from bench import cifar10_sized, orchestration, workspace
+from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks.common import files
 
@@ -136,18 +137,9 @@ def make_photos(folder: pathlib.Path, count: int, seed: int = 0) -> pathlib.Path
 
 
 def _pillow_work(path: str) -> int:
-    """What convert does to a photo, with Pillow alone: decode (draft-scaled), RGB, resize to 224, JPEG 95."""
-    try:
-        with PIL.Image.open(path) as image:
-            image.draft("RGB", (224, 224))
-            image.load()
-            rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB picture
-            rgb = rgb.resize((224, 224), PIL.Image.Resampling.BILINEAR)
-    except (OSError, PIL.UnidentifiedImageError):
-        return 0
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="JPEG", quality=95)
-    return len(buffer.getvalue())
+    """What convert does to a photo, with Pillow alone (bench/convert.py's anchor at 224x224): the encoded size,
+    sent back instead of the bytes, as nothing here writes them."""
+    return len(bench_convert.encode_file(path, (224, 224)))
 
 
 def pillow_rate(folder: pathlib.Path) -> float:
