@@ -27,12 +27,14 @@ import dataclasses
 import functools
 import gc
 import io
+import itertools
 import math
 import multiprocessing
 import os
 import pathlib
 import sys
 import unicodedata
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -66,11 +68,15 @@ class ConvertResult:
 
 @dataclasses.dataclass(frozen=True, slots=True)  # one per file: no __dict__ each
 class _File:
-    path: str  # a str, not a pathlib.Path: one is made per file, and only its text is ever needed
+    root: str  # the raw folder, one string for all files: each file's whole path is made when it is read
     source: str  # relative to the raw folder, with "/" separators, as named on disk
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
     identity: tuple[int, int, int] | None = None  # size, modification time (ns) and inode: unchanged, same bytes
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.source)
 
     @property
     def path_in_class(self) -> str:
@@ -172,18 +178,24 @@ def _convert(
     found, outside = _find_files(raw_dir, given_splits)
     class_names = _class_names(found, raw_dir)
     earlier = reuse.previous(shards_dir)
-    known = listing.read_digests(digests_file) if digests_file else {}
+    known = _recorded_digests(found, digests_file)
     disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
         carve = _carved_fractions(given_splits, dataset)
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
-        del known  # every file's record (about 0.5 KB each): nothing reads it past here
-        accepted, rejected, decoded, digests = _prepare_all(
+        accepted, rejected, decoded = _prepare_all(
             found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path, pool
         )
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
+        files_seen = len(found) + len(outside)
+        if digests_file:  # now, so that the per-file list can go: the record holds only facts about the files
+            listing.write_digests(
+                digests_file, (item.source for item in found), (item.identity for item in found), digests
+            )
+        # Each file's path and identity (about 0.4 KB a file) are not needed past here; the images keep their names.
+        del found, digests
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
         grouped = _group_splits(accepted)
@@ -196,13 +208,10 @@ def _convert(
                 for split, split_images in grouped.items()
             }
         spool_path.unlink()
-        files_seen = len(found) + len(outside)
         manifest = _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped, written)
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
         manifest.write(staging)
-    if digests_file:
-        listing.write_digests(digests_file, [(item.source, item.identity) for item in found], digests)
     counts = {split: len(split_images) for split, split_images in grouped.items()}
     return ConvertResult(
         shards_dir=shards_dir,
@@ -212,6 +221,13 @@ def _convert(
         decoded=decoded,
         report=report,
     )
+
+
+def _recorded_digests(found: list[_File], digests_file: pathlib.Path | None) -> list[str | None]:
+    """Each file's sha256 as the record of digests holds it (None: not recorded, or changed since)."""
+    if digests_file is None:
+        return [None] * len(found)
+    return listing.recorded(digests_file, [item.source for item in found], [item.identity for item in found])
 
 
 def space_needed(
@@ -256,9 +272,10 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
     return sum(stored) / max(1, source_bytes), sum(stored) / len(stored)
 
 
-def _reused_whole(found: list[_File], known: dict, earlier, dataset: config.DatasetParams) -> set[str]:
-    """The files whose records the previous shards hold as they are: unchanged (size, time and inode as the
-    digests file recorded them), under the same path, classes and image size (tasks/data/reuse.py)."""
+def _reused_whole(found: list[_File], known: list[str | None], earlier, dataset: config.DatasetParams) -> set[str]:
+    """The files whose records the previous shards hold as they are: unchanged (`known`: their digests as the
+    record of digests holds them, for an unchanged size, time and inode), under the same path, classes and image
+    size (tasks/data/reuse.py)."""
     if earlier is None or not reuse.stored_alike(earlier[0], dataset.image_size):
         return set()
     if earlier[0].classes != sorted({item.class_name for item in found}):
@@ -266,8 +283,8 @@ def _reused_whole(found: list[_File], known: dict, earlier, dataset: config.Data
     stored = {entry.path: entry.sha256 for entry in earlier[1]}
     return {
         item.source
-        for item in found
-        if item.identity and item.source in known and known[item.source] == (item.identity, stored.get(item.source))
+        for item, digest in zip(found, known, strict=True)
+        if digest is not None and digest == stored.get(item.source)
     }
 
 
@@ -351,9 +368,8 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
 
 def _class_files(folder: pathlib.Path, raw_dir: pathlib.Path, split: str | None, class_name: str) -> list[_File]:
     """Every file under a class folder, with its size, time and inode (tasks/data/listing.py's walk)."""
-    return [
-        _File(path, source, split, class_name, identity) for source, path, identity in listing.walk(folder, raw_dir)
-    ]
+    root = str(raw_dir)
+    return [_File(root, source, split, class_name, identity) for source, _, identity in listing.walk(folder, raw_dir)]
 
 
 def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
@@ -387,62 +403,81 @@ def _prepare_all(
     shards_dir: pathlib.Path,
     spool_path: pathlib.Path,
     pool: concurrent.futures.Executor | None,
-) -> tuple[list[_Image], list[tuple[str, str]], int, list[str | None]]:
+) -> tuple[list[_Image], list[tuple[str, str]], int]:
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores;
-    and `digests` with those of the files read only to be decoded (None in `digests`) filled in."""
+    (accepted images, rejected files with the reason, files decoded). The digests of files read only to be
+    decoded (None in `digests`) are filled in, in place."""
     labels = {name: label for label, name in enumerate(class_names)}
-    wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
-    accepted, to_decode = [], []
     # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
     with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
-        whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
-        whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
-        for item, digest in zip(found, digests, strict=True):
-            stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
-            if stored is None or stored.entry.sha256 != digest:
-                to_decode.append((item, digest))
-                continue
-            accepted.append(
-                _Image(
-                    item.source,
-                    *placer.place(item),
-                    labels[item.class_name],
-                    stored.offset,
-                    stored.length,
-                    size=stored.encoded_size,
-                    origin=stored.origin,
-                    as_is=stored is whole.get(item.source),
-                    sha256=digest,
-                    difference_hash=stored.entry.difference_hash,
-                    encoding=stored.entry.encoding,
-                )
+        accepted, to_decode = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool)
+        decoded, rejected = _decode_to_spool(found, to_decode, digests, image_size, placer, labels, spool, pool)
+    return accepted + decoded, rejected, len(to_decode)
+
+
+def _reused(
+    found: list[_File],
+    digests: list[str | None],
+    labels: dict[str, int],
+    image_size: tuple[int, int] | None,
+    placer: _Placer,
+    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
+    shards_dir: pathlib.Path,
+    spool,
+) -> tuple[list[_Image], list[int]]:
+    """(The images the previous shards hold, the positions in `found` of the files to decode)."""
+    if earlier is None:
+        return [], list(range(len(found)))
+    wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
+    whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
+    whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
+    accepted, to_decode = [], []
+    for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
+        stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
+        if stored is None or stored.entry.sha256 != digest:
+            to_decode.append(position)
+            continue
+        accepted.append(
+            _Image(
+                item.source,
+                *placer.place(item),
+                labels[item.class_name],
+                stored.offset,
+                stored.length,
+                size=stored.encoded_size,
+                origin=stored.origin,
+                as_is=stored is whole.get(item.source),
+                sha256=digest,
+                difference_hash=stored.entry.difference_hash,
+                encoding=stored.entry.encoding,
             )
-        decoded, rejected, hashed = _decode_to_spool(to_decode, image_size, placer, labels, spool, pool)
-    filled = [
-        hashed.get(item.source) if digest is None else digest for item, digest in zip(found, digests, strict=True)
-    ]
-    return accepted + decoded, rejected, len(to_decode), filled
+        )
+    return accepted, to_decode
 
 
 def _decode_to_spool(
-    to_decode: list[tuple[_File, str | None]],
+    found: list[_File],
+    to_decode: list[int],
+    digests: list[str | None],
     image_size: tuple[int, int] | None,
     placer: _Placer,
     labels: dict[str, int],
     spool,
     pool: concurrent.futures.Executor | None,
-) -> tuple[list[_Image], list[tuple[str, str]], dict[str, str | None]]:
-    """The files (each with its sha256 when known) decoded on all cores, their encoded images appended to
-    `spool`: (accepted images, rejected files with the reason, each file's sha256 by its source (None:
-    unreadable))."""
-    accepted, rejected, hashed = [], [], {}
-    for (item, known), result in zip(to_decode, _decode_all(to_decode, image_size, pool), strict=True):
+) -> tuple[list[_Image], list[tuple[str, str]]]:
+    """The files at positions `to_decode` of `found` decoded on all cores, their encoded images appended to
+    `spool`: (accepted images, rejected files with the reason). Each file's sha256 goes to `digests` (None:
+    unreadable)."""
+    accepted, rejected = [], []
+    jobs = ((found[position].path, digests[position]) for position in to_decode)  # made as the workers need them
+    for position, result in zip(to_decode, _decode_all(jobs, len(to_decode), image_size, pool), strict=True):
+        item = found[position]
         # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
-        sha256 = hashed[item.source] = known or result.source_sha256
+        sha256 = digests[position] = digests[position] or result.source_sha256
         if isinstance(result, images.Rejected):
             rejected.append((item.source, result.reason))
             continue
-        offset = spool.tell()
+        offset, length = spool.tell(), len(result.encoded)
         spool.write(result.encoded)
         accepted.append(
             _Image(
@@ -450,35 +485,43 @@ def _decode_to_spool(
                 *placer.place(item),
                 labels[item.class_name],
                 offset,
-                len(result.encoded),
-                size=len(result.encoded),
+                length,
+                size=length,
                 sha256=sha256,
                 difference_hash=result.difference_hash,
-                encoding=result.encoding,
+                encoding=sys.intern(result.encoding),  # one string per encoding, not one unpickled per image
             )
         )
-    return accepted, rejected, hashed
+    return accepted, rejected
 
 
 def _digests(
-    found: list[_File], known: dict, listing_file: pathlib.Path | None, outside: list[str], reusing: bool
+    found: list[_File],
+    known: list[str | None],
+    listing_file: pathlib.Path | None,
+    outside: list[str],
+    reusing: bool,
 ) -> list[str | None]:
     """Each found file's sha256 (None: unreadable), after checking that the raw folder holds exactly the files
     download listed (what DVC recorded), with the same bytes. Only when something compares them before any
-    file is decoded (download's listing, or the previous shards when `reusing`); else all None: every file
-    is decoded then, and prepare hashes each file as it reads it, rather than this process reading every
-    file once more, alone, before the workers start."""
+    file is decoded (download's listing, or the previous shards when `reusing`); else only those `known` (by the
+    record of digests): the others are decoded then, and prepare hashes each file as it reads it, rather than this
+    process reading every file once more, alone, before the workers start."""
     listed = listing.read(listing_file) if listing_file else None
     if listed is None and not reusing:
-        return [None] * len(found)
-    sources, paths = [item.source for item in found], [item.path for item in found]
-    digests = listing.hash_all(sources, paths, [item.identity for item in found], known)
+        return known  # the others are hashed by the workers that decode them
+    digests = listing.hash_all([item.path for item in found], known)
     if listed is None:
         return digests  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
-    here = {item.source: digest or "" for item, digest in zip(found, digests, strict=True)}
-    here.update({source: listed.get(source, "") for source in outside})  # rejected unread: their presence counts
+    # Each file found is taken off the listing: what differs, and what is left, is what changed.
+    differing = [
+        item.source
+        for item, digest in zip(found, digests, strict=True)
+        if listed.pop(item.source, None) != (digest or "")
+    ]
+    differing += [source for source in outside if listed.pop(source, None) is None]  # rejected unread: presence counts
     listed.pop(contracts.LAYOUT_FILE, None)
-    differing = sorted(source for source in here.keys() | listed.keys() if here.get(source) != listed.get(source))
+    differing = sorted([*differing, *listed])
     if differing:
         raise errors.BadInput(
             f"{len(differing)} files of the raw folder differ from download's listing {listing_file} (added, removed "
@@ -512,29 +555,47 @@ def _decoding_pool():
 
 
 def _decode_all(
-    to_decode: list[tuple[_File, str | None]],
+    jobs: Iterator[tuple[str, str | None]],
+    count: int,
     image_size: tuple[int, int] | None,
     pool: concurrent.futures.Executor | None,
-):
-    """images.prepare of every file, in order, on the pool's workers (in this process when there are few); with a
-    progress bar. A file's sha256, when known (by the record of digests), is passed on rather than computed again."""
-    worker = functools.partial(_prepare, image_size=image_size)
-    paths, digests = [item.path for item, _ in to_decode], [digest for _, digest in to_decode]
-    if pool and len(paths) >= _MIN_FILES_FOR_POOL:
-        # map keeps the input order whatever order the workers finish in.
-        chunk = max(1, min(64, len(paths) // (worker_count() * 8)))
-        results = pool.map(worker, paths, digests, chunksize=chunk)
+) -> Iterator[images.Prepared | images.Rejected]:
+    """images.prepare of each of `count` files (path, sha256 when the record of digests knows it: not computed
+    again), in order, on the pool's workers (in this process when there are few); with a progress bar."""
+    worker = functools.partial(_prepare_chunk, image_size=image_size)
+    size = _chunk_size(count)
+    chunks = iter(lambda: list(itertools.islice(jobs, size)), [])  # lists of `size` jobs until none are left
+    if pool and count >= _MIN_FILES_FOR_POOL:
+        results = _in_order(pool, worker, chunks, ahead=4 * worker_count())
     else:
-        results = map(worker, paths, digests)
-    yield from tqdm.tqdm(
-        results, total=len(paths), unit="img", desc="convert", file=sys.stderr, disable=None, leave=False
-    )
+        results = map(worker, chunks)
+    progress = tqdm.tqdm(total=count, unit="img", desc="convert", file=sys.stderr, disable=None, leave=False)
+    with progress:
+        for chunk_results in results:
+            yield from chunk_results
+            progress.update(len(chunk_results))
 
 
-def _prepare(
-    path: str, source_sha256: str | None, image_size: tuple[int, int] | None
-) -> images.Prepared | images.Rejected:
-    return images.prepare(path, image_size, source_sha256)  # the arguments in the order _decode_all maps them
+def _chunk_size(count: int) -> int:
+    return max(1, min(64, count // (worker_count() * 8)))
+
+
+def _in_order(pool: concurrent.futures.Executor, function, chunks: Iterator, ahead: int) -> Iterator:
+    """function(chunk) of every chunk on the pool, in order, with at most `ahead` chunks submitted and unread.
+
+    By hand: Executor.map submits every chunk at once (until Python 3.14's buffersize), holding every file's
+    path and arguments, and every result the reader has not reached yet, in this process."""
+    pending = collections.deque(pool.submit(function, chunk) for chunk in itertools.islice(chunks, ahead))
+    while pending:
+        results = pending.popleft().result()
+        pending.extend(pool.submit(function, chunk) for chunk in itertools.islice(chunks, 1))
+        yield results
+
+
+def _prepare_chunk(
+    jobs: list[tuple[str, str | None]], image_size: tuple[int, int] | None
+) -> list[images.Prepared | images.Rejected]:
+    return [images.prepare(path, image_size, source_sha256) for path, source_sha256 in jobs]
 
 
 def _group_splits(accepted: list[_Image]) -> dict[str, list[_Image]]:

@@ -24,7 +24,7 @@ import os
 import pathlib
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from tasks.common import files
 
@@ -39,16 +39,11 @@ def path_for(raw_dir: pathlib.Path) -> pathlib.Path:
     return raw_dir.with_name(raw_dir.name + SUFFIX)
 
 
-def hash_all(
-    sources: list[str], paths: list[str], identities: list[Identity | None], known: dict[str, tuple[Identity, str]]
-) -> list[str | None]:
-    """The sha256 of every file (None: unreadable). A file whose size, time and inode are those `known`
-    recorded for its source keeps its digest; the others are read on threads (hashlib and reads release
-    the GIL), in batches: one task per file would cost more than hashing a small file."""
-    digests: list[str | None] = [
-        known[source][1] if identity and known.get(source, (None,))[0] == identity else None
-        for source, identity in zip(sources, identities, strict=True)
-    ]
+def hash_all(paths: list[str], known: list[str | None]) -> list[str | None]:
+    """The sha256 of every file (None: unreadable): `known` holds those the record knows (recorded), None for the
+    others, which are read on threads (hashlib and reads release the GIL), in batches: one task per file would
+    cost more than hashing a small file."""
+    digests = list(known)
     todo = [index for index, digest in enumerate(digests) if digest is None]
     batches = [todo[start : start + 256] for start in range(0, len(todo), 256)]
     with concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
@@ -95,7 +90,7 @@ def write(raw_dir: pathlib.Path, digests_file: pathlib.Path) -> int:
         walked = walk(raw_dir)
         while chunk := list(itertools.islice(walked, CHUNK)):
             sources, paths, identities = (list(column) for column in zip(*chunk, strict=True))
-            digests = hash_all(sources, paths, identities, _lookup(old, sources))
+            digests = hash_all(paths, _recorded(old, sources, identities))
             writer.writerows(
                 (source, identity[0] if identity else "", digest or "")
                 for source, identity, digest in zip(sources, identities, digests, strict=True)
@@ -131,10 +126,11 @@ def read(listing_path: pathlib.Path) -> dict[str, str] | None:
     """source -> sha256 ("" for a file that could not be read) as write listed them; None without a listing."""
     try:
         with listing_path.open(newline="", encoding="utf-8", errors="surrogateescape") as stream:
-            rows = list(csv.reader(stream))
+            rows = csv.reader(stream)
+            next(rows, None)  # the header
+            return {row[0]: row[2] for row in rows if len(row) == 3}  # row by row: no list of every row first
     except FileNotFoundError:
         return None
-    return {row[0]: row[2] for row in rows[1:] if len(row) == 3}
 
 
 def _connect(path: pathlib.Path | None) -> sqlite3.Connection:
@@ -152,27 +148,52 @@ def _connect(path: pathlib.Path | None) -> sqlite3.Connection:
     return connection
 
 
-def _lookup(connection: sqlite3.Connection, sources: list[str]) -> dict[str, tuple[Identity, str]]:
+def _recorded(
+    connection: sqlite3.Connection, sources: list[str], identities: list[Identity | None]
+) -> list[str | None]:
+    """The digest the record holds for each file whose size, time and inode it recorded; None for the others."""
     try:
         rows = connection.execute(
             f"SELECT * FROM digests WHERE source IN ({','.join('?' * len(sources))})",
             [_encoded(source) for source in sources],
         ).fetchall()
     except sqlite3.DatabaseError:  # damaged, or no record: those files are hashed again, nothing is lost
-        return {}
-    return _known(rows)
+        return [None] * len(sources)
+    known = {
+        source.decode("utf-8", "surrogateescape"): ((size, modified, inode), sha256)
+        for source, size, modified, inode, sha256 in rows
+    }
+    return [
+        known[source][1] if identity and known.get(source, (None,))[0] == identity else None
+        for source, identity in zip(sources, identities, strict=True)
+    ]
+
+
+def recorded(path: pathlib.Path, sources: list[str], identities: list[Identity | None]) -> list[str | None]:
+    """The digests the record at `path` holds of these files (None where it has none, or another size, time or
+    inode), looked up CHUNK files at a time: the whole record as a dict took about 0.5 KB a file."""
+    if not path.exists():
+        return [None] * len(sources)
+    digests: list[str | None] = []
+    with contextlib.closing(_connect(path)) as connection:
+        for start in range(0, len(sources), CHUNK):
+            digests += _recorded(connection, sources[start : start + CHUNK], identities[start : start + CHUNK])
+    return digests
 
 
 def _insert(
-    connection: sqlite3.Connection, sources: list[str], identities: list[Identity | None], digests: list[str | None]
+    connection: sqlite3.Connection,
+    sources: Iterable[str],
+    identities: Iterable[Identity | None],
+    digests: Iterable[str | None],
 ) -> None:
     connection.executemany(
         "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
-        [
+        (
             (_encoded(source), *identity, digest)
             for source, identity, digest in zip(sources, identities, digests, strict=True)
             if identity and digest
-        ],
+        ),
     )
 
 
@@ -181,31 +202,13 @@ def _encoded(source: str) -> bytes:
     return source.encode("utf-8", "surrogateescape")
 
 
-def _known(rows: list[tuple]) -> dict[str, tuple[Identity, str]]:
-    """Rows of the record (source, size, time, inode, sha256) as source -> ((size, time, inode), sha256)."""
-    return {
-        source.decode("utf-8", "surrogateescape"): ((size, modified, inode), sha256)
-        for source, size, modified, inode, sha256 in rows
-    }
-
-
-def read_digests(path: pathlib.Path) -> dict[str, tuple[Identity, str]]:
-    """source -> ((size, modification time in ns, inode), sha256), as the record keeps them; {} without one."""
-    if not path.exists():
-        return {}
-    try:
-        with contextlib.closing(_connect(path)) as connection:
-            rows = connection.execute("SELECT * FROM digests").fetchall()
-    except sqlite3.DatabaseError:  # damaged: every file is hashed again, nothing is lost
-        return {}
-    return _known(rows)
-
-
-def write_digests(path: pathlib.Path, identities: list[tuple[str, Identity | None]], digests: list[str | None]) -> None:
-    """The record of exactly these files' (source, (size, time, inode)) with their sha256, for the next run."""
+def write_digests(
+    path: pathlib.Path, sources: Iterable[str], identities: Iterable[Identity | None], digests: Iterable[str | None]
+) -> None:
+    """The record of exactly these files' source and (size, time, inode) with their sha256, for the next run.
+    The rows go to SQLite one by one: a list of them cost 25 MB at 100,000 files."""
     with files.staged_file(path) as staged, contextlib.closing(_connect(staged)) as connection:
-        sources = [source for source, _ in identities]
-        _insert(connection, sources, [identity for _, identity in identities], digests)
+        _insert(connection, sources, identities, digests)
         connection.commit()
 
 
