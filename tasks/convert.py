@@ -37,7 +37,6 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import tqdm
 
 from tasks.common import config, contracts, disk, errors, files
@@ -202,12 +201,7 @@ def _convert(
         entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
         report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(grouped, len(accepted), dataset)
-        with spool_path.open("rb") as spool, disk.writing({"paths.shards": shards_dir}):
-            written = {
-                split: _write_split(staging, spool, split, split_images, dataset.shard_size_mb, class_names)
-                for split, split_images in grouped.items()
-            }
-        spool_path.unlink()
+        written = _write_shards(staging, spool_path, grouped, dataset.shard_size_mb, class_names, earlier, shards_dir)
         manifest = _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, grouped, written)
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
@@ -650,6 +644,26 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, gr
     )
 
 
+def _write_shards(
+    staging: pathlib.Path,
+    spool_path: pathlib.Path,
+    grouped: dict[str, list[_Image]],
+    shard_size_mb: float,
+    class_names: tuple[str, ...],
+    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
+    shards_dir: pathlib.Path,
+) -> dict[str, contracts.Split]:
+    """Every split's shards, from the spool and the previous shards; then the spool goes."""
+    previous = {shard.file: shard for split in earlier[0].splits.values() for shard in split.shards} if earlier else {}
+    with spool_path.open("rb") as spool, disk.writing({"paths.shards": shards_dir}):
+        written = {
+            split: _write_split(staging, spool, split, split_images, shard_size_mb, class_names, previous)
+            for split, split_images in grouped.items()
+        }
+    spool_path.unlink()
+    return written
+
+
 def _write_split(
     folder: pathlib.Path,
     spool,
@@ -657,21 +671,57 @@ def _write_split(
     split_images: list[_Image],
     shard_size_mb: float,
     class_names: tuple[str, ...],
+    previous: dict[str, contracts.Shard],
 ) -> contracts.Split:
-    total_bytes = sum(image.size for image in split_images)
-    shard_count = min(len(split_images), max(1, math.ceil(total_bytes / (shard_size_mb * 1e6))))
+    """The split's shards in `folder`: each image in the shard its place gives (splits.shard_of), in place order.
+    A shard whose images the previous shard of its name (`previous`: the last manifest's, by file) holds, and
+    only those, as they are, is that file again (a hard link): a nightly run that added a few images writes a
+    few shards, and DVC caches only those."""
+    shard_count = _shard_count(split_images, shard_size_mb)
+    members: list[list[_Image]] = [[] for _ in range(shard_count)]
+    for image in split_images:
+        members[splits.shard_of(image.place, shard_count)].append(image)
     origins: dict[pathlib.Path, Any] = {}
     # Each shard is hashed on a thread while the next one is written.
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as hashing:
-        digests = []
-        for index, positions in enumerate(np.array_split(np.arange(len(split_images)), shard_count)):
+        shards = []
+        for index, shard_images in enumerate(members):
             name = tfrecords.shard_name(split, index, shard_count)
+            if not shard_images:
+                continue  # no file for a shard without images: the manifest lists the shards there are
+            kept = _unchanged_shard(shard_images, previous.get(name))
+            if kept is not None:
+                files.link_or_copy(kept, folder / name)
+                shards.append(previous[name])
+                continue
             with (folder / name).open("wb") as shard:
-                for position in positions:
-                    tfrecords.write_record(shard, _record(split_images[position], spool, origins, stack))
-            digests.append((name, len(positions), hashing.submit(files.sha256_of, folder / name)))
-        shards = [contracts.Shard(file=name, records=count, sha256=digest.result()) for name, count, digest in digests]
+                for image in shard_images:
+                    tfrecords.write_record(shard, _record(image, spool, origins, stack))
+            shards.append(hashing.submit(_shard_entry, folder / name, len(shard_images)))
+        shards = [shard if isinstance(shard, contracts.Shard) else shard.result() for shard in shards]
     return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
+
+
+def _shard_count(split_images: list[_Image], shard_size_mb: float) -> int:
+    """The smallest power of two of shards that holds the split's encoded images in shards of at most about
+    dataset.shard_size_mb on average, and no more than there are images. A power of two, so that the count (and
+    every shard with it) changes only when the split's size doubles or halves."""
+    total_bytes = sum(image.size for image in split_images)
+    wanted = max(1, math.ceil(total_bytes / (shard_size_mb * 1e6)))
+    return max(1, min(1 << (wanted - 1).bit_length(), 1 << (len(split_images).bit_length() - 1)))
+
+
+def _unchanged_shard(shard_images: list[_Image], previous: contracts.Shard | None) -> pathlib.Path | None:
+    """The previous shard's file when it holds these images' records, as they are, and no others (its sha256
+    was checked when its records were found: tasks/data/reuse.py)."""
+    origin = shard_images[0].origin
+    if previous is None or previous.records != len(shard_images) or origin is None or origin.name != previous.file:
+        return None
+    return origin if all(image.as_is and image.origin == origin for image in shard_images) else None
+
+
+def _shard_entry(path: pathlib.Path, records: int) -> contracts.Shard:
+    return contracts.Shard(file=path.name, records=records, sha256=files.sha256_of(path))
 
 
 def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) -> bytes:

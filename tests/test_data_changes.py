@@ -85,6 +85,22 @@ def test_incremental_conversion_decodes_only_new_files_and_matches_a_full_one(wo
     assert "Compared with nothing: a first conversion" in (workdir / "report" / "changes.md").read_text()
 
 
+def test_an_added_image_rewrites_only_the_shard_it_lands_in(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=40)
+    _convert(raw, workdir, shard_size_mb=0.001)
+    before = {path.name: path.stat().st_ino for path in (workdir / "shards").glob("*.tfrecord")}
+    _add_images(raw, "class_0", ["new.png"], seed=5)
+
+    _convert(raw, workdir, shard_size_mb=0.001)
+    after = {path.name: path.stat().st_ino for path in (workdir / "shards").glob("*.tfrecord")}
+    split = _splits_of(workdir / "shards")["class_0/new.png"]
+    rewritten = [name for name, inode in after.items() if before.get(name) != inode]
+    assert len(after) >= 8, "several shards"
+    assert len(rewritten) == 1 and rewritten[0].startswith(f"{split}-"), "the other shards are the same files"
+    _convert(raw, workdir, shards="full", shard_size_mb=0.001)
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
 def test_a_corrupted_previous_shard_is_not_reused(workdir, capsys):
     raw = make_image_folder(workdir / "raw", classes=2, per_class=30)
     _convert(raw, workdir, shard_size_mb=0.002)  # several shards

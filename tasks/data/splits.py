@@ -43,3 +43,16 @@ def split_of(place: float, given_split: str | None, fractions: dict[str, float])
         if place < boundary:
             return split
     return "train"
+
+
+_SHARD_BITS = float(1 << 24)  # the place's upper 24 bits set its split; the bits below, its shard
+
+
+def shard_of(place: float, shards: int) -> int:
+    """Which of `shards` (a power of two) shards of its split the image at `place` goes to.
+
+    From the place's lower bits (scaled by 2**24 and taken modulo 1, both exact in floating point): uniform over
+    the shards whatever the split's range of places, and fixed while the number of shards is. An image added to a
+    folder so lands in one shard; the others keep their images and their bytes (convert keeps those files).
+    """
+    return int(place * _SHARD_BITS % 1.0 * shards)
