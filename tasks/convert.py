@@ -755,10 +755,15 @@ def _imbalance(accepted: list[_Image], class_names: tuple[str, ...]) -> dict:
 
 def _duplicates(splits: dict[str, list[_Image]], class_names: tuple[str, ...]) -> dict:
     """Identical source files under two classes (label conflicts) or in two splits (leakage)."""
-    groups = collections.defaultdict(list)
+    seen, twice = set(), set()
+    for split_images in splits.values():
+        for image in split_images:
+            (twice if image.sha256 in seen else seen).add(image.sha256)
+    groups = collections.defaultdict(list)  # only of files that are there more than once: not a dict per image
     for split, split_images in splits.items():
         for image in split_images:
-            groups[image.sha256].append({"path": image.source, "class": class_names[image.label], "split": split})
+            if image.sha256 in twice:
+                groups[image.sha256].append({"path": image.source, "class": class_names[image.label], "split": split})
     conflicts, leakage, repeated = [], [], 0
     for digest, members in sorted(groups.items()):
         if len(members) < 2:

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import pathlib
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -210,20 +211,10 @@ def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[cont
     values, hash_of_image, images_per_hash = np.unique(codes, return_inverse=True, return_counts=True)
     close = {(index, index) for index in np.flatnonzero(images_per_hash > 1).tolist()}
     for band in range(4):
-        keys = (values >> np.uint64(16 * band)) & np.uint64(0xFFFF)
-        order = np.argsort(keys, kind="stable")
-        # Runs of equal keys in sorted order: the buckets, of which those with more than one hash matter.
-        sorted_keys = keys[order]
-        boundaries = (np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1).tolist()
-        for start, end in zip([0, *boundaries], [*boundaries, len(order)], strict=True):
-            for first_row in range(start, end - 1, _ROWS):
-                if len(close) >= MOST_NEAR_DUPLICATE_PAIRS:
-                    break
-                rows, columns = order[first_row : min(first_row + _ROWS, end)], order[first_row:end]
-                distances = np.bitwise_count(values[rows][:, None] ^ values[columns][None, :])
-                row, column = np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1))  # later in the bucket
-                first, second = rows[row], columns[column]
-                close.update(zip(np.minimum(first, second).tolist(), np.maximum(first, second).tolist(), strict=True))
+        for first, second in _close_in_band(values, band):
+            close.update(zip(first.tolist(), second.tolist(), strict=True))
+            if len(close) >= MOST_NEAR_DUPLICATE_PAIRS:
+                break
     members = _images_of(hashed, hash_of_image, {index for pair in close for index in pair})
     pairs = []
     for first, second in sorted(close):
@@ -235,6 +226,37 @@ def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[cont
         if len(pairs) >= MOST_NEAR_DUPLICATE_PAIRS:
             return pairs[:MOST_NEAR_DUPLICATE_PAIRS]
     return pairs
+
+
+def _close_in_band(values: np.ndarray, band: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(first, second) indices of hashes in `values` at most NEAR_DUPLICATE_BITS apart that agree on bits
+    16*band to 16*band+15, the smaller index first, a batch at a time.
+
+    Sorted by that band, a bucket of equal keys is a run. Runs of up to _ROWS hashes are compared all at once,
+    each hash with the one `offset` places on, offset by offset up to the longest run (about 6 for random
+    hashes: a few array operations, not a Python loop per run); longer runs (look-alike pictures) block by block.
+    """
+    keys = (values >> np.uint64(16 * band)) & np.uint64(0xFFFF)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    boundaries = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+    starts, ends = np.concatenate([[0], boundaries]), np.concatenate([boundaries, [len(order)]])
+    short = ends - starts <= _ROWS
+    in_short_run = np.repeat(short, ends - starts)
+    for offset in range(1, _ROWS):
+        same_run = np.flatnonzero(in_short_run[:-offset] & (sorted_keys[offset:] == sorted_keys[:-offset]))
+        if not same_run.size:
+            break  # no run is longer than `offset`
+        first, second = order[same_run], order[same_run + offset]
+        near = np.bitwise_count(values[first] ^ values[second]) <= NEAR_DUPLICATE_BITS
+        yield np.minimum(first[near], second[near]), np.maximum(first[near], second[near])
+    for start, end in zip(starts[~short].tolist(), ends[~short].tolist(), strict=True):
+        for first_row in range(start, end - 1, _ROWS):
+            rows, columns = order[first_row : min(first_row + _ROWS, end)], order[first_row:end]
+            distances = np.bitwise_count(values[rows][:, None] ^ values[columns][None, :])
+            row, column = np.nonzero(np.triu(distances <= NEAR_DUPLICATE_BITS, k=1))  # later in the run
+            first, second = rows[row], columns[column]
+            yield np.minimum(first, second), np.maximum(first, second)
 
 
 def _images_of(

@@ -10,9 +10,11 @@ one that does not check out are converted again from their sources.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import pathlib
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from tasks.common import contracts, errors, files
@@ -56,10 +58,9 @@ def find_previous(
     encoded_only: dict[str, Stored] = {}
     shards = [shard for split in manifest.splits.values() for shard in split.shards] if by_path else []
     damaged = False
-    for shard in shards:
-        path = shards_dir / shard.file
-        data = path.read_bytes() if path.is_file() else b""  # one shard, at most about dataset.shard_size_mb
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
+    paths = [shards_dir / shard.file for shard in shards]
+    for shard, (path, data, digest) in zip(shards, _read_ahead(paths), strict=True):
+        if digest != shard.sha256:
             print(f"convert: decoding the images of {path} again: it is missing or does not match its sha256")
             damaged = True
             continue
@@ -76,6 +77,23 @@ def find_previous(
     if damaged:
         _check_cached_shards(shards_dir)
     return whole, encoded_only
+
+
+def _read_ahead(paths: list[pathlib.Path]) -> Iterator[tuple[pathlib.Path, bytes, str]]:
+    """(path, bytes, sha256) of each file (empty when missing), the next one read and hashed on a thread while
+    the caller goes through this one: reading and hashing release the GIL, and were 60% of an incremental
+    conversion's time in the previous shards."""
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        following = reader.submit(_read_hashed, paths[0]) if paths else None
+        for index in range(len(paths)):
+            current = following.result()
+            following = reader.submit(_read_hashed, paths[index + 1]) if index + 1 < len(paths) else None
+            yield paths[index], *current
+
+
+def _read_hashed(path: pathlib.Path) -> tuple[bytes, str]:
+    data = path.read_bytes() if path.is_file() else b""  # one shard, about dataset.shard_size_mb
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _check_cached_shards(shards_dir: pathlib.Path) -> None:
