@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tasks import convert
-from tasks.common import config
+from tasks.common import config, contracts
 from tasks.data import inputs, records
 from tasks.modeling import optimizers
 from tests.conftest import REPOSITORY, make_image_folder
@@ -108,6 +108,23 @@ def test_evaluation_takes_the_centre_and_keeps_the_stored_order(shards):
     assert [int(label) for _, labels in centre for label in labels] == [
         int(label) for _, labels in whole for label in labels
     ]
+
+
+def test_a_split_of_more_shards_than_parallel_reads_is_read_whole(tmp_path):
+    params = config.load_params(REPOSITORY / "params.yaml")
+    make_image_folder(tmp_path / "raw", classes=2, per_class=40)
+    convert.convert(
+        params.dataset.model_copy(update={"shard_size_mb": 0.0005}), 7, tmp_path / "raw", tmp_path / "shards"
+    )
+    manifest = contracts.Manifest.read(tmp_path / "shards")
+    assert len(manifest.splits["train"].shards) > records.PARALLEL_READS
+    sources = [
+        source.numpy().decode() for _, _, source in records.read_split(tmp_path / "shards", "train", (8, 8), True)
+    ]
+    index = [entry.path for entry in contracts.read_index(tmp_path / "shards") if entry.split == "train"]
+    assert sorted(sources) == sorted(index), "every record once"
+    again = [source.numpy().decode() for _, _, source in records.read_split(tmp_path / "shards", "train", (8, 8), True)]
+    assert again == sources, "in the same order every time"
 
 
 def test_channel_mean_is_in_unit_range(shards):

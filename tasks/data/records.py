@@ -57,6 +57,11 @@ def verify_shards(shards_dir: pathlib.Path, manifest: contracts.Manifest, split:
     return paths
 
 
+# Shards read at a time, interleaved record by record: a split has up to hundreds of shards of a few megabytes
+# (dataset.shard_size_mb), and a reader per shard held a buffer and a thread each (256 at 100,000 photos).
+PARALLEL_READS = 8
+
+
 def read_split(
     shards_dir: pathlib.Path, split: str, image_size: tuple[int, int], with_source: bool = False
 ) -> tf.data.Dataset:
@@ -77,7 +82,7 @@ def read_split(
     # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.
     records_count = manifest.count(split)
     return (
-        tf.data.TFRecordDataset(paths, num_parallel_reads=len(paths) if len(paths) > 1 else None)
+        tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), PARALLEL_READS) if len(paths) > 1 else None)
         .apply(tf.data.experimental.assert_cardinality(records_count))
         .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     )
