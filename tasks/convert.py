@@ -193,7 +193,7 @@ def _convert(
             listing.write_digests(
                 digests_file, (item.source for item in found), (item.identity for item in found), digests
             )
-        # Each file's path and identity (about 0.4 KB a file) are not needed past here; the images keep their names.
+        # Each file's record and identity (about 0.2 KB a file) are not needed past here; images keep their names.
         del found, digests
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
@@ -504,7 +504,7 @@ def _digests(
     listed = listing.read(listing_file) if listing_file else None
     if listed is None and not reusing:
         return known  # the others are hashed by the workers that decode them
-    digests = listing.hash_all([item.path for item in found], known)
+    digests = listing.hash_all(known, lambda index: found[index].path)
     if listed is None:
         return digests  # a folder made by hand (python -m tasks.convert alone): nothing to compare with
     # Each file found is taken off the listing: what differs, and what is left, is what changed.

@@ -24,7 +24,7 @@ import os
 import pathlib
 import sqlite3
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tasks.common import files
 
@@ -39,15 +39,15 @@ def path_for(raw_dir: pathlib.Path) -> pathlib.Path:
     return raw_dir.with_name(raw_dir.name + SUFFIX)
 
 
-def hash_all(paths: list[str], known: list[str | None]) -> list[str | None]:
+def hash_all(known: list[str | None], path_of: Callable[[int], str]) -> list[str | None]:
     """The sha256 of every file (None: unreadable): `known` holds those the record knows (recorded), None for the
-    others, which are read on threads (hashlib and reads release the GIL), in batches: one task per file would
-    cost more than hashing a small file."""
+    others, which are read (the file at `path_of(index)`) on threads (hashlib and reads release the GIL), in
+    batches: one task per file would cost more than hashing a small file. Only their paths are made."""
     digests = list(known)
     todo = [index for index, digest in enumerate(digests) if digest is None]
     batches = [todo[start : start + 256] for start in range(0, len(todo), 256)]
     with concurrent.futures.ThreadPoolExecutor(2 * (os.cpu_count() or 1)) as pool:
-        batch_paths = [[paths[index] for index in batch] for batch in batches]
+        batch_paths = [[path_of(index) for index in batch] for batch in batches]
         for batch, batch_digests in zip(batches, pool.map(_hash_batch, batch_paths), strict=True):
             for index, digest in zip(batch, batch_digests, strict=True):
                 digests[index] = digest
@@ -90,7 +90,7 @@ def write(raw_dir: pathlib.Path, digests_file: pathlib.Path) -> int:
         walked = walk(raw_dir)
         while chunk := list(itertools.islice(walked, CHUNK)):
             sources, paths, identities = (list(column) for column in zip(*chunk, strict=True))
-            digests = hash_all(paths, _recorded(old, sources, identities))
+            digests = hash_all(_recorded(old, sources, identities), paths.__getitem__)
             writer.writerows(
                 (source, identity[0] if identity else "", digest or "")
                 for source, identity, digest in zip(sources, identities, digests, strict=True)
