@@ -2,9 +2,10 @@
 
 Shards are read in parallel and decoded in parallel by records.read_split. When the decoded training
 split fits `cache_mb` it is held in memory as one tensor and every epoch takes batches of a new permutation
-of it; otherwise every epoch reads the shards again through a shuffle buffer. Batches have the global
-batch size and are distorted a whole batch at a time, then prefetched. Distortions run inside the tf.data
-map as XLA-compiled functions, so they cost no accelerator time and never end up in the saved model.
+of it; otherwise every epoch reads the shards again through a shuffle buffer of their records (still
+compressed). Batches have the global batch size and are distorted a whole batch at a time, then prefetched.
+Distortions run inside the tf.data map as XLA-compiled functions, so they cost no accelerator time and never
+end up in the saved model.
 Validation (train) and the test split (evaluate) go through the same `evaluation_data`, so both see
 exactly what a served image is.
 """
@@ -47,12 +48,13 @@ def training_data(
     of them (dropped when smaller): see split_evenly().
     """
     count = contracts.Manifest.read(shards_dir).count("train")
-    split = records.read_split(shards_dir, "train", image_size)
     distort = _distortion(tuple(augment), tuple(image_size), tuple(input_size), crop_padding)
     if fits_in_memory(count, image_size, cache_mb):
+        split = records.read_split(shards_dir, "train", image_size)
         batches = _from_memory(split, count, batch_size, seed, drop_remainder, replicas, distort)
     else:
-        batches = _from_shards(split, count, batch_size, shuffle_buffer, seed, drop_remainder, replicas, distort)
+        split = records.read_split(shards_dir, "train", image_size, shuffle_buffer=shuffle_buffer, seed=seed)
+        batches = _from_shards(split, batch_size, seed, drop_remainder, replicas, distort)
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
@@ -98,18 +100,14 @@ def _from_memory(
 
 def _from_shards(
     split: tf.data.Dataset,
-    count: int,
     batch_size: int,
-    shuffle_buffer: int,
     seed: int,
     drop_remainder: bool,
     replicas: int,
     distort: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
 ) -> tf.data.Dataset:
-    """Distorted batches read from the shards every epoch, shuffled through a buffer."""
-    data = split.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).batch(
-        batch_size, drop_remainder=drop_remainder
-    )
+    """Distorted batches of `split`, read from the shards every epoch (and shuffled there, through a buffer)."""
+    data = split.batch(batch_size, drop_remainder=drop_remainder)
     if replicas > 1:
         data = data.map(lambda images, labels: split_evenly(images, labels, replicas)).filter(
             lambda images, labels: tf.shape(images)[0] > 0
