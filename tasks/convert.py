@@ -80,7 +80,7 @@ class _File:
     @property
     def path_in_class(self) -> str:
         """The path below its class folder: what its split is derived from."""
-        return self.source.split("/", 2 if self.split else 1)[-1]
+        return splits.path_in_class(self.source, self.split is not None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)  # one per image
@@ -89,7 +89,7 @@ class _Image:
     split: str
     place: float  # splits.position: the split's order in its shards, too
     label: int
-    offset: int  # of its bytes in the spool file, or in `origin`
+    offset: int  # of its bytes in the spool file, or in `origin`; -1 (and length, size): `origin` is left unread
     length: int
     size: int = 0  # of the encoded image: what the shards are sized by
     origin: pathlib.Path | None = None  # the previous shard that holds its whole record; None: the spool
@@ -182,11 +182,15 @@ def _convert(
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
-        carve = _carved_fractions(given_splits, dataset)
+        placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
-        accepted, rejected, decoded = _prepare_all(
-            found, digests, class_names, dataset.image_size, _Placer(seed, carve), earlier, shards_dir, spool_path, pool
+        trusted = _trusted_shards(earlier, shards_dir, digests_file)
+        prepare = functools.partial(
+            _prepare_all, found, digests, class_names, dataset.image_size, placer, earlier, shards_dir, spool_path, pool
         )
+        accepted, rejected, decoded = prepare(trusted)
+        if _shard_slots_change(accepted, earlier, dataset.shard_size_mb):
+            accepted, rejected, decoded = prepare(set())  # every shard is written again: all are read
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         files_seen = len(found) + len(outside)
         if digests_file:  # now, so that the per-file list can go: the record holds only facts about the files
@@ -206,6 +210,8 @@ def _convert(
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
         manifest.write(staging)
+    if digests_file:  # for the next run: the shards as they are now
+        listing.record_shards(digests_file, _shard_digests(shards_dir, manifest))
     counts = {split: len(split_images) for split, split_images in grouped.items()}
     return ConvertResult(
         shards_dir=shards_dir,
@@ -381,6 +387,7 @@ def _carved_fractions(given_splits: tuple[str, ...], dataset: config.DatasetPara
 class _Placer:
     seed: int
     carved: dict[str, float]
+    given_splits: tuple[str, ...]
 
     def place(self, item: _File) -> tuple[str, float]:
         place = splits.position(self.seed, item.class_name, item.path_in_class)
@@ -397,14 +404,16 @@ def _prepare_all(
     shards_dir: pathlib.Path,
     spool_path: pathlib.Path,
     pool: concurrent.futures.Executor | None,
+    trusted: set[str],
 ) -> tuple[list[_Image], list[tuple[str, str]], int]:
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores;
-    (accepted images, rejected files with the reason, files decoded). The digests of files read only to be
-    decoded (None in `digests`) are filled in, in place."""
+    (accepted images, rejected files with the reason, files decoded). The previous shards `trusted` need not be
+    read where nothing in them changes (reuse.plan). The digests of files read only to be decoded (None in
+    `digests`) are filled in, in place."""
     labels = {name: label for label, name in enumerate(class_names)}
     # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
     with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
-        accepted, to_decode = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool)
+        accepted, to_decode = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool, trusted)
         decoded, rejected = _decode_to_spool(found, to_decode, digests, image_size, placer, labels, spool, pool)
     return accepted + decoded, rejected, len(to_decode)
 
@@ -418,12 +427,16 @@ def _reused(
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
     spool,
+    trusted: set[str],
 ) -> tuple[list[_Image], list[int]]:
     """(The images the previous shards hold, the positions in `found` of the files to decode)."""
     if earlier is None:
         return [], list(range(len(found)))
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
-    whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool)
+    places = [placer.place(item) for item in found]
+    now = ((item.source, digest, *place) for item, digest, place in zip(found, digests, places, strict=True))
+    reads = reuse.plan(earlier, placer.seed, placer.given_splits, tuple(labels), now, trusted)
+    whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool, reads)
     whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
     accepted, to_decode = [], []
     for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
@@ -434,7 +447,7 @@ def _reused(
         accepted.append(
             _Image(
                 item.source,
-                *placer.place(item),
+                *places[position],
                 labels[item.class_name],
                 stored.offset,
                 stored.length,
@@ -677,7 +690,7 @@ def _write_split(
     A shard whose images the previous shard of its name (`previous`: the last manifest's, by file) holds, and
     only those, as they are, is that file again (a hard link): a nightly run that added a few images writes a
     few shards, and DVC caches only those."""
-    shard_count = _shard_count(split_images, shard_size_mb)
+    shard_count = _shard_count(split_images, shard_size_mb, previous)
     members: list[list[_Image]] = [[] for _ in range(shard_count)]
     for image in split_images:
         members[splits.shard_of(image.place, shard_count)].append(image)
@@ -690,23 +703,36 @@ def _write_split(
             if not shard_images:
                 continue  # no file for a shard without images: the manifest lists the shards there are
             kept = _unchanged_shard(shard_images, previous.get(name))
+            image_bytes = _stored_bytes(shard_images, previous)
             if kept is not None:
                 files.link_or_copy(kept, folder / name)
-                shards.append(previous[name])
+                shards.append(previous[name].model_copy(update={"image_bytes": image_bytes}))
                 continue
             with (folder / name).open("wb") as shard:
                 for image in shard_images:
                     tfrecords.write_record(shard, _record(image, spool, origins, stack))
-            shards.append(hashing.submit(_shard_entry, folder / name, len(shard_images)))
+            shards.append(hashing.submit(_shard_entry, folder / name, len(shard_images), image_bytes))
         shards = [shard if isinstance(shard, contracts.Shard) else shard.result() for shard in shards]
-    return contracts.Split(count=len(split_images), per_class=_per_class(split_images, class_names), shards=shards)
+    return contracts.Split(
+        count=len(split_images),
+        per_class=_per_class(split_images, class_names),
+        shards=shards,
+        shard_slots=shard_count,
+    )
 
 
-def _shard_count(split_images: list[_Image], shard_size_mb: float) -> int:
+def _stored_bytes(images: list[_Image], previous: dict[str, contracts.Shard]) -> int:
+    """The sum of these images' encoded sizes: those left unread in their previous shard (size -1: every image of
+    that shard is among them) by the shard's image_bytes."""
+    unread = {image.origin.name for image in images if image.size < 0}
+    return sum(image.size for image in images if image.size >= 0) + sum(previous[name].image_bytes for name in unread)
+
+
+def _shard_count(split_images: list[_Image], shard_size_mb: float, previous: dict[str, contracts.Shard]) -> int:
     """The smallest power of two of shards that holds the split's encoded images in shards of at most about
     dataset.shard_size_mb on average, and no more than there are images. A power of two, so that the count (and
     every shard with it) changes only when the split's size doubles or halves."""
-    total_bytes = sum(image.size for image in split_images)
+    total_bytes = _stored_bytes(split_images, previous)
     wanted = max(1, math.ceil(total_bytes / (shard_size_mb * 1e6)))
     return max(1, min(1 << (wanted - 1).bit_length(), 1 << (len(split_images).bit_length() - 1)))
 
@@ -720,8 +746,35 @@ def _unchanged_shard(shard_images: list[_Image], previous: contracts.Shard | Non
     return origin if all(image.as_is and image.origin == origin for image in shard_images) else None
 
 
-def _shard_entry(path: pathlib.Path, records: int) -> contracts.Shard:
-    return contracts.Shard(file=path.name, records=records, sha256=files.sha256_of(path))
+def _shard_entry(path: pathlib.Path, records: int, image_bytes: int) -> contracts.Shard:
+    return contracts.Shard(file=path.name, records=records, sha256=files.sha256_of(path), image_bytes=image_bytes)
+
+
+def _trusted_shards(earlier, shards_dir: pathlib.Path, digests_file: pathlib.Path | None) -> set[str]:
+    """The previous shards (by file) that the record of digests vouches for: unchanged since convert wrote or
+    checked them (size, time and inode)."""
+    if earlier is None or digests_file is None:
+        return set()
+    trusted = listing.trusted_shards(digests_file, _shard_digests(shards_dir, earlier[0]))
+    return {path.name for path in trusted}
+
+
+def _shard_digests(shards_dir: pathlib.Path, manifest: contracts.Manifest) -> dict[pathlib.Path, str]:
+    return {shards_dir / shard.file: shard.sha256 for split in manifest.splits.values() for shard in split.shards}
+
+
+def _shard_slots_change(accepted: list[_Image], earlier, shard_size_mb: float) -> bool:
+    """Whether a split that has images left unread in their previous shards (reuse.plan) gets another number of
+    shards now that every image's size is known: then every shard of it is written again, from every record."""
+    unread_splits = {image.split for image in accepted if image.size < 0}
+    if not unread_splits:
+        return False
+    previous = {shard.file: shard for split in earlier[0].splits.values() for shard in split.shards}
+    return any(
+        _shard_count([image for image in accepted if image.split == split], shard_size_mb, previous)
+        != earlier[0].splits[split].shard_slots
+        for split in unread_splits
+    )
 
 
 def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) -> bytes:

@@ -1,6 +1,8 @@
 """A folder that grows: stable splits, incremental conversion, the data-change report and its guard."""
 
+import itertools
 import json
+import os
 import pathlib
 import shutil
 
@@ -10,7 +12,7 @@ import pytest
 
 from tasks import convert
 from tasks.common import config, contracts, errors
-from tasks.data import changes, images, listing, splits
+from tasks.data import changes, images, listing, reuse, splits, tfrecords
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -98,6 +100,61 @@ def test_an_added_image_rewrites_only_the_shard_it_lands_in(workdir):
     assert len(after) >= 8, "several shards"
     assert len(rewritten) == 1 and rewritten[0].startswith(f"{split}-"), "the other shards are the same files"
     _convert(raw, workdir, shards="full", shard_size_mb=0.001)
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
+def _shards_read(monkeypatch) -> list[str]:
+    """The previous shards the next conversions read (and hash), by file name."""
+    read = []
+    original = reuse._read_hashed
+    monkeypatch.setattr(reuse, "_read_hashed", lambda path: read.append(path.name) or original(path))
+    return read
+
+
+def test_a_nightly_run_reads_only_the_shards_that_change(workdir, monkeypatch):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=40)
+    digests_file = workdir / "digests.sqlite"
+    convert.convert(_dataset(shard_size_mb=0.001), 3, raw, workdir / "shards", digests_file=digests_file)
+    shards = sorted(path.name for path in (workdir / "shards").glob("*.tfrecord"))
+    assert len(shards) >= 8, "several shards"
+    _add_images(raw, "class_0", ["new.png"], seed=5)
+    touched = workdir / "shards" / shards[0]  # a shard whose time changed: the record no longer vouches for it
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    read = _shards_read(monkeypatch)
+
+    result = convert.convert(_dataset(shard_size_mb=0.001), 3, raw, workdir / "shards", digests_file=digests_file)
+    manifest = contracts.Manifest.read(workdir / "shards")
+    split = _splits_of(workdir / "shards")["class_0/new.png"]
+    slots = manifest.splits[split].shard_slots
+    place = splits.position(3, "class_0", "new.png")
+    landed = tfrecords.shard_name(split, splits.shard_of(place, slots), slots)
+    assert result.decoded == 1
+    assert set(read) <= {touched.name, landed} and touched.name in read, "the others were trusted, not read"
+    read.clear()
+    _convert(raw, workdir, shards="full", shard_size_mb=0.001)
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+    convert.convert(_dataset(shard_size_mb=0.001), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert read == [], "nothing changed: no shard is read"
+
+
+def test_a_split_that_gets_more_shards_reads_every_shard_again(workdir, monkeypatch):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=14)
+    digests_file = workdir / "digests.sqlite"
+    dataset = _dataset(shard_size_mb=0.0001)  # a shard an image or so: the train split's count is capped by its size
+    convert.convert(dataset, 3, raw, workdir / "shards", digests_file=digests_file)
+    before = contracts.Manifest.read(workdir / "shards").splits["train"]
+    carved = {"test": dataset.test_fraction, "validation": dataset.validation_fraction}
+    names = (f"late-{index}.png" for index in itertools.count())
+    in_train = (name for name in names if splits.split_of(splits.position(3, "class_0", name), None, carved) == "train")
+    added = before.shard_slots * 2 - before.count  # the train split reaches twice its number of shards
+    _add_images(raw, "class_0", list(itertools.islice(in_train, added)), seed=6)
+    read = _shards_read(monkeypatch)
+
+    convert.convert(dataset, 3, raw, workdir / "shards", digests_file=digests_file)
+    after = contracts.Manifest.read(workdir / "shards").splits["train"]
+    assert after.shard_slots == 2 * before.shard_slots
+    assert {shard.file for shard in before.shards} <= set(read), "every previous train shard was read"
+    convert.convert(dataset, 3, raw, workdir / "full")
     assert _tree(workdir / "shards") == _tree(workdir / "full")
 
 

@@ -90,12 +90,16 @@ class Shard(_Contract):
     file: str
     records: int
     sha256: str
+    image_bytes: int | None = None  # of its records' encoded images, which the shards are sized by; None: not recorded
 
 
 class Split(_Contract):
     count: int
     per_class: dict[str, int]
     shards: list[Shard]
+    # The power of two of shards its images are spread over by place (splits.shard_of); those that no image falls
+    # in have no file. None: a release that filled shards in order wrote them.
+    shard_slots: int | None = None
 
 
 class Manifest(_Contract):

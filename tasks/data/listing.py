@@ -216,3 +216,56 @@ def remove(raw_dir: pathlib.Path) -> None:
     """Before the raw folder is replaced: a listing of the old one must not outlive it (an interrupted
     download would otherwise leave DVC a listing that no longer describes the folder)."""
     path_for(raw_dir).unlink(missing_ok=True)
+
+
+# The shards convert wrote or checked, by path, with their size, time and inode: a nightly run trusts an unchanged
+# shard it does not need to read as it trusts an unchanged source file, instead of reading and hashing it.
+_SHARDS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER, modified INTEGER, inode INTEGER, "
+    "sha256 TEXT)"
+)
+
+
+def trusted_shards(path: pathlib.Path | None, shard_paths: dict[pathlib.Path, str]) -> set[pathlib.Path]:
+    """Those of `shard_paths` (path -> its sha256 in the manifest) that the record at `path` holds with that sha256,
+    and that still have the size, time and inode recorded with it."""
+    if path is None or not path.exists():
+        return set()
+    with contextlib.closing(_connect(path)) as connection:
+        try:
+            connection.execute(_SHARDS_TABLE)
+            rows = connection.execute("SELECT * FROM shards").fetchall()
+        except sqlite3.DatabaseError:
+            return set()
+    recorded = {shard: ((size, modified, inode), sha256) for shard, size, modified, inode, sha256 in rows}
+    return {
+        shard_path
+        for shard_path, sha256 in shard_paths.items()
+        if recorded.get(str(shard_path)) == (identity_of(shard_path), sha256)
+    }
+
+
+def record_shards(path: pathlib.Path, shard_paths: dict[pathlib.Path, str]) -> None:
+    """Records exactly these shards (path -> sha256 of what convert wrote or checked) with their size, time and
+    inode, in the record of digests at `path`."""
+    with contextlib.closing(_connect(path)) as connection:
+        connection.execute(_SHARDS_TABLE)
+        connection.execute("DELETE FROM shards")
+        identities = {shard_path: identity_of(shard_path) for shard_path in shard_paths}
+        connection.executemany(
+            "INSERT INTO shards VALUES (?, ?, ?, ?, ?)",
+            [
+                (str(shard_path), *identities[shard_path], sha256)
+                for shard_path, sha256 in shard_paths.items()
+                if identities[shard_path]
+            ],
+        )
+        connection.commit()
+
+
+def identity_of(path: pathlib.Path) -> Identity | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns, status.st_ino

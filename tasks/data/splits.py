@@ -30,6 +30,12 @@ def position(seed: int, class_name: str, path_in_class: str) -> float:
     return int.from_bytes(digest[:8], "big") / _SCALE
 
 
+def path_in_class(source: str, in_split_folder: bool) -> str:
+    """The path of a file below its class folder (what its place is taken of), from its path in the raw folder:
+    class/name, or split/class/name when the source brings split folders."""
+    return source.split("/", 2 if in_split_folder else 1)[-1]
+
+
 def split_of(place: float, given_split: str | None, fractions: dict[str, float]) -> str:
     """The split of an image at `place`; `fractions` holds the splits carved here ("test", "validation").
 
