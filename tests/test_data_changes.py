@@ -107,7 +107,7 @@ def _shards_read(monkeypatch) -> list[str]:
     """The previous shards the next conversions read (and hash), by file name."""
     read = []
     original = reuse._read_hashed
-    monkeypatch.setattr(reuse, "_read_hashed", lambda path: read.append(path.name) or original(path))
+    monkeypatch.setattr(reuse, "_read_hashed", lambda path, known: read.append(path.name) or original(path, known))
     return read
 
 
