@@ -4,8 +4,11 @@ A nightly run adds a few images to a folder of thousands: decoding, validating a
 file again would cost the whole conversion each night. The previous shards hold every accepted image
 as it would be encoded now (same Pillow, same image_size), and their index names each record's source
 file and its sha256, so a file whose bytes were converted before is copied from there instead: renamed
-or moved files too. Each shard is checked against its manifest's sha256 as it is read; the images of
-one that does not check out are converted again from their sources.
+or moved files too. Only the shards that change are read (plan): one that keeps all its images and gets
+no new one is left as it is. Each shard read is checked against its manifest's sha256, unless the record
+of digests vouches for it (its size, time and inode unchanged since convert wrote or checked it, as
+source files are trusted); the images of one that does not check out are converted again from their
+sources.
 """
 
 from __future__ import annotations
