@@ -197,8 +197,9 @@ def _convert(
             listing.write_digests(
                 digests_file, (item.source for item in found), (item.identity for item in found), digests
             )
-        # Each file's record and identity (about 0.2 KB a file) are not needed past here; images keep their names.
-        del found, digests
+        # Each file's record and identity (about 0.2 KB a file) are not needed past here; images keep their names
+        # (`prepare` holds the lists too).
+        del found, digests, prepare
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
         grouped = _group_splits(accepted)
