@@ -104,7 +104,7 @@ def test_an_added_image_rewrites_only_the_shard_it_lands_in(workdir):
 
 
 def _shards_read(monkeypatch) -> list[str]:
-    """The previous shards the next conversions read (and hash), by file name."""
+    """The previous shards the next conversions read, by file name."""
     read = []
     original = reuse._read_hashed
     monkeypatch.setattr(reuse, "_read_hashed", lambda path, known: read.append(path.name) or original(path, known))
