@@ -119,7 +119,11 @@ def walk(folder: pathlib.Path, root: pathlib.Path | None = None) -> Iterator[tup
                 status = None
             if status is not None and not stat.S_ISREG(status.st_mode):
                 continue  # a socket or a device: no file of the data set
-            yield prefix + name, path, (status.st_size, status.st_mtime_ns, status.st_ino) if status else None
+            yield prefix + name, path, _identity(status) if status else None
+
+
+def _identity(status: os.stat_result) -> Identity:
+    return status.st_size, status.st_mtime_ns, status.st_ino
 
 
 def read(listing_path: pathlib.Path) -> dict[str, str] | None:
@@ -134,13 +138,20 @@ def read(listing_path: pathlib.Path) -> dict[str, str] | None:
 
 
 def _connect(path: pathlib.Path | None) -> sqlite3.Connection:
-    """The digest record at `path` (created when new); an empty one in memory for None or a damaged file
-    (its files are then hashed again: nothing is lost)."""
+    """The digest record at `path` (created when new): the source files' digests, and the shards convert wrote
+    or checked; an empty one in memory for None or a damaged file (its files are then hashed again: nothing is
+    lost)."""
     connection = sqlite3.connect(":memory:" if path is None else path)
     try:
         connection.execute(
             "CREATE TABLE IF NOT EXISTS digests (source BLOB PRIMARY KEY, size INTEGER, modified INTEGER, "
             "inode INTEGER, sha256 TEXT)"
+        )
+        # The shards by path, with their size, time and inode: a nightly run trusts an unchanged shard it does not
+        # need to read as it trusts an unchanged source file, instead of reading and hashing it.
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER, modified INTEGER, inode INTEGER, "
+            "sha256 TEXT)"
         )
     except sqlite3.DatabaseError:
         connection.close()
@@ -218,14 +229,6 @@ def remove(raw_dir: pathlib.Path) -> None:
     path_for(raw_dir).unlink(missing_ok=True)
 
 
-# The shards convert wrote or checked, by path, with their size, time and inode: a nightly run trusts an unchanged
-# shard it does not need to read as it trusts an unchanged source file, instead of reading and hashing it.
-_SHARDS_TABLE = (
-    "CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER, modified INTEGER, inode INTEGER, "
-    "sha256 TEXT)"
-)
-
-
 def trusted_shards(path: pathlib.Path | None, shard_paths: dict[pathlib.Path, str]) -> set[pathlib.Path]:
     """Those of `shard_paths` (path -> its sha256 in the manifest) that the record at `path` holds with that sha256,
     and that still have the size, time and inode recorded with it."""
@@ -233,7 +236,6 @@ def trusted_shards(path: pathlib.Path | None, shard_paths: dict[pathlib.Path, st
         return set()
     with contextlib.closing(_connect(path)) as connection:
         try:
-            connection.execute(_SHARDS_TABLE)
             rows = connection.execute("SELECT * FROM shards").fetchall()
         except sqlite3.DatabaseError:
             return set()
@@ -241,7 +243,7 @@ def trusted_shards(path: pathlib.Path | None, shard_paths: dict[pathlib.Path, st
     return {
         shard_path
         for shard_path, sha256 in shard_paths.items()
-        if recorded.get(str(shard_path)) == (identity_of(shard_path), sha256)
+        if recorded.get(str(shard_path)) == (_identity_of(shard_path), sha256)
     }
 
 
@@ -249,9 +251,8 @@ def record_shards(path: pathlib.Path, shard_paths: dict[pathlib.Path, str]) -> N
     """Records exactly these shards (path -> sha256 of what convert wrote or checked) with their size, time and
     inode, in the record of digests at `path`."""
     with contextlib.closing(_connect(path)) as connection:
-        connection.execute(_SHARDS_TABLE)
         connection.execute("DELETE FROM shards")
-        identities = {shard_path: identity_of(shard_path) for shard_path in shard_paths}
+        identities = {shard_path: _identity_of(shard_path) for shard_path in shard_paths}
         connection.executemany(
             "INSERT INTO shards VALUES (?, ?, ?, ?, ?)",
             [
@@ -263,9 +264,9 @@ def record_shards(path: pathlib.Path, shard_paths: dict[pathlib.Path, str]) -> N
         connection.commit()
 
 
-def identity_of(path: pathlib.Path) -> Identity | None:
+def _identity_of(path: pathlib.Path) -> Identity | None:
     try:
         status = path.stat()
     except OSError:
         return None
-    return status.st_size, status.st_mtime_ns, status.st_ino
+    return _identity(status)
