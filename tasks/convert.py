@@ -668,7 +668,7 @@ def _write_shards(
     shards_dir: pathlib.Path,
 ) -> dict[str, contracts.Split]:
     """Every split's shards, from the spool and the previous shards; then the spool goes."""
-    previous = {shard.file: shard for split in earlier[0].splits.values() for shard in split.shards} if earlier else {}
+    previous = {shard.file: shard for shard in earlier[0].shards()} if earlier else {}
     with spool_path.open("rb") as spool, disk.writing({"paths.shards": shards_dir}):
         written = {
             split: _write_split(staging, spool, split, split_images, shard_size_mb, class_names, previous)
@@ -761,7 +761,7 @@ def _trusted_shards(earlier, shards_dir: pathlib.Path, digests_file: pathlib.Pat
 
 
 def _shard_digests(shards_dir: pathlib.Path, manifest: contracts.Manifest) -> dict[pathlib.Path, str]:
-    return {shards_dir / shard.file: shard.sha256 for split in manifest.splits.values() for shard in split.shards}
+    return {shards_dir / shard.file: shard.sha256 for shard in manifest.shards()}
 
 
 def _shard_slots_change(accepted: list[_Image], earlier, shard_size_mb: float) -> bool:
@@ -770,7 +770,7 @@ def _shard_slots_change(accepted: list[_Image], earlier, shard_size_mb: float) -
     unread_splits = {image.split for image in accepted if image.size < 0}
     if not unread_splits:
         return False
-    previous = {shard.file: shard for split in earlier[0].splits.values() for shard in split.shards}
+    previous = {shard.file: shard for shard in earlier[0].shards()}
     return any(
         _shard_count([image for image in accepted if image.split == split], shard_size_mb, previous)
         != earlier[0].splits[split].shard_slots

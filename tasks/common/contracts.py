@@ -131,6 +131,10 @@ class Manifest(_Contract):
     def count(self, split: str) -> int:
         return self.splits[split].count
 
+    def shards(self) -> list[Shard]:
+        """Every split's shards, split after split."""
+        return [shard for split in self.splits.values() for shard in split.shards]
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class IndexEntry:

@@ -70,7 +70,7 @@ def plan(
         or manifest.seed != seed
         or manifest.source_splits != list(given_splits)
         or manifest.classes != list(class_names)
-        or any(shard.image_bytes is None for layout in manifest.splits.values() for shard in layout.shards)
+        or any(shard.image_bytes is None for shard in manifest.shards())
     ):
         return READ_ALL  # another layout, or other places or labels: every record is looked at
 
@@ -96,8 +96,7 @@ def plan(
     kept_counts = collections.Counter(kept.values())
     read = touched | {
         shard.file
-        for layout in manifest.splits.values()
-        for shard in layout.shards
+        for shard in manifest.shards()
         if shard.file not in trusted or kept_counts[shard.file] != shard.records  # some of its images went
     }
     return Plan(read, {source: shard for source, shard in kept.items() if shard not in read}, trusted)
@@ -132,7 +131,7 @@ def find_previous(
     unread = {file: shards_dir / file for file in set(reads.kept.values())}  # one path a shard, not one an image
     for source, file in reads.kept.items():
         whole[source] = Stored(unread[file], -1, -1, -1, by_path[source])
-    shards = [shard for split in manifest.splits.values() for shard in split.shards] if by_path else []
+    shards = manifest.shards() if by_path else []
     if reads.read is not None:
         shards = [shard for shard in shards if shard.file in reads.read]
     damaged = False
