@@ -1,4 +1,5 @@
 import collections
+import gc
 import hashlib
 import json
 
@@ -43,6 +44,7 @@ def test_shards_manifest_and_rejections(raw, workdir):
     shards = workdir / "shards"
 
     assert _tree_digest(raw) == before, "the source folder must not change"
+    assert gc.isenabled() and not gc.get_freeze_count(), "convert hands the garbage collector back as it found it"
     # Each image's split follows from its class and name alone (tests/test_splits.py checks the rule).
     expected = collections.Counter()
     for label in range(3):

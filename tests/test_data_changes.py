@@ -1,10 +1,13 @@
 """A folder that grows: stable splits, incremental conversion, the data-change report and its guard."""
 
+import contextlib
+import hashlib
 import itertools
 import json
 import os
 import pathlib
 import shutil
+import sqlite3
 
 import numpy as np
 import PIL.Image
@@ -286,6 +289,39 @@ def test_unchanged_files_are_not_even_read_again(workdir, monkeypatch):
     assert result.decoded == 1, "005.png now holds 006.png's bytes, which the shards have"
     convert.convert(_dataset(), 3, raw, workdir / "full")
     assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
+def test_the_record_of_digests_holds_exactly_the_files_there_are(workdir, monkeypatch):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=20)
+    digests_file = workdir / "checkpoints" / "digests.sqlite"
+
+    def recorded() -> dict[str, str]:
+        with contextlib.closing(sqlite3.connect(digests_file)) as connection:
+            rows = connection.execute("SELECT source, sha256 FROM digests").fetchall()
+        return {source.decode(): sha256 for source, sha256 in rows}
+
+    def on_disk() -> dict[str, str]:
+        return {
+            path.relative_to(raw).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in raw.rglob("*.png")
+        }
+
+    convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert recorded() == on_disk()
+    record_inode = digests_file.stat().st_ino
+    _add_images(raw, "class_0", ["late.png"], seed=8)
+    convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert recorded() == on_disk()
+    assert digests_file.stat().st_ino == record_inode, "only added files: their rows are added to the record"
+    (raw / "class_1" / "003.png").unlink()
+    (raw / "class_1" / "005.png").write_bytes((raw / "class_1" / "006.png").read_bytes())
+    convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert recorded() == on_disk(), "a file gone and a file changed: the record is written again"
+    hashed = []
+    original = listing.file_sha256
+    monkeypatch.setattr(listing, "file_sha256", lambda path: hashed.append(path) or original(path))
+    convert.convert(_dataset(), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert hashed == []
 
 
 def test_a_class_whose_files_all_became_unreadable_counts_as_vanished(workdir):

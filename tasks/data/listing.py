@@ -104,22 +104,35 @@ def write(raw_dir: pathlib.Path, digests_file: pathlib.Path) -> int:
 def walk(folder: pathlib.Path, root: pathlib.Path | None = None) -> Iterator[tuple[str, str, Identity | None]]:
     """(source, path, identity) of every file under `folder`: its path relative to `root` (default `folder`)
     with "/" separators, its path, and its size, time and inode (None when it cannot be read: vanished, a
-    broken link). Sockets and devices are left out. Folders and names in sorted order, one folder's names
-    in memory at a time; the relative path is made once per folder (os.path.relpath per file costs a
-    second on 50,000 files)."""
-    for directory, folders, names in os.walk(folder):
-        folders.sort()
-        inside = os.path.relpath(directory, root or folder).replace(os.sep, "/")
-        prefix = "" if inside == "." else inside + "/"
-        for name in sorted(names):
-            path = os.path.join(directory, name)
-            try:
-                status = os.stat(path)
-            except OSError:
-                status = None
-            if status is not None and not stat.S_ISREG(status.st_mode):
-                continue  # a socket or a device: no file of the data set
-            yield prefix + name, path, _identity(status) if status else None
+    broken link). Sockets and devices are left out. A folder's files in sorted order, then its sub-folders
+    (links to folders are not followed), one folder's names in memory at a time. By hand on os.scandir rather
+    than os.walk: each entry's path and stat come from it, not from joining names again (0.3 -> 0.24 s of
+    convert's listing of 50,000 files), and the relative path is made once per folder."""
+    inside = os.path.relpath(folder, root or folder).replace(os.sep, "/")
+    yield from _walk(str(folder), "" if inside == "." else inside + "/")
+
+
+def _walk(directory: str, prefix: str) -> Iterator[tuple[str, str, Identity | None]]:
+    try:
+        with os.scandir(directory) as scanned:
+            entries = sorted(scanned, key=lambda entry: entry.name)
+    except OSError:
+        return  # vanished or unreadable, as os.walk skips it
+    folders = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                if not entry.is_symlink():
+                    folders.append(entry)
+                continue
+            status = entry.stat()
+        except OSError:
+            status = None
+        if status is not None and not stat.S_ISREG(status.st_mode):
+            continue  # a socket or a device: no file of the data set
+        yield prefix + entry.name, entry.path, _identity(status) if status else None
+    for entry in folders:
+        yield from _walk(entry.path, prefix + entry.name + "/")
 
 
 def _identity(status: os.stat_result) -> Identity:
@@ -214,13 +227,54 @@ def _encoded(source: str) -> bytes:
 
 
 def write_digests(
-    path: pathlib.Path, sources: Iterable[str], identities: Iterable[Identity | None], digests: Iterable[str | None]
+    path: pathlib.Path,
+    sources: Iterable[str],
+    identities: Iterable[Identity | None],
+    digests: Iterable[str | None],
+    known: list[str | None] | None = None,
 ) -> None:
     """The record of exactly these files' source and (size, time, inode) with their sha256, for the next run.
-    The rows go to SQLite one by one: a list of them cost 25 MB at 100,000 files."""
+    The rows go to SQLite one by one: a list of them cost 25 MB at 100,000 files.
+
+    `known`: each file's digest as the record at `path` held it (recorded; None where it did not). When those
+    account for every row of the record, no row is stale: only the other files' rows are added to it, in place
+    (rewriting the whole record took 0.15-0.2 s of a nightly run at 50,000 files)."""
+    if known is not None and _add_digests(path, sources, identities, digests, known):
+        return
     with files.staged_file(path) as staged, contextlib.closing(_connect(staged)) as connection:
         _insert(connection, sources, identities, digests)
         connection.commit()
+
+
+def _add_digests(
+    path: pathlib.Path,
+    sources: Iterable[str],
+    identities: Iterable[Identity | None],
+    digests: Iterable[str | None],
+    known: list[str | None],
+) -> bool:
+    """Adds the rows of the files not `known` to the record at `path` when every row it holds is a known file's
+    (True); False, with nothing read from the iterables, otherwise or when the record cannot be read. A failed
+    write leaves the record as it was: the new files are hashed again next time."""
+    if not path.exists():
+        return False
+    with contextlib.closing(_connect(path)) as connection:
+        try:
+            rows = connection.execute("SELECT COUNT(*) FROM digests").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return False
+        if rows == 0 or rows != sum(digest is not None for digest in known):
+            return False  # a new or damaged record (read as an empty one), or rows of files gone or changed
+        new = [
+            (source, identity, digest)
+            for source, identity, digest, recorded_digest in zip(sources, identities, digests, known, strict=True)
+            if recorded_digest is None
+        ]
+        with contextlib.suppress(sqlite3.DatabaseError):
+            if new:
+                _insert(connection, *zip(*new, strict=True))
+            connection.commit()
+    return True
 
 
 def remove(raw_dir: pathlib.Path) -> None:
