@@ -30,6 +30,7 @@ import io
 import itertools
 import math
 import multiprocessing
+import operator
 import os
 import pathlib
 import sys
@@ -65,7 +66,9 @@ class ConvertResult:
     report: changes.Report
 
 
-@dataclasses.dataclass(frozen=True, slots=True)  # one per file: no __dict__ each
+# One per file: no __dict__ each (slots); not frozen, whose __init__ sets each field through object.__setattr__
+# (2.1 instead of 0.8 us for _Image's 13 fields: 0.1 s of a nightly run of 50,000 photos for the two classes).
+@dataclasses.dataclass(slots=True)
 class _File:
     root: str  # the raw folder, one string for all files: each file's whole path is made when it is read
     source: str  # relative to the raw folder, with "/" separators, as named on disk
@@ -83,7 +86,7 @@ class _File:
         return splits.path_in_class(self.source, self.split is not None)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)  # one per image
+@dataclasses.dataclass(slots=True)  # one per image (not frozen: as _File)
 class _Image:
     source: str
     split: str
@@ -622,12 +625,12 @@ def _prepare_chunk(
 def _group_splits(accepted: list[_Image]) -> dict[str, list[_Image]]:
     """The images of each split in their place order: shards mix classes, and the order is the same for the
     same images however they were found (decoded now or taken from the previous shards)."""
-    return {
-        split: sorted(
-            (image for image in accepted if image.split == split), key=lambda image: (image.place, image.source)
-        )
-        for split in contracts.SPLITS
-    }
+    grouped: dict[str, list[_Image]] = {split: [] for split in contracts.SPLITS}
+    for image in accepted:
+        grouped[image.split].append(image)
+    for split_images in grouped.values():
+        split_images.sort(key=operator.attrgetter("place", "source"))
+    return grouped
 
 
 def _require_every_split(grouped: dict[str, list[_Image]], accepted: int, dataset: config.DatasetParams) -> None:
