@@ -80,7 +80,7 @@ def folder_dataset() -> config.DatasetParams:
         split_seed=42,
         validation_fraction=0.1,
         test_fraction=0.2,
-        shard_size_mb=4.0,
+        shard_size_mb=1.0,
         max_class_drop=0.5,
         accept_data_changes=False,
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import pathlib
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import PIL.Image
 from bench import report as bench_report
 from bench.convert import folder_dataset
 from tasks import convert
+from tasks.common import machine
 
 GOAL = 0.05  # of the full conversion's time
 
@@ -40,7 +40,7 @@ def make_photos(root: pathlib.Path, count: int, side: int, seed: int, prefix: st
     class folders: windows of one smooth noise texture, tinted per class, so that every file differs.
     Made on all cores: 50,000 photos take about as long as converting them."""
     jobs = [(root, index, side, seed, prefix) for index in range(count)]
-    with concurrent.futures.ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with concurrent.futures.ProcessPoolExecutor(machine.usable_cores()) as pool:
         list(pool.map(_photo, jobs, chunksize=256))
     return root
 

@@ -14,14 +14,15 @@ import platform
 import shutil
 import subprocess
 
+from tasks.common.machine import usable_cores
+
 REPORT_DIR = pathlib.Path("reports/bench")
 
 
 def machine() -> dict:
     """The facts that limit a figure: cores this process may use, processor, Python and TensorFlow versions."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     facts = {
-        "cores": cores,
+        "cores": usable_cores(),
         "processor": _processor_name(),
         "python": platform.python_version(),
         "load_average": _load_average(),

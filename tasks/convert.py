@@ -40,7 +40,7 @@ from typing import Any
 
 import tqdm
 
-from tasks.common import config, contracts, disk, errors, files
+from tasks.common import config, contracts, disk, errors, files, machine
 from tasks.data import changes, images, listing, reuse, splits, tfrecords
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
@@ -555,7 +555,7 @@ def _digests(
 
 def worker_count() -> int:
     """The processes convert decodes with: one per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return machine.usable_cores()
 
 
 @contextlib.contextmanager
