@@ -258,13 +258,16 @@ def space_needed(
     0.8 MB estimated 1.0 MB; 300 photo crops of 14 MB, JPEG and PNG: 28.2 MB estimated 28.3 MB kept,
     17.6 MB estimated 17.3 MB at 224x224, 2.2 MB estimated 2.0 MB at 64x64.
     """
-    sizes = {item.source: item.identity[0] if item.identity else 0 for item in found}
     per_byte, per_image = _stored_sizes(found, image_size)
-    stored = {source: int(per_byte * size if image_size is None else per_image) for source, size in sizes.items()}
-    paths = sum(len(os.fsencode(source)) for source in stored)
-    shards = sum(stored.values()) + _RECORD_OVERHEAD * len(stored) + paths
-    spool = sum(size for source, size in stored.items() if source not in reused)
-    index = _INDEX_ROW * len(stored) + 2 * paths
+    stored = paths = spool = 0
+    for item in found:  # one pass, no dict of every file
+        image_bytes = int(per_byte * (item.identity[0] if item.identity else 0) if image_size is None else per_image)
+        stored += image_bytes
+        paths += len(os.fsencode(item.source))
+        if item.source not in reused:
+            spool += image_bytes
+    shards = stored + _RECORD_OVERHEAD * len(found) + paths
+    index = _INDEX_ROW * len(found) + 2 * paths
     return disk.Need(
         shards_dir, shards + max(spool, index), "the shards (and the spool they are written from)", "paths.shards"
     )
@@ -722,11 +725,13 @@ def _write_split(
             if not shard_images:
                 continue  # no file for a shard without images: the manifest lists the shards there are
             kept = _unchanged_shard(shard_images, previous.get(name))
-            image_bytes = _stored_bytes(shard_images, previous)
             if kept is not None:
                 files.link_or_copy(kept, folder / name)
-                shards.append(previous[name].model_copy(update={"image_bytes": image_bytes}))
+                if previous[name].image_bytes is None:  # a manifest of an earlier release: every record was read
+                    previous[name] = previous[name].model_copy(update={"image_bytes": _stored_bytes(shard_images, {})})
+                shards.append(previous[name])  # the same images, so the same bytes of them
                 continue
+            image_bytes = _stored_bytes(shard_images, previous)
             with (folder / name).open("wb") as shard:
                 for image in shard_images:
                     tfrecords.write_record(shard, _record(image, spool, origins, stack))
