@@ -75,6 +75,7 @@ class _File:
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
     identity: tuple[int, int, int] | None = None  # size, modification time (ns) and inode: unchanged, same bytes
+    recorded: str | None = None  # its sha256 as the record of digests holds it for that identity; None: not there
 
     @property
     def path(self) -> str:
@@ -186,10 +187,10 @@ def _convert(
     listing_file: pathlib.Path | None,
 ) -> ConvertResult:
     given_splits = _given_splits(raw_dir)
-    found, outside = _find_files(raw_dir, given_splits)
+    found, outside = _find_files(raw_dir, given_splits, digests_file, pool)
     class_names = _class_names(found, raw_dir)
     earlier = reuse.previous(shards_dir)
-    known = _recorded_digests(found, digests_file)
+    known = [item.recorded for item in found]
     disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
@@ -234,13 +235,6 @@ def _convert(
         decoded=decoded,
         report=report,
     )
-
-
-def _recorded_digests(found: list[_File], digests_file: pathlib.Path | None) -> list[str | None]:
-    """Each file's sha256 as the record of digests holds it (None: not recorded, or changed since)."""
-    if digests_file is None:
-        return [None] * len(found)
-    return listing.recorded(digests_file, [item.source for item in found], [item.identity for item in found])
 
 
 def space_needed(
@@ -338,9 +332,55 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
     return splits
 
 
-def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[list[_File], list[tuple[str, str]]]:
-    """Every file under a class folder, in a stable order, and the files that belong to no class."""
-    found, outside = [], []
+def _find_files(
+    raw_dir: pathlib.Path,
+    given_splits: tuple[str, ...],
+    digests_file: pathlib.Path | None,
+    pool: concurrent.futures.Executor | None,
+) -> tuple[list[_File], list[tuple[str, str]]]:
+    """Every file under a class folder, in a stable order, with its size, time and inode and its digest as the record
+    of digests holds it for them; and the files that belong to no class.
+
+    The class folders are listed and looked up in the record on the decoding workers, a folder a task: statting
+    every file and the lookups were 0.55 s of a nightly run of 50,000 photos in this process, 0.25-0.3 s on two
+    workers, names and digests sent back included."""
+    class_folders, outside = _class_folders(raw_dir, given_splits)
+    listed = functools.partial(_class_listing, raw_dir=raw_dir, digests_file=digests_file)
+    folders = [folder for folder, _, _ in class_folders]
+    root, found = str(raw_dir), []
+    for (folder, split, class_name), (sources, identities, recorded) in zip(
+        class_folders, pool.map(listed, folders) if pool else map(listed, folders), strict=True
+    ):
+        if not sources:
+            raise errors.BadInput(
+                f"class folder {folder} holds no files; add images to it (in dataset.source) or remove the folder"
+            )
+        found += [
+            _File(root, source, split, class_name, identity, digest)
+            for source, identity, digest in zip(sources, identities, recorded, strict=True)
+        ]
+    # NFC in the sort key: the same names give the same order whichever form the file system returns.
+    found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
+    return found, outside
+
+
+def _class_listing(
+    folder: pathlib.Path, raw_dir: pathlib.Path, digests_file: pathlib.Path | None
+) -> tuple[list[str], list[listing.Identity | None], list[str | None]]:
+    """(Sources, identities, recorded digests) of every file under a class folder (tasks/data/listing.py's walk)."""
+    walked = list(listing.walk(folder, raw_dir))
+    sources, identities = [source for source, _, _ in walked], [identity for _, _, identity in walked]
+    if digests_file is None:
+        return sources, identities, [None] * len(sources)
+    return sources, identities, listing.recorded(digests_file, sources, identities)
+
+
+def _class_folders(
+    raw_dir: pathlib.Path, given_splits: tuple[str, ...]
+) -> tuple[list[tuple[pathlib.Path, str | None, str]], list[tuple[str, str]]]:
+    """Every class folder (folder, split folder it sits in, class name in NFC), and the files that belong to no
+    class."""
+    class_folders, outside = [], []
     if given_splits:
         for entry in sorted(raw_dir.iterdir()):
             if entry.name not in given_splits and entry.name != contracts.LAYOUT_FILE:
@@ -371,21 +411,8 @@ def _find_files(raw_dir: pathlib.Path, given_splits: tuple[str, ...]) -> tuple[l
                     "rename one"
                 )
             by_name[class_name] = entry
-            in_class = _class_files(entry, raw_dir, split, class_name)
-            if not in_class:
-                raise errors.BadInput(
-                    f"class folder {entry} holds no files; add images to it (in dataset.source) or remove the folder"
-                )
-            found += in_class
-    # NFC in the sort key: the same names give the same order whichever form the file system returns.
-    found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
-    return found, outside
-
-
-def _class_files(folder: pathlib.Path, raw_dir: pathlib.Path, split: str | None, class_name: str) -> list[_File]:
-    """Every file under a class folder, with its size, time and inode (tasks/data/listing.py's walk)."""
-    root = str(raw_dir)
-    return [_File(root, source, split, class_name, identity) for source, _, identity in listing.walk(folder, raw_dir)]
+            class_folders.append((entry, split, class_name))
+    return class_folders, outside
 
 
 def _files_under(entry: pathlib.Path, raw_dir: pathlib.Path) -> list[str]:
