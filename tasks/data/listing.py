@@ -107,8 +107,8 @@ def walk(folder: pathlib.Path, root: pathlib.Path | None = None) -> Iterator[tup
     with "/" separators, its path, and its size, time and inode (None when it cannot be read: vanished, a
     broken link). Sockets and devices are left out. A folder's files in sorted order, then its sub-folders
     (links to folders are not followed), one folder's names in memory at a time. By hand on os.scandir rather
-    than os.walk: each entry's path and stat come from it, not from joining names again (0.3 -> 0.24 s of
-    convert's listing of 50,000 files), and the relative path is made once per folder."""
+    than os.walk: each entry's path and stat come from it, without joining names again; the relative path is
+    made once per folder (os.path.relpath per file costs a second on 50,000 files)."""
     inside = os.path.relpath(folder, root or folder).replace(os.sep, "/")
     yield from _walk(str(folder), "" if inside == "." else inside + "/")
 
