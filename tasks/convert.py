@@ -347,10 +347,10 @@ def _find_files(
     class_folders, outside = _class_folders(raw_dir, given_splits)
     listed = functools.partial(_class_listing, raw_dir=raw_dir, digests_file=digests_file)
     folders = [folder for folder, _, _ in class_folders]
+    # Spawned workers start with their first task, importing the caller's main module: not for a listing.
+    listings = pool.map(listed, folders) if pool and _POOL_CONTEXT == "fork" else map(listed, folders)
     root, found = str(raw_dir), []
-    for (folder, split, class_name), (sources, identities, recorded) in zip(
-        class_folders, pool.map(listed, folders) if pool else map(listed, folders), strict=True
-    ):
+    for (folder, split, class_name), (sources, identities, recorded) in zip(class_folders, listings, strict=True):
         if not sources:
             raise errors.BadInput(
                 f"class folder {folder} holds no files; add images to it (in dataset.source) or remove the folder"
