@@ -38,13 +38,13 @@ def raw(workdir):
 
 
 def test_shards_manifest_and_rejections(raw, workdir):
-    before = _tree_digest(raw)
+    before, frozen_before = _tree_digest(raw), gc.get_freeze_count()
     # ~10 kB of encoded training images, ~1.5 kB and ~3 kB for validation and test: 6 kB shards split train in two.
     result = convert.convert(_dataset(shard_size_mb=0.006), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
     shards = workdir / "shards"
 
     assert _tree_digest(raw) == before, "the source folder must not change"
-    assert gc.isenabled() and not gc.get_freeze_count(), "convert hands the garbage collector back as it found it"
+    assert gc.isenabled() and gc.get_freeze_count() == frozen_before, "convert hands the collector back as it was"
     # Each image's split follows from its class and name alone (tests/test_splits.py checks the rule).
     expected = collections.Counter()
     for label in range(3):
