@@ -131,7 +131,7 @@ def _walk(directory: str, prefix: str) -> Iterator[tuple[str, str, Identity | No
             status = None
         if status is not None and not stat.S_ISREG(status.st_mode):
             continue  # a socket or a device: no file of the data set
-        yield prefix + entry.name, entry.path, (status.st_size, status.st_mtime_ns, status.st_ino) if status else None
+        yield prefix + entry.name, entry.path, _identity(status) if status else None
     for entry in folders:
         yield from _walk(entry.path, prefix + entry.name + "/")
 
