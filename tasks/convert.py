@@ -76,15 +76,12 @@ class _File:
     class_name: str  # its class folder's name, Unicode NFC
     identity: tuple[int, int, int] | None = None  # size, modification time (ns) and inode: unchanged, same bytes
     recorded: str | None = None  # its sha256 as the record of digests holds it for that identity; None: not there
+    assigned_split: str = ""  # the split this run puts it in (_Placer)
+    place: float = 0.0  # splits.position: its order in that split's shards, and which shard
 
     @property
     def path(self) -> str:
         return os.path.join(self.root, self.source)
-
-    @property
-    def path_in_class(self) -> str:
-        """The path below its class folder: what its split is derived from."""
-        return splits.path_in_class(self.source, self.split is not None)
 
 
 @dataclasses.dataclass(slots=True)  # one per image (not frozen: as _File)
@@ -187,7 +184,8 @@ def _convert(
     listing_file: pathlib.Path | None,
 ) -> ConvertResult:
     given_splits = _given_splits(raw_dir)
-    found, outside = _find_files(raw_dir, given_splits, digests_file, pool)
+    placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
+    found, outside = _find_files(raw_dir, placer, digests_file, pool)
     class_names = _class_names(found, raw_dir)
     earlier = reuse.previous(shards_dir)
     known = [item.recorded for item in found]
@@ -195,7 +193,6 @@ def _convert(
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
-        placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
         trusted = _trusted_shards(earlier, shards_dir, digests_file)
         prepare = functools.partial(
@@ -334,30 +331,31 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
 
 def _find_files(
     raw_dir: pathlib.Path,
-    given_splits: tuple[str, ...],
+    placer: _Placer,
     digests_file: pathlib.Path | None,
     pool: concurrent.futures.Executor | None,
 ) -> tuple[list[_File], list[tuple[str, str]]]:
-    """Every file under a class folder, in a stable order, with its size, time and inode and its digest as the record
-    of digests holds it for them; and the files that belong to no class.
+    """Every file under a class folder, in a stable order, with its size, time and inode, its digest as the record
+    of digests holds it for them, and its split and place; and the files that belong to no class.
 
-    The class folders are listed and looked up in the record on the decoding workers, a folder a task: statting
-    every file and the lookups were 0.55 s of a nightly run of 50,000 photos in this process, 0.25-0.3 s on two
-    workers, names and digests sent back included."""
-    class_folders, outside = _class_folders(raw_dir, given_splits)
-    listed = functools.partial(_class_listing, raw_dir=raw_dir, digests_file=digests_file)
-    folders = [folder for folder, _, _ in class_folders]
+    The class folders are listed, looked up in the record and placed on the decoding workers, a folder a task:
+    statting every file and the lookups were 0.55 s of a nightly run of 50,000 photos in this process, 0.25-0.3 s
+    on two workers, names and digests sent back included; placing them, another 0.1 s here."""
+    class_folders, outside = _class_folders(raw_dir, placer.given_splits)
+    listed = functools.partial(_class_listing, raw_dir=raw_dir, digests_file=digests_file, placer=placer)
     # Spawned workers start with their first task, importing the caller's main module: not for a listing.
-    listings = pool.map(listed, folders) if pool and _POOL_CONTEXT == "fork" else map(listed, folders)
+    listings = pool.map(listed, class_folders) if pool and _POOL_CONTEXT == "fork" else map(listed, class_folders)
     root, found = str(raw_dir), []
-    for (folder, split, class_name), (sources, identities, recorded) in zip(class_folders, listings, strict=True):
+    for (folder, split, class_name), (sources, identities, recorded, placed) in zip(
+        class_folders, listings, strict=True
+    ):
         if not sources:
             raise errors.BadInput(
                 f"class folder {folder} holds no files; add images to it (in dataset.source) or remove the folder"
             )
         found += [
-            _File(root, source, split, class_name, identity, digest)
-            for source, identity, digest in zip(sources, identities, recorded, strict=True)
+            _File(root, source, split, class_name, identity, digest, *place)
+            for source, identity, digest, place in zip(sources, identities, recorded, placed, strict=True)
         ]
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
     found.sort(key=lambda item: (item.class_name, unicodedata.normalize("NFC", item.source)))
@@ -365,14 +363,20 @@ def _find_files(
 
 
 def _class_listing(
-    folder: pathlib.Path, raw_dir: pathlib.Path, digests_file: pathlib.Path | None
-) -> tuple[list[str], list[listing.Identity | None], list[str | None]]:
-    """(Sources, identities, recorded digests) of every file under a class folder (tasks/data/listing.py's walk)."""
+    class_folder: tuple[pathlib.Path, str | None, str],
+    raw_dir: pathlib.Path,
+    digests_file: pathlib.Path | None,
+    placer: _Placer,
+) -> tuple[list[str], list[listing.Identity | None], list[str | None], list[tuple[str, float]]]:
+    """(Sources, identities, recorded digests, (split, place) of each) of every file under a class folder (the
+    folder, the split folder it sits in and the class name): tasks/data/listing.py's walk."""
+    folder, split, class_name = class_folder
     walked = list(listing.walk(folder, raw_dir))
     sources, identities = [source for source, _, _ in walked], [identity for _, _, identity in walked]
+    placed = [placer.place(class_name, source, split) for source in sources]
     if digests_file is None:
-        return sources, identities, [None] * len(sources)
-    return sources, identities, listing.recorded(digests_file, sources, identities)
+        return sources, identities, [None] * len(sources), placed
+    return sources, identities, listing.recorded(digests_file, sources, identities), placed
 
 
 def _class_folders(
@@ -432,9 +436,10 @@ class _Placer:
     carved: dict[str, float]
     given_splits: tuple[str, ...]
 
-    def place(self, item: _File) -> tuple[str, float]:
-        place = splits.position(self.seed, item.class_name, item.path_in_class)
-        return splits.split_of(place, item.split, self.carved), place
+    def place(self, class_name: str, source: str, given_split: str | None) -> tuple[str, float]:
+        """(Split, place) of the file `source` of that class, in that split folder."""
+        place = splits.position(self.seed, class_name, splits.path_in_class(source, given_split is not None))
+        return splits.split_of(place, given_split, self.carved), place
 
 
 def _prepare_all(
@@ -457,7 +462,7 @@ def _prepare_all(
     # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
     with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
         accepted, to_decode = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool, trusted)
-        decoded, rejected = _decode_to_spool(found, to_decode, digests, image_size, placer, labels, spool, pool)
+        decoded, rejected = _decode_to_spool(found, to_decode, digests, image_size, labels, spool, pool)
     return accepted + decoded, rejected, len(to_decode)
 
 
@@ -476,8 +481,7 @@ def _reused(
     if earlier is None:
         return [], list(range(len(found)))
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
-    places = [placer.place(item) for item in found]
-    now = ((item.source, digest, *place) for item, digest, place in zip(found, digests, places, strict=True))
+    now = ((item.source, digest, item.assigned_split, item.place) for item, digest in zip(found, digests, strict=True))
     reads = reuse.plan(earlier, placer.seed, placer.given_splits, tuple(labels), now, trusted)
     whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool, reads)
     whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
@@ -491,7 +495,8 @@ def _reused(
         accepted.append(
             _Image(
                 item.source,
-                *places[position],
+                item.assigned_split,
+                item.place,
                 labels[item.class_name],
                 stored.offset,
                 stored.length,
@@ -512,7 +517,6 @@ def _decode_to_spool(
     to_decode: list[int],
     digests: list[str | None],
     image_size: tuple[int, int] | None,
-    placer: _Placer,
     labels: dict[str, int],
     spool,
     pool: concurrent.futures.Executor | None,
@@ -534,7 +538,8 @@ def _decode_to_spool(
         accepted.append(
             _Image(
                 item.source,
-                *placer.place(item),
+                item.assigned_split,
+                item.place,
                 labels[item.class_name],
                 offset,
                 length,

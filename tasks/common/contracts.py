@@ -137,12 +137,14 @@ class Manifest(_Contract):
         return [shard for split in self.splits.values() for shard in split.shards]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class IndexEntry:
     """One accepted image of the shards: where it came from, its class and split, and its hashes.
 
     A dataclass, not a pydantic model: a million rows read in a second, not in twenty; without a __dict__
-    each (slots): 48 bytes less an image in convert, which holds every image's.
+    each (slots): 48 bytes less an image in convert, which holds every image's. Not frozen, whose __init__
+    sets each field through object.__setattr__: reading a nightly run's 50,000 rows took 0.13 s, 0.065 s
+    this way (a named tuple reads as fast, with 16 bytes more a row). Nothing changes a row once made.
     """
 
     path: str  # relative to the raw folder, "/"-separated, as named on disk
