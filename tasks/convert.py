@@ -254,7 +254,7 @@ def space_needed(
     for item in found:  # one pass, no dict of every file
         image_bytes = int(per_byte * (item.identity[0] if item.identity else 0) if image_size is None else per_image)
         stored += image_bytes
-        paths += len(os.fsencode(item.source))
+        paths += len(item.source.encode("utf-8", "surrogateescape"))  # the bytes on disk, as os.fsencode
         if item.source not in reused:
             spool += image_bytes
     shards = stored + _RECORD_OVERHEAD * len(found) + paths
@@ -487,11 +487,13 @@ def _reused(
     whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
     accepted, to_decode = [], []
     for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
-        stored = whole.get(item.source) or encoded_only.get(digest) or whole_by_digest.get(digest)
+        stored = whole.get(item.source)
+        as_is = stored is not None
+        if not as_is:
+            stored = encoded_only.get(digest) or whole_by_digest.get(digest)
         if stored is None or stored.entry.sha256 != digest:
             to_decode.append(position)
             continue
-        as_is = stored is whole.get(item.source)
         accepted.append(
             _Image(
                 item.source,
@@ -702,7 +704,7 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, gr
         files_seen=files_seen,
         accepted=len(accepted),
         rejected=len(rejected),
-        encodings=dict(sorted(collections.Counter(image.encoding for image in accepted).items())),
+        encodings=dict(sorted(collections.Counter(map(operator.attrgetter("encoding"), accepted)).items())),
         per_class=_per_class(accepted, class_names),
         imbalance=_imbalance(accepted, class_names),
         duplicates=_duplicates(grouped, class_names),
@@ -859,7 +861,7 @@ def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) ->
 
 
 def _per_class(split_images: list[_Image], class_names: tuple[str, ...]) -> dict[str, int]:
-    counts = collections.Counter(image.label for image in split_images)
+    counts = collections.Counter(map(operator.attrgetter("label"), split_images))
     return {name: counts[label] for label, name in enumerate(class_names)}
 
 
@@ -872,10 +874,8 @@ def _imbalance(accepted: list[_Image], class_names: tuple[str, ...]) -> dict:
 
 def _duplicates(splits: dict[str, list[_Image]], class_names: tuple[str, ...]) -> dict:
     """Identical source files under two classes (label conflicts) or in two splits (leakage)."""
-    seen, twice = set(), set()
-    for split_images in splits.values():
-        for image in split_images:
-            (twice if image.sha256 in seen else seen).add(image.sha256)
+    counts = collections.Counter(map(operator.attrgetter("sha256"), itertools.chain.from_iterable(splits.values())))
+    twice = {digest for digest, count in counts.items() if count > 1}
     groups = collections.defaultdict(list)  # only of files that are there more than once: not a dict per image
     for split, split_images in splits.items():
         for image in split_images:

@@ -74,8 +74,12 @@ def plan(
     ):
         return READ_ALL  # another layout, or other places or labels: every record is looked at
 
+    names = {
+        split: [tfrecords.shard_name(split, index, count) for index in range(count)] for split, count in slots.items()
+    }
+
     def shard_at(split: str, place: float) -> str:
-        return tfrecords.shard_name(split, splits.shard_of(place, slots[split]), slots[split])
+        return names[split][splits.shard_of(place, slots[split])]  # the names made once: not one string a file
 
     def place_of(entry: contracts.IndexEntry) -> float:
         return splits.position(seed, entry.class_name, splits.path_in_class(entry.path, bool(given_splits)))
