@@ -14,5 +14,8 @@ def test_incremental_convert_benchmark_reports_both_conversions(workdir):
         assert case["images"] in (307, 314), "the second case adds 7 more to the same folder"
         assert case["decoded_incremental"] == 7 and case["decoded_full"] == case["images"]
         assert case["byte_identical"] is True
+        assert len(case["incremental_runs"]) == len(case["full_runs"]) == 2, "two rounds by default"
+        assert case["full_seconds"] == min(case["full_runs"])
+        assert case["incremental_seconds"] == min(case["incremental_runs"])
         # The seconds are rounded to hundredths, the ratio is of the unrounded times.
         assert abs(case["ratio"] * case["full_seconds"] - case["incremental_seconds"]) < 0.01
