@@ -185,9 +185,8 @@ def _convert(
 ) -> ConvertResult:
     given_splits = _given_splits(raw_dir)
     placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
-    found, outside = _find_files(raw_dir, placer, digests_file, pool)
+    found, outside, earlier = _files_and_previous(raw_dir, placer, digests_file, pool, shards_dir)
     class_names = _class_names(found, raw_dir)
-    earlier = reuse.previous(shards_dir)
     known = [item.recorded for item in found]
     disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
@@ -327,6 +326,21 @@ def _given_splits(raw_dir: pathlib.Path) -> tuple[str, ...]:
             f"{list(contracts.SPLITS)}; rerun the download stage"
         )
     return splits
+
+
+def _files_and_previous(
+    raw_dir: pathlib.Path,
+    placer: _Placer,
+    digests_file: pathlib.Path | None,
+    pool: concurrent.futures.Executor | None,
+    shards_dir: pathlib.Path,
+) -> tuple[list[_File], list[tuple[str, str]], tuple[contracts.Manifest, list[contracts.IndexEntry]] | None]:
+    """_find_files, and the previous conversion's manifest and index (reuse.previous), read on a thread meanwhile:
+    the stage's process mostly waits for the listing workers then."""
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        reading = reader.submit(reuse.previous, shards_dir)
+        found, outside = _find_files(raw_dir, placer, digests_file, pool)
+        return found, outside, reading.result()
 
 
 def _find_files(
