@@ -1,4 +1,5 @@
 import collections
+import csv
 import gc
 import hashlib
 import json
@@ -10,7 +11,7 @@ import pytest
 from tasks import convert
 from tasks.common import config, contracts
 from tasks.common.contracts import SPLITS
-from tasks.data import records, splits
+from tasks.data import listing, records, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -385,3 +386,37 @@ def test_shards_store_each_image_in_its_smallest_lossless_form(workdir):
     assert resized.encoding == "png" and PIL.Image.open(io.BytesIO(resized.encoded)).mode == "L"
     expected = np.asarray(PIL.Image.open(gray).convert("RGB").resize((32, 24), PIL.Image.Resampling.BILINEAR))
     assert np.array_equal(tf.io.decode_image(resized.encoded, channels=3).numpy(), expected)
+
+
+def test_the_index_is_what_the_csv_module_writes_whatever_the_names(tmp_path):
+    plain = [
+        contracts.IndexEntry(f"cat/{i:05d}.jpg", "cat", "train", "ab" * 32, "0f" * 8, "original") for i in range(5000)
+    ]
+    odd_names = ["dog/a,b.jpg", 'dog/say "cheese".png', "dog/two\nlines.jpg", "dog/caf\udce9.jpg", ""]
+    odd = [contracts.IndexEntry(name, "dog", "test", "cd" * 32, "", "png") for name in odd_names]
+    entries = plain[:4500] + odd + plain[4500:]  # one chunk of plain rows, then one holding the odd ones
+    contracts.write_index(tmp_path, entries)
+    expected = io.StringIO(newline="")
+    csv.writer(expected, lineterminator="\n").writerows([contracts._INDEX_COLUMNS, *map(_row, entries)])
+    written = (tmp_path / contracts.INDEX_FILE).read_bytes()
+    assert written == expected.getvalue().encode("utf-8", "surrogateescape")
+    assert contracts.read_index(tmp_path) == entries
+
+
+def test_a_carriage_return_in_a_file_name_survives_the_index_and_the_listing(tmp_path):
+    entries = [contracts.IndexEntry(f"cat/{i}\r.jpg", "cat", "train", "ab" * 32, "0f" * 8, "jpeg") for i in range(3)]
+    contracts.write_index(tmp_path, entries)
+    assert contracts.read_index(tmp_path) == entries
+    raw = tmp_path / "raw"
+    (raw / "cat").mkdir(parents=True)
+    (raw / "cat" / "a\r.jpg").write_bytes(b"one")
+    (raw / "cat" / "b.jpg").write_bytes(b"two")
+    assert listing.write(raw, tmp_path / "digests.sqlite") == 2
+    assert listing.read(listing.path_for(raw)) == {
+        "cat/a\r.jpg": hashlib.sha256(b"one").hexdigest(),
+        "cat/b.jpg": hashlib.sha256(b"two").hexdigest(),
+    }
+
+
+def _row(entry: contracts.IndexEntry) -> tuple[str, ...]:
+    return tuple(getattr(entry, column) for column in contracts._INDEX_COLUMNS)

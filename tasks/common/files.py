@@ -9,6 +9,7 @@ write to the same destination removes what dead writers left there.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -16,8 +17,8 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 from tasks.common import errors
 
@@ -59,6 +60,19 @@ def link_or_copy(source: pathlib.Path, destination: pathlib.Path) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copyfile(source, destination)
+
+
+def write_csv_rows(stream: TextIO, rows: Sequence[Sequence[Any]]) -> None:
+    """The rows as csv.writer writes them with lines ending in a line feed, except that a row holding a carriage
+    return (a file may be named so) has every field quoted: csv.writer leaves that character bare then, and
+    csv.reader would end the row there."""
+    plain = csv.writer(stream, lineterminator="\n")
+    if not any("\r" in field for row in rows for field in row if isinstance(field, str)):
+        plain.writerows(rows)
+        return
+    quoted = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in field for field in row if isinstance(field, str)) else plain).writerow(row)
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

@@ -86,15 +86,17 @@ def write(raw_dir: pathlib.Path, digests_file: pathlib.Path) -> int:
         contextlib.closing(_connect(digests_file if digests_file.exists() else None)) as old,
         contextlib.closing(_connect(new_record)) as new,
     ):
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(HEADER)
+        files.write_csv_rows(stream, [HEADER])
         walked = walk(raw_dir)
         while chunk := list(itertools.islice(walked, CHUNK)):
             sources, paths, identities = (list(column) for column in zip(*chunk, strict=True))
             digests = hash_all(_recorded(old, sources, identities), paths.__getitem__)
-            writer.writerows(
-                (source, identity[0] if identity else "", digest or "")
-                for source, identity, digest in zip(sources, identities, digests, strict=True)
+            files.write_csv_rows(
+                stream,
+                [
+                    (source, identity[0] if identity else "", digest or "")
+                    for source, identity, digest in zip(sources, identities, digests, strict=True)
+                ],
             )
             _insert(new, sources, identities, digests)
             count += len(chunk)
