@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import pathlib
 import tempfile
 from collections.abc import Iterator
@@ -115,26 +116,19 @@ def compare(
     images is a few megabytes (a dict and a per-class dict of the new entries, and a list per perceptual
     hash, took 29 MB)."""
     before = {entry.path: entry for entry in base.entries}
-    old_classes = sorted({entry.class_name for entry in base.entries})
-    before_by_class = _by_class(base.entries)
-    now_by_class = collections.defaultdict(list)
-    for entry in entries:
-        now_by_class[entry.class_name].append(entry)
-    classes = {
-        name: _class_changes(before_by_class.get(name, {}), now_by_class.get(name, []))
-        for name in sorted(set(class_names) | set(old_classes))
-    }
-    moved = [entry for entry in entries if entry.path in before and before[entry.path].split != entry.split]
+    classes, moved = _class_changes(before, entries, class_names)
     into_test = [entry for entry in moved if entry.split == "test" and before[entry.path].split == "train"]
     moved = [entry.path for entry in moved]
+    old_classes = {name for name, counts in classes.items() if counts["before"]}
+    now_classes = {name for name, counts in classes.items() if counts["now"]}
     values = {
         "baseline": {"kind": base.kind, "description": base.description, "images": len(base.entries)},
         "images": len(entries),
         "conversion": conversion,
         "classes": classes,
-        "new_classes": sorted(set(now_by_class) - set(old_classes)) if base.entries else [],
+        "new_classes": sorted(now_classes - old_classes) if base.entries else [],
         # Without an accepted image: its folder gone, emptied, or every file in it unreadable now.
-        "vanished_classes": sorted(set(old_classes) - set(now_by_class)),
+        "vanished_classes": sorted(old_classes - now_classes),
         "moved_between_splits": {"count": len(moved), "into_test": len(into_test), "files": sorted(moved)},
         "identical": _groups(_identical_groups(entries)),
         "near_duplicates": _near_duplicates(entries),
@@ -148,24 +142,43 @@ def compare(
     return Report(values)
 
 
-def _by_class(entries) -> dict[str, dict[str, contracts.IndexEntry]]:
-    grouped = collections.defaultdict(dict)
-    for entry in entries:
-        grouped[entry.class_name][entry.path] = entry
-    return grouped
-
-
-def _class_changes(before: dict[str, contracts.IndexEntry], now: list[contracts.IndexEntry]) -> dict[str, Any]:
-    now_paths = {entry.path for entry in now}
-    return {
-        "before": len(before),
-        "now": len(now),
-        "added": sorted(entry.path for entry in now if entry.path not in before),
-        "removed": sorted(path for path in before if path not in now_paths),
-        "changed": sorted(
-            entry.path for entry in now if entry.path in before and before[entry.path].sha256 != entry.sha256
-        ),
+def _class_changes(
+    before: dict[str, contracts.IndexEntry], now: list[contracts.IndexEntry], class_names: tuple[str, ...]
+) -> tuple[dict[str, dict[str, Any]], list[contracts.IndexEntry]]:
+    """(Per class, of the classes now and before: its images before and now, and the paths added, removed and
+    changed; the images now in another split than before). One pass over each index: a path names its class
+    folder, so the same path is the same class before and now."""
+    class_of = operator.attrgetter("class_name")
+    before_counts, now_counts = (
+        collections.Counter(map(class_of, before.values())),
+        collections.Counter(map(class_of, now)),
+    )
+    added, removed, changed = (collections.defaultdict(list) for _ in range(3))
+    moved = []
+    for entry in now:
+        old = before.get(entry.path)
+        if old is None:
+            added[entry.class_name].append(entry.path)
+        elif old is not entry:  # the very row of the previous index (convert keeps it): nothing changed
+            if old.sha256 != entry.sha256:
+                changed[entry.class_name].append(entry.path)
+            if old.split != entry.split:
+                moved.append(entry)
+    now_paths = set(map(operator.attrgetter("path"), now))
+    for path, old in before.items():
+        if path not in now_paths:
+            removed[old.class_name].append(path)
+    classes = {
+        name: {
+            "before": before_counts[name],
+            "now": now_counts[name],
+            "added": sorted(added[name]),
+            "removed": sorted(removed[name]),
+            "changed": sorted(changed[name]),
+        }
+        for name in sorted(set(class_names) | set(before_counts))
     }
+    return classes, moved
 
 
 def _problems(values: dict[str, Any], max_class_drop: float) -> list[str]:
@@ -181,9 +194,10 @@ def _problems(values: dict[str, Any], max_class_drop: float) -> list[str]:
 
 
 def _identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
-    seen, repeated = set(), set()
-    for entry in entries:
-        (repeated if entry.sha256 in seen else seen).add(entry.sha256)
+    counts = collections.Counter(map(operator.attrgetter("sha256"), entries))
+    repeated = {digest for digest, count in counts.items() if count > 1}
+    if not repeated:
+        return []
     by_digest = collections.defaultdict(list)
     for entry in entries:
         if entry.sha256 in repeated:
@@ -207,7 +221,10 @@ def _near_duplicate_pairs(entries: list[contracts.IndexEntry]) -> list[list[cont
     """
     hashed = [entry for entry in entries if entry.difference_hash]
     # The distinct hashes as numbers, in the order of their hex digits (all 16 long), and each image's among them.
-    codes = np.fromiter((int(entry.difference_hash, 16) for entry in hashed), dtype=np.uint64, count=len(hashed))
+    # From the hex digits of all at once: int() on each was a tenth of the report's time.
+    codes = np.frombuffer(bytes.fromhex("".join(entry.difference_hash for entry in hashed)), dtype=">u8").astype(
+        np.uint64
+    )
     values, hash_of_image, images_per_hash = np.unique(codes, return_inverse=True, return_counts=True)
     close = {(index, index) for index in np.flatnonzero(images_per_hash > 1).tolist()}
     for band in range(4):
@@ -292,7 +309,7 @@ def _groups(groups: list[list[contracts.IndexEntry]]) -> dict[str, Any]:
 
 
 def _imbalance(entries: list[contracts.IndexEntry], class_names: tuple[str, ...]) -> dict[str, Any]:
-    counts = collections.Counter(entry.class_name for entry in entries)
+    counts = collections.Counter(map(operator.attrgetter("class_name"), entries))
     largest = max(class_names, key=lambda name: counts[name])
     smallest = min(class_names, key=lambda name: counts[name])
     ratio = round(counts[largest] / counts[smallest], 3) if counts[smallest] else None
