@@ -501,34 +501,44 @@ def _reused(
     now = ((item.source, digest, item.assigned_split, item.place) for item, digest in zip(found, digests, strict=True))
     reads = reuse.plan(earlier, placer.seed, placer.given_splits, tuple(labels), now, trusted)
     whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool, reads)
-    whole_by_digest = {stored.entry.sha256: stored for stored in whole.values()}
-    accepted, to_decode = [], []
+    accepted, elsewhere = [], []
     for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
-        stored = whole.get(item.source)
-        as_is = stored is not None
-        if not as_is:
-            stored = encoded_only.get(digest) or whole_by_digest.get(digest)
-        if stored is None or stored.entry.sha256 != digest:
+        stored = whole.get(item.source)  # this file's own record: same name, bytes and label
+        if stored is None:
+            elsewhere.append(position)
+            continue
+        accepted.append(_image(item, labels[item.class_name], digest, stored, as_is=True))
+    # The others' bytes may be stored under another name (renamed or copied files): looked up by digest.
+    wanted_digests = {digests[position] for position in elsewhere}
+    by_digest = {stored.entry.sha256: stored for stored in whole.values() if stored.entry.sha256 in wanted_digests}
+    to_decode = []
+    for position in elsewhere:
+        item, digest = found[position], digests[position]
+        stored = encoded_only.get(digest) or by_digest.get(digest)
+        if stored is None:
             to_decode.append(position)
             continue
-        accepted.append(
-            _Image(
-                item.source,
-                item.assigned_split,
-                item.place,
-                labels[item.class_name],
-                stored.offset,
-                stored.length,
-                size=stored.encoded_size,
-                origin=stored.origin,
-                as_is=as_is,
-                sha256=digest,
-                difference_hash=stored.entry.difference_hash,
-                encoding=stored.entry.encoding,
-                entry=stored.entry if as_is else None,
-            )
-        )
+        accepted.append(_image(item, labels[item.class_name], digest, stored, as_is=False))
     return accepted, to_decode
+
+
+def _image(item: _File, label: int, digest: str, stored: reuse.Stored, as_is: bool) -> _Image:
+    """The image of `item` whose encoded bytes the previous shards hold (`stored`): its whole record when `as_is`."""
+    return _Image(
+        item.source,
+        item.assigned_split,
+        item.place,
+        label,
+        stored.offset,
+        stored.length,
+        size=stored.encoded_size,
+        origin=stored.origin,
+        as_is=as_is,
+        sha256=digest,
+        difference_hash=stored.entry.difference_hash,
+        encoding=stored.entry.encoding,
+        entry=stored.entry if as_is else None,
+    )
 
 
 def _decode_to_spool(

@@ -44,6 +44,7 @@ class Plan:
     read: set[str] | None
     kept: dict[str, str]
     trusted: set[str] = dataclasses.field(default_factory=set)  # unchanged since written or checked: not hashed
+    rows: dict[str, contracts.IndexEntry] | None = None  # the previous index by path, made once for find_previous
 
 
 READ_ALL = Plan(None, {})
@@ -103,7 +104,7 @@ def plan(
         for shard in manifest.shards()
         if shard.file not in trusted or kept_counts[shard.file] != shard.records  # some of its images went
     }
-    return Plan(read, {source: shard for source, shard in kept.items() if shard not in read}, trusted)
+    return Plan(read, {source: shard for source, shard in kept.items() if shard not in read}, trusted, by_path)
 
 
 def find_previous(
@@ -128,14 +129,15 @@ def find_previous(
         return {}, {}
     manifest, entries = earlier
     wanted_digests = {digest for digest, _ in wanted.values()}
-    by_path = {entry.path: entry for entry in entries if entry.sha256 in wanted_digests}
+    by_path = reads.rows if reads.rows is not None else {entry.path: entry for entry in entries}
     old_labels = {name: label for label, name in enumerate(manifest.classes)}
     whole: dict[str, Stored] = {}
     encoded_only: dict[str, Stored] = {}
     unread = {file: shards_dir / file for file in set(reads.kept.values())}  # one path a shard, not one an image
     for source, file in reads.kept.items():
         whole[source] = Stored(unread[file], -1, -1, -1, by_path[source])
-    shards = manifest.shards() if by_path else []
+    # No shard is read when none holds a wanted file's bytes (every file changed, or another folder).
+    shards = [] if wanted_digests.isdisjoint(entry.sha256 for entry in entries) else manifest.shards()
     if reads.read is not None:
         shards = [shard for shard in shards if shard.file in reads.read]
     damaged = False
@@ -148,7 +150,7 @@ def find_previous(
             continue
         for offset, serialized, source, encoded in tfrecords.iterate_records(data, path):
             entry = by_path.get(source)
-            if entry is None:
+            if entry is None or entry.sha256 not in wanted_digests:
                 continue
             if wanted.get(source) == (entry.sha256, old_labels[entry.class_name]):
                 # The same file, bytes and label: its record is copied whole when the new shards are written.
