@@ -188,7 +188,7 @@ def _convert(
     found, outside, earlier = _files_and_previous(raw_dir, placer, digests_file, pool, shards_dir)
     class_names = _class_names(found, raw_dir)
     known = [item.recorded for item in found]
-    disk.require(space_needed(found, dataset.image_size, shards_dir, _reused_whole(found, known, earlier, dataset)))
+    disk.require(space_needed(found, dataset.image_size, shards_dir, _stored_digests(found, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
@@ -234,13 +234,14 @@ def _convert(
 
 
 def space_needed(
-    found: list[_File], image_size: tuple[int, int] | None, shards_dir: pathlib.Path, reused: set[str]
+    found: list[_File], image_size: tuple[int, int] | None, shards_dir: pathlib.Path, keepable: dict[str, str]
 ) -> disk.Need:
     """What convert writes beside the shards folder at most, estimated before anything is decoded.
 
     The new shards are written beside the previous ones, which stay until the end, and the images decoded
     now wait in a spool file there until the shards are written; then the spool goes and the index comes.
-    The spool holds all but the files whose records the previous shards hold (`reused`). Each image's
+    The spool holds all but the files whose records the previous shards hold (`keepable`: path -> sha256 of the
+    records that can be kept, which a file the record of digests knows with that sha256 keeps). Each image's
     stored bytes come from SIZE_SAMPLE files prepared as convert stores them (tasks/data/images.py): kept
     at their size (dataset.image_size null), an image stores about its file's size times what the sample
     stored per source byte (a JPEG kept as it is: exactly its size); resized, every image stores about
@@ -254,7 +255,7 @@ def space_needed(
         image_bytes = int(per_byte * (item.identity[0] if item.identity else 0) if image_size is None else per_image)
         stored += image_bytes
         paths += len(item.source.encode("utf-8", "surrogateescape"))  # the bytes on disk, as os.fsencode
-        if item.source not in reused:
+        if item.recorded is None or item.recorded != keepable.get(item.source):
             spool += image_bytes
     shards = stored + _RECORD_OVERHEAD * len(found) + paths
     index = _INDEX_ROW * len(found) + 2 * paths
@@ -278,20 +279,14 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
     return sum(stored) / max(1, source_bytes), sum(stored) / len(stored)
 
 
-def _reused_whole(found: list[_File], known: list[str | None], earlier, dataset: config.DatasetParams) -> set[str]:
-    """The files whose records the previous shards hold as they are: unchanged (`known`: their digests as the
-    record of digests holds them, for an unchanged size, time and inode), under the same path, classes and image
-    size (tasks/data/reuse.py)."""
+def _stored_digests(found: list[_File], earlier, dataset: config.DatasetParams) -> dict[str, str]:
+    """Path -> sha256 of the records the previous shards hold that this run can keep as they are: all, when they
+    were written with the same classes and image size (tasks/data/reuse.py); else none."""
     if earlier is None or not reuse.stored_alike(earlier[0], dataset.image_size):
-        return set()
+        return {}
     if earlier[0].classes != sorted({item.class_name for item in found}):
-        return set()  # other labels: every record is written again
-    stored = {entry.path: entry.sha256 for entry in earlier[1]}
-    return {
-        item.source
-        for item, digest in zip(found, known, strict=True)
-        if digest is not None and digest == stored.get(item.source)
-    }
+        return {}  # other labels: every record is written again
+    return {entry.path: entry.sha256 for entry in earlier[1]}
 
 
 def _class_names(found: list[_File], raw_dir: pathlib.Path) -> tuple[str, ...]:
@@ -904,7 +899,7 @@ def _duplicates(splits: dict[str, list[_Image]], class_names: tuple[str, ...]) -
     counts = collections.Counter(map(operator.attrgetter("sha256"), itertools.chain.from_iterable(splits.values())))
     twice = {digest for digest, count in counts.items() if count > 1}
     groups = collections.defaultdict(list)  # only of files that are there more than once: not a dict per image
-    for split, split_images in splits.items():
+    for split, split_images in splits.items() if twice else ():
         for image in split_images:
             if image.sha256 in twice:
                 groups[image.sha256].append({"path": image.source, "class": class_names[image.label], "split": split})
