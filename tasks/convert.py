@@ -388,7 +388,8 @@ def _class_listing(
     placed = [placer.place(class_name, source, split) for source in sources]
     if digests_file is None:
         return sources, identities, [None] * len(sources), placed
-    return sources, identities, listing.recorded(digests_file, sources, identities), placed
+    inside = folder.relative_to(raw_dir).as_posix()
+    return sources, identities, listing.recorded_under(digests_file, inside, sources, identities), placed
 
 
 def _class_folders(
