@@ -497,13 +497,20 @@ def _reused(
     now = ((item.source, digest, item.assigned_split, item.place) for item, digest in zip(found, digests, strict=True))
     reads = reuse.plan(earlier, placer.seed, placer.given_splits, tuple(labels), now, trusted)
     whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool, reads)
+    # Records stored at another image size, or with hashes of another definition, are not kept (find_previous).
+    kept = reads.kept if reuse.stored_alike(earlier[0], image_size) else {}
+    unread = {file: shards_dir / file for file in set(kept.values())}  # one path a shard, not one an image
     accepted, elsewhere = [], []
     for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
-        stored = whole.get(item.source)  # this file's own record: same name, bytes and label
+        file = kept.get(item.source)
+        if file is not None:  # its whole record, in a previous shard kept unread: every record of it is kept
+            accepted.append(_image(item, labels[item.class_name], digest, reads.rows[item.source], unread[file]))
+            continue
+        stored = whole.get(item.source)  # this file's own record, read: same name, bytes and label
         if stored is None:
             elsewhere.append(position)
             continue
-        accepted.append(_image(item, labels[item.class_name], digest, stored, as_is=True))
+        accepted.append(_image(item, labels[item.class_name], digest, stored.entry, *_where(stored), as_is=True))
     # The others' bytes may be stored under another name (renamed or copied files): looked up by digest.
     wanted_digests = {digests[position] for position in elsewhere}
     by_digest = {stored.entry.sha256: stored for stored in whole.values() if stored.entry.sha256 in wanted_digests}
@@ -514,26 +521,41 @@ def _reused(
         if stored is None:
             to_decode.append(position)
             continue
-        accepted.append(_image(item, labels[item.class_name], digest, stored, as_is=False))
+        accepted.append(_image(item, labels[item.class_name], digest, stored.entry, *_where(stored), as_is=False))
     return accepted, to_decode
 
 
-def _image(item: _File, label: int, digest: str, stored: reuse.Stored, as_is: bool) -> _Image:
-    """The image of `item` whose encoded bytes the previous shards hold (`stored`): its whole record when `as_is`."""
+def _where(stored: reuse.Stored) -> tuple[pathlib.Path | None, int, int, int]:
+    return stored.origin, stored.offset, stored.length, stored.encoded_size
+
+
+def _image(
+    item: _File,
+    label: int,
+    digest: str,
+    entry: contracts.IndexEntry,
+    origin: pathlib.Path | None,
+    offset: int = -1,
+    length: int = -1,
+    size: int = -1,
+    as_is: bool = True,
+) -> _Image:
+    """The image of `item` whose encoded bytes the previous shards hold (`entry`: its row there): its whole record
+    when `as_is`, at `offset` in `origin` (None: the spool), or anywhere in `origin` (-1: a shard kept unread)."""
     return _Image(
         item.source,
         item.assigned_split,
         item.place,
         label,
-        stored.offset,
-        stored.length,
-        size=stored.encoded_size,
-        origin=stored.origin,
+        offset,
+        length,
+        size=size,
+        origin=origin,
         as_is=as_is,
         sha256=digest,
-        difference_hash=stored.entry.difference_hash,
-        encoding=stored.entry.encoding,
-        entry=stored.entry if as_is else None,
+        difference_hash=entry.difference_hash,
+        encoding=entry.encoding,
+        entry=entry if as_is else None,
     )
 
 

@@ -193,6 +193,22 @@ def test_shards_with_hashes_of_another_definition_are_converted_again(workdir, c
     assert _convert(raw, workdir, image_size=(36, 36)).decoded == 0, "the shards just written are reused"
 
 
+def test_a_new_image_size_converts_every_image_again_even_from_shards_the_record_vouches_for(workdir):
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=20, size=40)
+
+    def run(shards, **changes):
+        digests_file = workdir / f"{shards}-digests.sqlite"
+        return convert.convert(
+            _dataset(**changes), seed=3, raw_dir=raw, shards_dir=workdir / shards, digests_file=digests_file
+        )
+
+    run("shards")
+    assert run("shards", image_size=(36, 36)).decoded == 40, "no record of the images at their own size is kept"
+    assert run("full", image_size=(36, 36)).decoded == 40
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+    assert run("shards", image_size=(36, 36)).decoded == 0, "the shards just written are reused"
+
+
 def test_changing_a_fraction_moves_only_the_images_between_the_boundaries(workdir):
     raw = make_image_folder(workdir / "raw", classes=2, per_class=40)
     _convert(raw, workdir)

@@ -30,7 +30,7 @@ class Stored:
     """An image of the previous shards: its whole record, left where it is, or its encoded image in the spool."""
 
     origin: pathlib.Path | None  # the previous shard that holds the whole record; None: in the spool
-    offset: int  # -1 (and length and encoded_size): in a shard left unread, whose every record is kept (Plan)
+    offset: int
     length: int
     encoded_size: int
     entry: contracts.IndexEntry  # its row in the previous index
@@ -118,7 +118,8 @@ def find_previous(
     """What the shards in `shards_dir` (`earlier`: their manifest and index) hold of `wanted` (path ->
     (sha256, label) of each file now): (by path: the whole records of files unchanged in name, bytes and
     label, left in their shards; by sha256: the encoded images of any other wanted content, copied to
-    `spool`). Only the shards `reads` names are read; a shard that does not match its sha256 is skipped: its
+    `spool`). Only the shards `reads` names are read: the files of the others (`reads.kept`, each with its row
+    in `reads.rows`) are the caller's to take as they are. A shard that does not match its sha256 is skipped: its
     images are decoded again."""
     if earlier is None or not stored_alike(earlier[0], image_size):
         if earlier and earlier[0].difference_hash_version != images.DIFFERENCE_HASH_VERSION:
@@ -133,9 +134,6 @@ def find_previous(
     old_labels = {name: label for label, name in enumerate(manifest.classes)}
     whole: dict[str, Stored] = {}
     encoded_only: dict[str, Stored] = {}
-    unread = {file: shards_dir / file for file in set(reads.kept.values())}  # one path a shard, not one an image
-    for source, file in reads.kept.items():
-        whole[source] = Stored(unread[file], -1, -1, -1, by_path[source])
     # No shard is read when none holds a wanted file's bytes (every file changed, or another folder).
     shards = [] if wanted_digests.isdisjoint(entry.sha256 for entry in entries) else manifest.shards()
     if reads.read is not None:
