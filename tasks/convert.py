@@ -197,9 +197,7 @@ def _convert(
         prepare = functools.partial(
             _prepare_all, found, digests, class_names, dataset.image_size, placer, earlier, shards_dir, spool_path, pool
         )
-        accepted, rejected, decoded = prepare(trusted)
-        if _shard_slots_change(accepted, earlier, dataset.shard_size_mb):
-            accepted, rejected, decoded = prepare(set())  # every shard is written again: all are read
+        accepted, grouped, rejected, decoded = _prepared(prepare, trusted, earlier, dataset.shard_size_mb)
         conversion = {"decoded": decoded, "reused": len(accepted) - (decoded - len(rejected))}
         files_seen = len(found) + len(outside)
         if digests_file:  # now, so that the per-file list can go: the record holds only facts about the files
@@ -211,7 +209,6 @@ def _convert(
         del found, digests, known, prepare
         rejected = sorted(outside + rejected)
         conversion["rejected"] = len(rejected)
-        grouped = _group_splits(accepted)
         entries = [_entry(image, class_names) for split_images in grouped.values() for image in split_images]
         report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(grouped, len(accepted), dataset)
@@ -874,17 +871,26 @@ def _shard_digests(shards_dir: pathlib.Path, manifest: contracts.Manifest) -> di
     return {shards_dir / shard.file: shard.sha256 for shard in manifest.shards()}
 
 
-def _shard_slots_change(accepted: list[_Image], earlier, shard_size_mb: float) -> bool:
+def _prepared(prepare, trusted: set[str], earlier, shard_size_mb: float) -> tuple[list[_Image], dict, list, int]:
+    """`prepare`'s (accepted images, those of each split in order, rejected files, files decoded), with the previous
+    shards `trusted` left unread where nothing in them changes; with every shard read when a split with images
+    left unread gets another number of shards (_shard_slots_change)."""
+    accepted, rejected, decoded = prepare(trusted)
+    grouped = _group_splits(accepted)
+    if _shard_slots_change(grouped, earlier, shard_size_mb):
+        accepted, rejected, decoded = prepare(set())  # every shard is written again: all are read
+        grouped = _group_splits(accepted)
+    return accepted, grouped, rejected, decoded
+
+
+def _shard_slots_change(grouped: dict[str, list[_Image]], earlier, shard_size_mb: float) -> bool:
     """Whether a split that has images left unread in their previous shards (reuse.plan) gets another number of
     shards now that every image's size is known: then every shard of it is written again, from every record."""
-    unread_splits = {image.split for image in accepted if image.size < 0}
-    if not unread_splits:
-        return False
-    previous = {shard.file: shard for shard in earlier[0].shards()}
+    previous = {shard.file: shard for shard in earlier[0].shards()} if earlier else {}
     return any(
-        _shard_count([image for image in accepted if image.split == split], shard_size_mb, previous)
-        != earlier[0].splits[split].shard_slots
-        for split in unread_splits
+        _shard_count(split_images, shard_size_mb, previous) != earlier[0].splits[split].shard_slots
+        for split, split_images in grouped.items()
+        if any(image.size < 0 for image in split_images)
     )
 
 
