@@ -492,14 +492,12 @@ def _reused(
         return [], list(range(len(found)))
     wanted = {item.source: (digest, labels[item.class_name]) for item, digest in zip(found, digests, strict=True)}
     now = ((item.source, digest, item.assigned_split, item.place) for item, digest in zip(found, digests, strict=True))
-    reads = reuse.plan(earlier, placer.seed, placer.given_splits, tuple(labels), now, trusted)
+    reads = reuse.plan(earlier, image_size, placer.seed, placer.given_splits, tuple(labels), now, trusted)
     whole, encoded_only = reuse.find_previous(earlier, shards_dir, image_size, wanted, spool, reads)
-    # Records stored at another image size, or with hashes of another definition, are not kept (find_previous).
-    kept = reads.kept if reuse.stored_alike(earlier[0], image_size) else {}
-    unread = {file: shards_dir / file for file in set(kept.values())}  # one path a shard, not one an image
+    unread = {file: shards_dir / file for file in set(reads.kept.values())}  # one path a shard, not one an image
     accepted, elsewhere = [], []
     for position, (item, digest) in enumerate(zip(found, digests, strict=True)):
-        file = kept.get(item.source)
+        file = reads.kept.get(item.source)
         if file is not None:  # its whole record, in a previous shard kept unread: every record of it is kept
             accepted.append(_image(item, labels[item.class_name], digest, reads.rows[item.source], unread[file]))
             continue
