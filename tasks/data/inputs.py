@@ -1,11 +1,10 @@
 """The tf.data input pipelines: training (shuffled, distorted) and evaluation (centre crops, nothing random).
 
-Shards are read in parallel and decoded in parallel by records.read_split. When the decoded training
-split fits `cache_mb` it is held in memory as one tensor and every epoch takes batches of a new permutation
-of it; otherwise every epoch reads the shards again through a shuffle buffer of their records (still
-compressed). Batches have the global batch size and are distorted a whole batch at a time, then prefetched.
-Distortions run inside the tf.data map as XLA-compiled functions, so they cost no accelerator time and never
-end up in the saved model.
+Shards are read in parallel and decoded in parallel by tasks/data/records.py. When the decoded training split fits
+`cache_mb` it is held in memory as one tensor and every epoch takes batches of a new permutation of it; otherwise
+every epoch reads the shards again through a shuffle buffer of their records (still compressed). Batches have the
+global batch size and are distorted a whole batch at a time, then prefetched. Distortions run inside the tf.data
+map as XLA-compiled functions, so they cost no accelerator time and never end up in the saved model.
 Validation (train) and the test split (evaluate) go through the same `evaluation_data`, so both see
 exactly what a served image is.
 """
@@ -18,7 +17,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from tasks.common import contracts
+from tasks.common import contracts, machine
 from tasks.data import preprocessing, records
 
 # The seeds' distortion strengths: the Keras CIFAR-10 example's 10% shifts, the tutorial's brightness
@@ -53,8 +52,16 @@ def training_data(
         split = records.read_split(shards_dir, "train", image_size)
         batches = _from_memory(split, count, batch_size, seed, drop_remainder, replicas, distort)
     else:
-        split = records.read_split(shards_dir, "train", image_size, shuffle_buffer=shuffle_buffer, seed=seed)
-        batches = _from_shards(split, batch_size, seed, drop_remainder, replicas, distort)
+        split = records.read_batches(
+            shards_dir,
+            "train",
+            image_size,
+            batch_size,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            drop_remainder=drop_remainder,
+        )
+        batches = _from_shards(split, seed, replicas, distort)
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
@@ -99,24 +106,25 @@ def _from_memory(
 
 
 def _from_shards(
-    split: tf.data.Dataset,
-    batch_size: int,
-    seed: int,
-    drop_remainder: bool,
-    replicas: int,
-    distort: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    batches: tf.data.Dataset, seed: int, replicas: int, distort: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 ) -> tf.data.Dataset:
-    """Distorted batches of `split`, read from the shards every epoch (and shuffled there, through a buffer)."""
-    data = split.batch(batch_size, drop_remainder=drop_remainder)
+    """`batches` read from the shards every epoch (and shuffled there, through a buffer), distorted."""
     if replicas > 1:
-        data = data.map(lambda images, labels: split_evenly(images, labels, replicas)).filter(
+        batches = batches.map(lambda images, labels: split_evenly(images, labels, replicas)).filter(
             lambda images, labels: tf.shape(images)[0] > 0
         )
     # A fresh, seeded pair of random seeds for every batch, different in every epoch.
     seeds = tf.data.Dataset.random(seed, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(data, seeds).map(
+    distorted = tf.data.Dataset.zip(batches, seeds).map(
         lambda batch, batch_seed: (distort(batch[0], batch_seed), batch[1]), num_parallel_calls=tf.data.AUTOTUNE
     )
+    # Reading and decoding run beside the training step every epoch; on threads of their own, a core fewer than
+    # the machine's, they leave the step a core. On 2 cores, keras_cnn at 32x32 took 1,373-1,426 images/s this
+    # way and 1,157-1,228 on tf.data's shared threads (the cached split: 1,165-1,377) in the same runs; the
+    # cached split's batches, a gather each, were faster on the shared threads (bench.streaming).
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = max(1, machine.usable_cores() - 1)
+    return distorted.with_options(options)
 
 
 def fits_in_memory(count: int, image_size: tuple[int, int], cache_mb: int) -> bool:
@@ -150,13 +158,9 @@ def evaluation_data(
 ) -> tf.data.Dataset:
     """Batches of (uint8 images, labels[, source paths]) of one split in stored order: decoded at `image_size`,
     centre-cropped to `input_size`."""
-    return (
-        records.read_split(shards_dir, split, image_size, with_source=with_source)
-        .batch(batch_size)
-        .map(
-            lambda images, *rest: (preprocessing.centre_crop(images, input_size), *rest),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+    return records.read_batches(shards_dir, split, image_size, batch_size, with_source=with_source).map(
+        lambda images, *rest: (preprocessing.centre_crop(images, input_size), *rest),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
 
 

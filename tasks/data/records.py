@@ -74,17 +74,49 @@ def read_split(
     seed: int | None = None,
 ) -> tf.data.Dataset:
     """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written; with a
-    `shuffle_buffer`, in a new order every iteration, shuffled as stored records, before they are decoded (the
-    buffer holds compressed images: 20,000 photos of 224x224 about 0.4 GB, not 3 GB of pixels)."""
+    `shuffle_buffer`, in a new order every iteration (see read_batches)."""
+    records_count = contracts.Manifest.read(shards_dir).count(split)
+    # Decoded PARSE_BATCH at a time, then handed out one by one. The manifest's count makes the size known to
+    # Keras, and a shard with missing records fail loudly.
+    return (
+        read_batches(shards_dir, split, image_size, PARSE_BATCH, with_source, shuffle_buffer, seed)
+        .unbatch()
+        .apply(tf.data.experimental.assert_cardinality(records_count))
+    )
+
+
+def read_batches(
+    shards_dir: pathlib.Path,
+    split: str,
+    image_size: tuple[int, int],
+    batch_size: int,
+    with_source: bool = False,
+    shuffle_buffer: int = 0,
+    seed: int | None = None,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Batches of `batch_size` (uint8 images of `image_size` x 3, labels[, source paths]) of one split, in the order
+    they were written; with a `shuffle_buffer`, in a new order every iteration, shuffled as stored records, before
+    they are decoded (the buffer holds compressed images: 20,000 photos of 224x224 about 0.4 GB, not 3 GB of
+    pixels).
+
+    A batch of records is parsed together and its images decoded in one map call: tf.data's cost for every element
+    of every stage (a map per record, its parse on its own, then a batch) is much of a 32x32 image's. CPU an image
+    read, shuffled, decoded and batched (2 cores): 63-67 us when each record went through tf.data alone, 56-58 us
+    decoded 64 at a time and batched again, 49-53 us decoded in the batch it is used in.
+    """
     manifest = contracts.Manifest.read(shards_dir)
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
     height, width = image_size
+    # Stored at the size they are read at (convert's dataset.image_size): none is resized, and no image pays for
+    # the check (a conditional per image in the loop over the batch was a quarter of a 32x32 image's CPU).
+    stored_at_size = manifest.image_size is not None and tuple(manifest.image_size) == (height, width)
 
     def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """A batch of records: parsed together, each image decoded and sized on its own."""
         examples = tf.io.parse_example(serialized, _FEATURES)
         images = tf.map_fn(
-            lambda encoded: _decoded(encoded, (height, width)),
+            lambda encoded: _decoded(encoded, (height, width), resize=not stored_at_size),
             examples[tfrecords.ENCODED],
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.uint8),
         )
@@ -92,25 +124,17 @@ def read_split(
             return images, examples[tfrecords.LABEL], examples[tfrecords.SOURCE]
         return images, examples[tfrecords.LABEL]
 
-    # Records go through parsing and decoding PARSE_BATCH at a time, and come out one by one again: tf.data's cost
-    # for every element of every step (a map per record, its parse on its own) was most of a 32x32 image's:
-    # 106 us of CPU an image read, decoded, shuffled and batched, 63 us this way (2 cores).
-    # The manifest's count makes the size known to Keras, and a shard with missing records fail loudly.
-    records_count = manifest.count(split)
     parallel_reads = min(len(paths), PARALLEL_READS) if len(paths) > 1 else None
     stored = tf.data.TFRecordDataset(paths, num_parallel_reads=parallel_reads)
     if shuffle_buffer:
-        stored = stored.shuffle(min(records_count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
-    return (
-        stored.batch(PARSE_BATCH)
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .unbatch()
-        .apply(tf.data.experimental.assert_cardinality(records_count))
+        stored = stored.shuffle(min(manifest.count(split), shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    return stored.batch(batch_size, drop_remainder=drop_remainder).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
 
 
-def _decoded(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """One stored image as uint8 RGB pixels of `image_size`."""
+def _decoded(encoded: tf.Tensor, image_size: tuple[int, int], resize: bool = True) -> tf.Tensor:
+    """One stored image as uint8 RGB pixels of `image_size`, resampled to it when `resize` and of another size
+    (without `resize`, of that size already: the shards' sha256 vouch for what the manifest says)."""
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    # Resampled once (then cached) when the stored size is not the fed size.
-    return tf.ensure_shape(preprocessing.resize(image, image_size), (*image_size, 3))
+    return tf.ensure_shape(preprocessing.resize(image, image_size), (*image_size, 3)) if resize else image
