@@ -76,8 +76,7 @@ def read_split(
     """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written; with a
     `shuffle_buffer`, in a new order every iteration (see read_batches)."""
     records_count = contracts.Manifest.read(shards_dir).count(split)
-    # Decoded PARSE_BATCH at a time, then handed out one by one. The manifest's count makes the size known to
-    # Keras, and a shard with missing records fail loudly.
+    # Decoded PARSE_BATCH at a time, then handed out one by one (which leaves the count unknown to tf.data).
     return (
         read_batches(shards_dir, split, image_size, PARSE_BATCH, with_source, shuffle_buffer, seed)
         .unbatch()
@@ -125,11 +124,18 @@ def read_batches(
         return images, examples[tfrecords.LABEL]
 
     parallel_reads = min(len(paths), PARALLEL_READS) if len(paths) > 1 else None
+    records_count = manifest.count(split)
     stored = tf.data.TFRecordDataset(paths, num_parallel_reads=parallel_reads)
     if shuffle_buffer:
-        stored = stored.shuffle(min(manifest.count(split), shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
-    return stored.batch(batch_size, drop_remainder=drop_remainder).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        stored = stored.shuffle(min(records_count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    # The manifest's count makes the number of batches known to Keras (else it warns that the data "ran out" at
+    # the end of every evaluation), and shards with records missing fail loudly (those of a whole batch, at least:
+    # the shards' sha256 were checked already). Asserted on batches, not records: one step less for every image.
+    whole, rest = divmod(records_count, batch_size)
+    return (
+        stored.batch(batch_size, drop_remainder=drop_remainder)
+        .apply(tf.data.experimental.assert_cardinality(whole + (1 if rest and not drop_remainder else 0)))
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     )
 
 
