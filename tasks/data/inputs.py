@@ -119,9 +119,10 @@ def _from_shards(
         lambda batch, batch_seed: (distort(batch[0], batch_seed), batch[1]), num_parallel_calls=tf.data.AUTOTUNE
     )
     # Reading and decoding run beside the training step every epoch; on threads of their own, a core fewer than
-    # the machine's, they leave the step a core. On 2 cores, keras_cnn at 32x32 took 1,373-1,426 images/s this
-    # way and 1,157-1,228 on tf.data's shared threads (the cached split: 1,165-1,377) in the same runs; the
-    # cached split's batches, a gather each, were faster on the shared threads (bench.streaming).
+    # the machine's, they leave the step a core. On 2 cores, keras_cnn at 32x32 in turns in one script took
+    # 1,222-1,426 images/s this way and 1,157-1,228 on tf.data's shared threads (the cached split: 1,165-1,377);
+    # bench.streaming's runs, noisier, did not tell the two apart. The cached split's batches, a gather each, were
+    # slower on threads of their own (docs/benchmarks-history.md).
     options = tf.data.Options()
     options.threading.private_threadpool_size = max(1, machine.usable_cores() - 1)
     return distorted.with_options(options)

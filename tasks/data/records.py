@@ -108,7 +108,7 @@ def read_batches(
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
     height, width = image_size
     # Stored at the size they are read at (convert's dataset.image_size): none is resized, and no image pays for
-    # the check (a conditional per image in the loop over the batch was a quarter of a 32x32 image's CPU).
+    # the check (a conditional per image in the loop over the batch was up to a sixth of a 32x32 image's CPU).
     stored_at_size = manifest.image_size is not None and tuple(manifest.image_size) == (height, width)
 
     def decode(serialized: tf.Tensor) -> tuple[tf.Tensor, ...]:
