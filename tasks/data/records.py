@@ -75,12 +75,12 @@ def read_split(
 ) -> tf.data.Dataset:
     """(uint8 image of `image_size` x 3, label[, source path]) of one split, in the order they were written; with a
     `shuffle_buffer`, in a new order every iteration (see read_batches)."""
-    records_count = contracts.Manifest.read(shards_dir).count(split)
+    manifest = contracts.Manifest.read(shards_dir)
     # Decoded PARSE_BATCH at a time, then handed out one by one (which leaves the count unknown to tf.data).
     return (
-        read_batches(shards_dir, split, image_size, PARSE_BATCH, with_source, shuffle_buffer, seed)
+        _batches(shards_dir, manifest, split, image_size, PARSE_BATCH, with_source, shuffle_buffer, seed)
         .unbatch()
-        .apply(tf.data.experimental.assert_cardinality(records_count))
+        .apply(tf.data.experimental.assert_cardinality(manifest.count(split)))
     )
 
 
@@ -105,6 +105,23 @@ def read_batches(
     decoded 64 at a time and batched again, 49-53 us decoded in the batch it is used in.
     """
     manifest = contracts.Manifest.read(shards_dir)
+    return _batches(
+        shards_dir, manifest, split, image_size, batch_size, with_source, shuffle_buffer, seed, drop_remainder
+    )
+
+
+def _batches(
+    shards_dir: pathlib.Path,
+    manifest: contracts.Manifest,
+    split: str,
+    image_size: tuple[int, int],
+    batch_size: int,
+    with_source: bool,
+    shuffle_buffer: int,
+    seed: int | None,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """read_batches with the shards folder's manifest already read (read_split reads it once for both)."""
     paths = [str(path) for path in verify_shards(shards_dir, manifest, split)]
     height, width = image_size
     # Stored at the size they are read at (convert's dataset.image_size): none is resized, and no image pays for
