@@ -74,7 +74,7 @@ class _File:
     source: str  # relative to the raw folder, with "/" separators, as named on disk
     split: str | None  # the split folder it sits in, if the source brings splits
     class_name: str  # its class folder's name, Unicode NFC
-    identity: tuple[int, int, int] | None = None  # size, modification time (ns) and inode: unchanged, same bytes
+    identity: bytes | None = None  # size, modification time (ns) and inode (listing.packed): unchanged, same bytes
     recorded: str | None = None  # its sha256 as the record of digests holds it for that identity; None: not there
     assigned_split: str = ""  # the split this run puts it in (_Placer)
     place: float = 0.0  # splits.position: its order in that split's shards, and which shard
@@ -202,7 +202,11 @@ def _convert(
         files_seen = len(found) + len(outside)
         if digests_file:  # now, so that the per-file list can go: the record holds only facts about the files
             listing.write_digests(
-                digests_file, (item.source for item in found), (item.identity for item in found), digests, known
+                digests_file,
+                (item.source for item in found),
+                (listing.unpacked(item.identity) for item in found),
+                digests,
+                known,
             )
         # Each file's record and identity (about 0.2 KB a file) are not needed past here; images keep their names
         # (`prepare` holds the lists too).
@@ -249,7 +253,7 @@ def space_needed(
     per_byte, per_image = _stored_sizes(found, image_size)
     stored = paths = spool = 0
     for item in found:  # one pass, no dict of every file
-        image_bytes = int(per_byte * (item.identity[0] if item.identity else 0) if image_size is None else per_image)
+        image_bytes = int(per_byte * _file_size(item) if image_size is None else per_image)
         stored += image_bytes
         paths += len(item.source.encode("utf-8", "surrogateescape"))  # the bytes on disk, as os.fsencode
         if item.recorded is None or item.recorded != keepable.get(item.source):
@@ -269,11 +273,16 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
     for item in sample:
         prepared = images.prepare(item.path, image_size)
         if isinstance(prepared, images.Prepared) and item.identity:
-            source_bytes += item.identity[0]
+            source_bytes += _file_size(item)
             stored.append(len(prepared.encoded))
     if not stored:
         return 1.0, 0.0
     return sum(stored) / max(1, source_bytes), sum(stored) / len(stored)
+
+
+def _file_size(item: _File) -> int:
+    identity = listing.unpacked(item.identity)
+    return identity[0] if identity else 0
 
 
 def _stored_digests(found: list[_File], earlier, dataset: config.DatasetParams) -> dict[str, str]:
@@ -375,18 +384,18 @@ def _class_listing(
     raw_dir: pathlib.Path,
     digests_file: pathlib.Path | None,
     placer: _Placer,
-) -> tuple[list[str], list[listing.Identity | None], list[str | None], list[tuple[str, float]]]:
-    """(Sources, identities, recorded digests, (split, place) of each) of every file under a class folder (the
-    folder, the split folder it sits in and the class name), in the order of their names (NFC)."""
+) -> tuple[list[str], list[bytes | None], list[str | None], list[tuple[str, float]]]:
+    """(Sources, identities (listing.packed), recorded digests, (split, place) of each) of every file under a class
+    folder (the folder, the split folder it sits in and the class name), in the order of their names (NFC)."""
     folder, split, class_name = class_folder
     # NFC in the sort key: the same names give the same order whichever form the file system returns.
     walked = sorted(listing.walk(folder, raw_dir), key=lambda row: unicodedata.normalize("NFC", row[0]))
     sources, identities = [source for source, _, _ in walked], [identity for _, _, identity in walked]
     placed = [placer.place(class_name, source, split) for source in sources]
-    if digests_file is None:
-        return sources, identities, [None] * len(sources), placed
-    inside = folder.relative_to(raw_dir).as_posix()
-    return sources, identities, listing.recorded_under(digests_file, inside, sources, identities), placed
+    recorded = [None] * len(sources)
+    if digests_file is not None:
+        recorded = listing.recorded_under(digests_file, folder.relative_to(raw_dir).as_posix(), sources, identities)
+    return sources, list(map(listing.packed, identities)), recorded, placed
 
 
 def _class_folders(

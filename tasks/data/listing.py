@@ -25,6 +25,7 @@ import os
 import pathlib
 import sqlite3
 import stat
+import struct
 from collections.abc import Callable, Iterable, Iterator
 
 from tasks.common import files
@@ -33,6 +34,9 @@ SUFFIX = ".files.csv"
 HEADER = ("path", "size", "sha256")
 
 Identity = tuple[int, int, int]  # size, modification time (ns), inode
+# An identity as 24 bytes, for a caller that holds one per file: a bytes object of 64 bytes in memory, where the
+# tuple and its three integers take about 170 (17 MB at 100,000 files).
+_PACKED_IDENTITY = struct.Struct("<QqQ")
 
 
 def path_for(raw_dir: pathlib.Path) -> pathlib.Path:
@@ -140,6 +144,14 @@ def _walk(directory: str, prefix: str) -> Iterator[tuple[str, str, Identity | No
 
 def _identity(status: os.stat_result) -> Identity:
     return status.st_size, status.st_mtime_ns, status.st_ino
+
+
+def packed(identity: Identity | None) -> bytes | None:
+    return None if identity is None else _PACKED_IDENTITY.pack(*identity)
+
+
+def unpacked(identity: bytes | None) -> Identity | None:
+    return None if identity is None else _PACKED_IDENTITY.unpack(identity)
 
 
 def read(listing_path: pathlib.Path) -> dict[str, str] | None:
