@@ -204,7 +204,7 @@ def _convert(
             listing.write_digests(
                 digests_file,
                 (item.source for item in found),
-                (listing.unpacked(item.identity) for item in found),
+                (item.identity for item in found),
                 digests,
                 known,
             )
@@ -251,17 +251,18 @@ def space_needed(
     17.6 MB estimated 17.3 MB at 224x224, 2.2 MB estimated 2.0 MB at 64x64.
     """
     per_byte, per_image = _stored_sizes(found, image_size)
-    stored = paths = spool = 0
-    for item in found:  # one pass, no dict of every file
-        image_bytes = int(per_byte * _file_size(item) if image_size is None else per_image)
-        stored += image_bytes
-        paths += len(item.source.encode("utf-8", "surrogateescape"))  # the bytes on disk, as os.fsencode
-        if item.recorded is None or item.recorded != keepable.get(item.source):
-            spool += image_bytes
-    shards = stored + _RECORD_OVERHEAD * len(found) + paths
+    # Whole lists, not a pass with a lookup and a sum per file: a nightly run of 50,000 files spent 60 ms here.
+    spooled = [item for item in found if item.recorded is None or item.recorded != keepable.get(item.source)]
+    if image_size is None:
+        stored, spool = (per_byte * sum(map(_file_size, items)) for items in (found, spooled))
+    else:
+        stored, spool = per_image * len(found), per_image * len(spooled)
+    # The names' bytes on disk, as os.fsencode makes them.
+    paths = len("".join(item.source for item in found).encode("utf-8", "surrogateescape"))
+    shards = int(stored) + _RECORD_OVERHEAD * len(found) + paths
     index = _INDEX_ROW * len(found) + 2 * paths
     return disk.Need(
-        shards_dir, shards + max(spool, index), "the shards (and the spool they are written from)", "paths.shards"
+        shards_dir, shards + max(int(spool), index), "the shards (and the spool they are written from)", "paths.shards"
     )
 
 
@@ -281,8 +282,7 @@ def _stored_sizes(found: list[_File], image_size: tuple[int, int] | None) -> tup
 
 
 def _file_size(item: _File) -> int:
-    identity = listing.unpacked(item.identity)
-    return identity[0] if identity else 0
+    return listing.size_of(item.identity) if item.identity else 0
 
 
 def _stored_digests(found: list[_File], earlier, dataset: config.DatasetParams) -> dict[str, str]:

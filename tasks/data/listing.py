@@ -154,6 +154,11 @@ def unpacked(identity: bytes | None) -> Identity | None:
     return None if identity is None else _PACKED_IDENTITY.unpack(identity)
 
 
+def size_of(identity: bytes) -> int:
+    """The file's size, from its packed identity."""
+    return int.from_bytes(identity[:8], "little")
+
+
 def read(listing_path: pathlib.Path) -> dict[str, str] | None:
     """source -> sha256 ("" for a file that could not be read) as write listed them; None without a listing."""
     try:
@@ -257,12 +262,13 @@ def _encoded(source: str) -> bytes:
 def write_digests(
     path: pathlib.Path,
     sources: Iterable[str],
-    identities: Iterable[Identity | None],
+    identities: Iterable[bytes | None],
     digests: Iterable[str | None],
     known: list[str | None] | None = None,
 ) -> None:
     """The record of exactly these files' source and (size, time, inode) with their sha256, for the next run.
-    The rows go to SQLite one by one: a list of them cost 25 MB at 100,000 files.
+    `identities` are packed (as convert holds them): only those of the rows written are unpacked. The rows go
+    to SQLite one by one: a list of them cost 25 MB at 100,000 files.
 
     `known`: each file's digest as the record at `path` held it (recorded; None where it did not). When those
     account for every row of the record, no row is stale: only the other files' rows are added to it, in place
@@ -270,14 +276,14 @@ def write_digests(
     if known is not None and _add_digests(path, sources, identities, digests, known):
         return
     with files.staged_file(path) as staged, contextlib.closing(_connect(staged)) as connection:
-        _insert(connection, sources, identities, digests)
+        _insert(connection, sources, map(unpacked, identities), digests)
         connection.commit()
 
 
 def _add_digests(
     path: pathlib.Path,
     sources: Iterable[str],
-    identities: Iterable[Identity | None],
+    identities: Iterable[bytes | None],
     digests: Iterable[str | None],
     known: list[str | None],
 ) -> bool:
@@ -300,7 +306,8 @@ def _add_digests(
         ]
         with contextlib.suppress(sqlite3.DatabaseError):
             if new:
-                _insert(connection, *zip(*new, strict=True))
+                sources, identities, digests = zip(*new, strict=True)
+                _insert(connection, sources, map(unpacked, identities), digests)
             connection.commit()
     return True
 
