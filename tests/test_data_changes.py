@@ -140,6 +140,21 @@ def test_a_nightly_run_reads_only_the_shards_that_change(workdir, monkeypatch):
     assert read == [], "nothing changed: no shard is read"
 
 
+def test_a_nightly_run_writes_the_same_shards_where_the_kernel_cannot_copy_records(workdir, monkeypatch):
+    """A changed shard's kept records are copied by os.copy_file_range where there is one (the test above), else
+    read and written by the stage: the same bytes either way."""
+    raw = make_image_folder(workdir / "raw", classes=2, per_class=40)
+    digests_file = workdir / "digests.sqlite"
+    convert.convert(_dataset(shard_size_mb=0.001), 3, raw, workdir / "shards", digests_file=digests_file)
+    _add_images(raw, "class_0", ["new.png", "newer.png"], seed=5)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+
+    result = convert.convert(_dataset(shard_size_mb=0.001), 3, raw, workdir / "shards", digests_file=digests_file)
+    assert result.decoded == 2
+    _convert(raw, workdir, shards="full", shard_size_mb=0.001)
+    assert _tree(workdir / "shards") == _tree(workdir / "full")
+
+
 def test_a_split_that_gets_more_shards_reads_every_shard_again(workdir, monkeypatch):
     raw = make_image_folder(workdir / "raw", classes=2, per_class=14)
     digests_file = workdir / "digests.sqlite"

@@ -32,6 +32,9 @@ from tasks.common import errors
 ENCODED = "image/encoded"
 LABEL = "image/class/label"
 SOURCE = "image/source"
+# A record's framing: its length and that length's CRC before it, the record's CRC after it.
+FRAME_HEAD = 12
+FRAME_TAIL = 4
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -76,13 +79,13 @@ def iterate_records(data: bytes, path: pathlib.Path) -> Iterator[tuple[int, byte
     position = 0
     while position < len(data):
         (length,) = struct.unpack_from("<Q", data, position)
-        start, end = position + 12, position + 12 + length
-        if end + 4 > len(data):
+        start, end = position + FRAME_HEAD, position + FRAME_HEAD + length
+        if end + FRAME_TAIL > len(data):
             raise errors.BadInput(f"shard {path} ends inside a record: it is cut off; run the convert stage again")
         serialized = data[start:end]
         encoded, _, source = parse(serialized)
         yield start, serialized, source, encoded
-        position = end + 4
+        position = end + FRAME_TAIL
 
 
 def _masked_crc(data: bytes) -> int:
