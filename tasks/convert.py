@@ -849,7 +849,10 @@ def _write_split(
 
 
 def _layout(
-    grouped: dict[str, list[_Image]], kept: _Kept, shard_size_mb: float, earlier
+    grouped: dict[str, list[_Image]],
+    kept: _Kept,
+    shard_size_mb: float,
+    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
 ) -> dict[str, list[_Shard]] | None:
     """Each split's shards: each image in the shard its place gives (splits.shard_of), in place order, and the
     previous shards `kept` whole in their places. None when a kept shard has no place as it is: its split gets

@@ -306,8 +306,8 @@ def _add_digests(
         ]
         with contextlib.suppress(sqlite3.DatabaseError):
             if new:
-                sources, identities, digests = zip(*new, strict=True)
-                _insert(connection, sources, map(unpacked, identities), digests)
+                new_sources, new_identities, new_digests = zip(*new, strict=True)
+                _insert(connection, new_sources, map(unpacked, new_identities), new_digests)
             connection.commit()
     return True
 
