@@ -1020,12 +1020,11 @@ def _opened(origin: pathlib.Path, origins: dict, stack: contextlib.ExitStack):
 
 
 def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) -> bytes:
-    """The image's serialized record: copied whole from the previous shard when it is this file's, else built."""
+    """The image's serialized record, built from its encoded image: in the spool, or in another file's record in a
+    previous shard. (Records kept as they are never come here: _write_records copies them.)"""
     source = spool if image.origin is None else _opened(image.origin, origins, stack)
     source.seek(image.offset)
     data = source.read(image.length)
-    if image.as_is:
-        return data
     if image.origin is not None:  # another file's record holds the same bytes
         data = tfrecords.parse(data)[0]
     return tfrecords.serialize(data, image.label, image.source)
