@@ -1022,23 +1022,16 @@ def _imbalance(counts: dict[str, int]) -> dict:
 
 def _duplicates(entries: list[contracts.IndexEntry]) -> dict:
     """Identical source files under two classes (label conflicts) or in two splits (leakage)."""
-    counts = collections.Counter(map(operator.attrgetter("sha256"), entries))
-    twice = {digest for digest, count in counts.items() if count > 1}
-    groups = collections.defaultdict(list)  # only of files that are there more than once: not a dict per image
-    for entry in entries if twice else ():
-        if entry.sha256 in twice:
-            groups[entry.sha256].append({"path": entry.path, "class": entry.class_name, "split": entry.split})
-    conflicts, leakage, repeated = [], [], 0
-    for digest, members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
+    conflicts, leakage = [], []
+    groups = changes.identical_groups(entries)
+    for group in groups:
+        members = [{"path": entry.path, "class": entry.class_name, "split": entry.split} for entry in group]
         members.sort(key=lambda member: member["path"])
         if len({member["class"] for member in members}) > 1:
-            conflicts.append({"sha256": digest, "files": members})
+            conflicts.append({"sha256": group[0].sha256, "files": members})
         if len({member["split"] for member in members}) > 1:
-            leakage.append({"sha256": digest, "files": members})
-        repeated += 1
-    return {"identical_groups": repeated, "label_conflicts": conflicts, "leakage": leakage}
+            leakage.append({"sha256": group[0].sha256, "files": members})
+    return {"identical_groups": len(groups), "label_conflicts": conflicts, "leakage": leakage}
 
 
 def _write_rejected(path: pathlib.Path, rejected: list[tuple[str, str]]) -> None:

@@ -130,7 +130,7 @@ def compare(
         # Without an accepted image: its folder gone, emptied, or every file in it unreadable now.
         "vanished_classes": sorted(old_classes - now_classes),
         "moved_between_splits": {"count": len(moved), "into_test": len(into_test), "files": sorted(moved)},
-        "identical": _groups(_identical_groups(entries)),
+        "identical": _groups(identical_groups(entries)),
         "near_duplicates": _near_duplicates(entries),
         "imbalance": _imbalance(entries, class_names),
     }
@@ -193,7 +193,9 @@ def _problems(values: dict[str, Any], max_class_drop: float) -> list[str]:
     return problems
 
 
-def _identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
+def identical_groups(entries: list[contracts.IndexEntry]) -> list[list[contracts.IndexEntry]]:
+    """The rows whose source files have the same bytes, a list of two or more a sha256, in the digests' order
+    (convert's manifest lists them too)."""
     counts = collections.Counter(map(operator.attrgetter("sha256"), entries))
     repeated = {digest for digest, count in counts.items() if count > 1}
     if not repeated:
