@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import functools
 import gc
+import hashlib
 import io
 import itertools
 import math
@@ -34,6 +35,7 @@ import multiprocessing
 import operator
 import os
 import pathlib
+import shutil
 import sys
 import unicodedata
 from collections.abc import Iterator
@@ -125,6 +127,24 @@ class _Shard:
     kept: pathlib.Path | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spool:
+    """Where the accepted images wait, in the staging folder, until the shards are written.
+
+    The images decoded now are written as they come back from the workers, as whole records, into files laid out
+    as the shards are expected to be (`shard_counts`, from the sample's sizes: _expected_shard_counts): sent to the
+    workers in that order, each expected shard's images come back one after another, in place order, and go into
+    the file of its name in `folder`. Where the shards' real layout (known once every image's size is) is the one
+    expected, such a file is its shard, moved into place: no second write of every image at the end, when the
+    workers would wait. Else its records are copied from there. Encoded images taken from other files' records in
+    the previous shards wait in `file`."""
+
+    file: pathlib.Path
+    folder: pathlib.Path
+    shard_counts: dict[str, int]  # each split's expected number of shards
+    digests: dict[pathlib.Path, str]  # the sha256 of each file of `folder`, once written: a moved file's is known
+
+
 def arguments(params: config.Params) -> dict[str, Any]:
     """The stage's arguments, chosen from the settings: `python -m`, the flow, benchmarks and tests all call it."""
     return dict(
@@ -211,15 +231,17 @@ def _convert(
     placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
     found, outside, earlier = _files_and_previous(raw_dir, placer, digests_file, pool, shards_dir)
     class_names = _class_names(found, raw_dir)
-    known = [item.recorded for item in found]
-    disk.require(space_needed(found, dataset.image_size, shards_dir, _stored_digests(found, earlier, dataset)))
+    known, stored_sizes = [item.recorded for item in found], _stored_sizes(found, dataset.image_size)
+    disk.require(space_needed(found, stored_sizes, dataset, shards_dir, _stored_digests(found, earlier, dataset)))
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
-        spool_path = staging / ".encoded.spool"  # encoded images wait here, not in memory, until split
+        spool = _Spool(
+            staging / ".encoded.spool", staging / ".decoded", _expected_shard_counts(found, stored_sizes, dataset), {}
+        )
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
         trusted = _trusted_shards(earlier, shards_dir, digests_file)
         prepare = functools.partial(
-            _prepare_all, found, digests, class_names, dataset.image_size, placer, earlier, shards_dir, spool_path, pool
+            _prepare_all, found, digests, class_names, dataset.image_size, placer, earlier, shards_dir, spool, pool
         )
         grouped, kept, layout, rejected, decoded = _prepared(prepare, trusted, earlier, dataset.shard_size_mb)
         accepted = sum(map(len, grouped.values())) + sum(map(len, kept.rows.values()))
@@ -238,7 +260,7 @@ def _convert(
         entries = [entry for rows in split_entries.values() for entry in rows]  # the index: by split, in place order
         report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(split_entries, accepted, dataset)
-        written = _write_shards(staging, spool_path, layout, split_entries, class_names, earlier, shards_dir)
+        written = _write_shards(staging, spool, layout, split_entries, class_names, earlier, shards_dir)
         manifest = _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, entries, written)
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
@@ -256,25 +278,30 @@ def _convert(
 
 
 def space_needed(
-    found: list[_File], image_size: tuple[int, int] | None, shards_dir: pathlib.Path, keepable: dict[str, str]
+    found: list[_File],
+    stored_sizes: tuple[float, float],
+    dataset: config.DatasetParams,
+    shards_dir: pathlib.Path,
+    keepable: dict[str, str],
 ) -> disk.Need:
     """What convert writes beside the shards folder at most, estimated before anything is decoded.
 
     The new shards are written beside the previous ones, which stay until the end, and the images decoded
-    now wait in a spool file there until the shards are written; then the spool goes and the index comes.
-    The spool holds all but the files whose records the previous shards hold (`keepable`: path -> sha256 of the
-    records that can be kept, which a file the record of digests knows with that sha256 keeps). Each image's
-    stored bytes come from SIZE_SAMPLE files prepared as convert stores them (tasks/data/images.py): kept
+    now wait in the spool there until the shards are written (_Spool: when the layout is the one expected,
+    the spool's files are the shards); then the spool goes and the index comes. The spool holds all but the
+    files whose records the previous shards hold (`keepable`: path -> sha256 of the records that can be kept,
+    which a file the record of digests knows with that sha256 keeps). Each image's stored bytes come from
+    `stored_sizes` (_stored_sizes: SIZE_SAMPLE files prepared as convert stores them, tasks/data/images.py): kept
     at their size (dataset.image_size null), an image stores about its file's size times what the sample
     stored per source byte (a JPEG kept as it is: exactly its size); resized, every image stores about
     the sample's mean, whatever its file's size. Measured against the real peak (shards and spool): digits
     0.8 MB estimated 1.0 MB; 300 photo crops of 14 MB, JPEG and PNG: 28.2 MB estimated 28.3 MB kept,
     17.6 MB estimated 17.3 MB at 224x224, 2.2 MB estimated 2.0 MB at 64x64.
     """
-    per_byte, per_image = _stored_sizes(found, image_size)
+    per_byte, per_image = stored_sizes
     # Whole lists, not a pass with a lookup and a sum per file: a nightly run of 50,000 files spent 60 ms here.
     spooled = [item for item in found if item.recorded is None or item.recorded != keepable.get(item.source)]
-    if image_size is None:
+    if dataset.image_size is None:
         stored, spool = (per_byte * sum(map(_file_size, items)) for items in (found, spooled))
     else:
         stored, spool = per_image * len(found), per_image * len(spooled)
@@ -490,7 +517,7 @@ def _prepare_all(
     placer: _Placer,
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
-    spool_path: pathlib.Path,
+    spool: _Spool,
     pool: concurrent.futures.Executor | None,
     trusted: set[str],
 ) -> tuple[list[_Image], list[tuple[str, str]], int, _Kept]:
@@ -500,11 +527,14 @@ def _prepare_all(
     their images are not among the accepted ones. The digests of files read only to be decoded (None in
     `digests`) are filled in, in place."""
     labels = {name: label for label, name in enumerate(class_names)}
+    shutil.rmtree(spool.folder, ignore_errors=True)  # a second call (_prepared) starts again
+    spool.folder.mkdir()
+    spool.digests.clear()
     # A failed write to the spool names no file: the error names the shards folder (closing it writes too).
-    with disk.writing({"paths.shards": shards_dir}), spool_path.open("wb") as spool:
-        reused = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool, trusted)
+    with disk.writing({"paths.shards": shards_dir}), spool.file.open("wb") as spool_file:
+        reused = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool_file, trusted)
         accepted, to_decode, kept = reused
-        decoded, rejected = _decode_to_spool(found, to_decode, digests, image_size, labels, spool, pool)
+        decoded, rejected = _decode_to_files(found, to_decode, digests, image_size, labels, spool, pool)
     return accepted + decoded, rejected, len(to_decode), kept
 
 
@@ -593,44 +623,93 @@ def _image(
     )
 
 
-def _decode_to_spool(
+def _decode_to_files(
     found: list[_File],
     to_decode: list[int],
     digests: list[str | None],
     image_size: tuple[int, int] | None,
     labels: dict[str, int],
-    spool,
+    spool: _Spool,
     pool: concurrent.futures.Executor | None,
 ) -> tuple[list[_Image], list[tuple[str, str]]]:
-    """The files at positions `to_decode` of `found` decoded on all cores, their encoded images appended to
-    `spool`: (accepted images, rejected files with the reason). Each file's sha256 goes to `digests` (None:
-    unreadable)."""
+    """The files at positions `to_decode` of `found` decoded on all cores, in the order of the shards expected
+    (_Spool), their records written to the spool's files as they come: (accepted images, rejected files with the
+    reason). Each file's sha256 goes to `digests` (None: unreadable)."""
+    expected = functools.partial(_expected_shard, found=found, shard_counts=spool.shard_counts)
+    order = sorted(to_decode, key=lambda position: (expected(position), found[position].place, found[position].source))
     accepted, rejected = [], []
-    jobs = ((found[position].path, digests[position]) for position in to_decode)  # made as the workers need them
-    for position, result in zip(to_decode, _decode_all(jobs, len(to_decode), image_size, pool), strict=True):
-        item = found[position]
-        # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
-        sha256 = digests[position] = digests[position] or result.source_sha256
-        if isinstance(result, images.Rejected):
-            rejected.append((item.source, result.reason))
-            continue
-        offset, length = spool.tell(), len(result.encoded)
-        spool.write(result.encoded)
-        accepted.append(
-            _Image(
-                item.source,
-                item.assigned_split,
-                item.place,
-                labels[item.class_name],
-                offset,
-                length,
-                size=length,
-                sha256=sha256,
-                difference_hash=result.difference_hash,
-                encoding=sys.intern(result.encoding),  # one string per encoding, not one unpickled per image
+    jobs = ((found[position].path, digests[position]) for position in order)  # made as the workers need them
+    with _RecordFiles(spool) as record_files:
+        for position, result in zip(order, _decode_all(jobs, len(order), image_size, pool), strict=True):
+            item = found[position]
+            # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
+            sha256 = digests[position] = digests[position] or result.source_sha256
+            if isinstance(result, images.Rejected):
+                rejected.append((item.source, result.reason))
+                continue
+            label = labels[item.class_name]
+            record = tfrecords.serialize(result.encoded, label, item.source)
+            origin, offset = record_files.append(expected(position), record)
+            accepted.append(
+                _Image(
+                    item.source,
+                    item.assigned_split,
+                    item.place,
+                    label,
+                    offset,
+                    len(record),
+                    size=len(result.encoded),
+                    origin=origin,
+                    as_is=True,
+                    sha256=sha256,
+                    difference_hash=result.difference_hash,
+                    encoding=sys.intern(result.encoding),  # one string per encoding, not one unpickled per image
+                )
             )
-        )
     return accepted, rejected
+
+
+def _expected_shard(position: int, found: list[_File], shard_counts: dict[str, int]) -> tuple[str, int, int]:
+    """(Split, shard, number of shards) of the shard the file at `position` of `found` is expected in."""
+    item = found[position]
+    count = shard_counts[item.assigned_split]
+    return item.assigned_split, splits.shard_of(item.place, count), count
+
+
+class _RecordFiles:
+    """Appends records, framed, to the spool's files of the expected shards, one file open at a time (the records
+    come shard after shard), each hashed as it is written: where it becomes its shard, it is not read again."""
+
+    def __init__(self, spool: _Spool):
+        self._spool = spool
+        self._shard: tuple[str, int, int] | None = None
+        self._path: pathlib.Path | None = None
+        self._stream: Any = None
+        self._hash: Any = None
+
+    def __enter__(self) -> _RecordFiles:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self._close()
+
+    def append(self, shard: tuple[str, int, int], record: bytes) -> tuple[pathlib.Path, int]:
+        """(The file, the offset in it) of `record`, appended to the file of `shard`."""
+        if shard != self._shard:
+            self._close()
+            self._shard, self._path = shard, self._spool.folder / f"{tfrecords.shard_name(*shard)}.decoded"
+            self._stream, self._hash = self._path.open("wb"), hashlib.sha256()
+        framed = tfrecords.frame(record)
+        offset = self._stream.tell() + tfrecords.FRAME_HEAD
+        self._stream.write(framed)
+        self._hash.update(framed)
+        return self._path, offset
+
+    def _close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._spool.digests[self._path] = self._hash.hexdigest()
+            self._stream = None
 
 
 def _digests(
@@ -796,7 +875,7 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, en
 
 def _write_shards(
     staging: pathlib.Path,
-    spool_path: pathlib.Path,
+    spool: _Spool,
     layout: dict[str, list[_Shard]],
     split_entries: dict[str, list[contracts.IndexEntry]],
     class_names: tuple[str, ...],
@@ -805,26 +884,33 @@ def _write_shards(
 ) -> dict[str, contracts.Split]:
     """Every split's shards, from the spool and the previous shards; then the spool goes."""
     previous = {shard.file: shard for shard in earlier[0].shards()} if earlier else {}
-    with spool_path.open("rb") as spool, disk.writing({"paths.shards": shards_dir}):
+    with spool.file.open("rb") as spool_file, disk.writing({"paths.shards": shards_dir}):
         written = {
             split: contracts.Split(
                 count=len(split_entries[split]),
                 per_class=_per_class(split_entries[split], class_names),
-                shards=_write_split(staging, spool, shards, previous),
+                shards=_write_split(staging, spool_file, spool.digests, shards, previous),
                 shard_slots=len(shards),
             )
             for split, shards in layout.items()
         }
-    spool_path.unlink()
+    spool.file.unlink()
+    shutil.rmtree(spool.folder)
     return written
 
 
 def _write_split(
-    folder: pathlib.Path, spool, shards: list[_Shard], previous: dict[str, contracts.Shard]
+    folder: pathlib.Path,
+    spool,
+    decoded: dict[pathlib.Path, str],
+    shards: list[_Shard],
+    previous: dict[str, contracts.Shard],
 ) -> list[contracts.Shard]:
     """The split's shards in `folder`, as _layout laid them out. A shard whose images the previous shard of its
     name (`previous`: the last manifest's, by file) holds, and only those, as they are, is that file again (a hard
-    link): a nightly run that added a few images writes a few shards, and DVC caches only those."""
+    link): a nightly run that added a few images writes a few shards, and DVC caches only those. A shard whose
+    images are those of one of the spool's files of decoded images (`decoded`: file -> sha256), all in order, is
+    that file, moved."""
     origins: dict[pathlib.Path, Any] = {}
     # Each shard is hashed on a thread while the next one is written.
     with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as hashing:
@@ -841,9 +927,18 @@ def _write_split(
                 continue
             if not shard.images:
                 continue  # no file for a shard without images: the manifest lists the shards there are
+            image_bytes = _stored_bytes(shard.images)
+            whole = _whole_file(shard.images, decoded)
+            if whole is not None:
+                os.replace(whole, folder / shard.name)
+                written.append(
+                    contracts.Shard(
+                        file=shard.name, records=len(shard.images), sha256=decoded[whole], image_bytes=image_bytes
+                    )
+                )
+                continue
             with (folder / shard.name).open("wb") as stream:
                 _write_records(stream, shard.images, spool, origins, stack)
-            image_bytes = _stored_bytes(shard.images)
             written.append(hashing.submit(_shard_entry, folder / shard.name, len(shard.images), image_bytes))
         return [shard if isinstance(shard, contracts.Shard) else shard.result() for shard in written]
 
@@ -908,9 +1003,30 @@ def _shard_count(split_images: list[_Image], kept: list[contracts.Shard], shard_
     are images. A power of two, so that the count (and every shard with it) changes only when the split's size
     doubles or halves."""
     total_bytes = _stored_bytes(split_images) + sum(shard.image_bytes for shard in kept)
-    count = len(split_images) + sum(shard.records for shard in kept)
+    return _shards_for(total_bytes, len(split_images) + sum(shard.records for shard in kept), shard_size_mb)
+
+
+def _shards_for(total_bytes: float, images: int, shard_size_mb: float) -> int:
     wanted = max(1, math.ceil(total_bytes / (shard_size_mb * 1e6)))
-    return max(1, min(1 << (wanted - 1).bit_length(), 1 << max(0, count.bit_length() - 1)))  # 1 for none
+    return max(1, min(1 << (wanted - 1).bit_length(), 1 << max(0, images.bit_length() - 1)))  # 1 for none
+
+
+def _expected_shard_counts(
+    found: list[_File], stored_sizes: tuple[float, float], dataset: config.DatasetParams
+) -> dict[str, int]:
+    """Each split's number of shards as _shard_count is expected to find it once every image is stored: every
+    file of the split found stored as the sample was (_stored_sizes; broken files counted too, unknown yet)."""
+    per_byte, per_image = stored_sizes
+    files, source_bytes = collections.Counter(), collections.Counter()
+    for item in found:
+        files[item.assigned_split] += 1
+        if dataset.image_size is None:
+            source_bytes[item.assigned_split] += _file_size(item)
+    stored = {
+        split: per_image * files[split] if dataset.image_size else per_byte * source_bytes[split]
+        for split in contracts.SPLITS
+    }
+    return {split: _shards_for(stored[split], files[split], dataset.shard_size_mb) for split in contracts.SPLITS}
 
 
 def _unchanged_shard(shard_images: list[_Image], previous: contracts.Shard | None) -> pathlib.Path | None:
@@ -925,6 +1041,19 @@ def _unchanged_shard(shard_images: list[_Image], previous: contracts.Shard | Non
         if all(image.as_is and (image.origin is origin or image.origin == origin) for image in shard_images)
         else None
     )
+
+
+def _whole_file(shard_images: list[_Image], decoded: dict[pathlib.Path, str]) -> pathlib.Path | None:
+    """The spool's file of decoded images (`decoded`) that holds these images' records, one after another in
+    their order, and nothing else; None when no file does."""
+    origin, end = shard_images[0].origin, 0
+    if origin not in decoded:
+        return None
+    for image in shard_images:
+        if image.origin is not origin or image.offset != end + tfrecords.FRAME_HEAD:
+            return None
+        end = image.offset + image.length + tfrecords.FRAME_TAIL
+    return origin if end == origin.stat().st_size else None
 
 
 def _shard_entry(path: pathlib.Path, records: int, image_bytes: int) -> contracts.Shard:

@@ -111,6 +111,33 @@ def test_conversion_is_deterministic(raw, workdir):
     assert _tree_digest(workdir / "first") != _tree_digest(workdir / "other")
 
 
+def test_shards_are_the_same_bytes_whether_or_not_their_layout_was_the_one_expected(raw, workdir, monkeypatch):
+    """Decoded images are written as they come into files laid out as the shards are expected to be (their number
+    estimated from a sample): each such file is moved into place as its shard when the layout holds, and the shards
+    are copied from them when it does not."""
+    dataset = _dataset(shard_size_mb=0.001)
+    convert.convert(dataset, seed=7, raw_dir=raw, shards_dir=workdir / "first")  # as estimated, right or not
+    manifest = contracts.Manifest.read(workdir / "first")
+    copied = []
+    write_records = convert._write_records
+    monkeypatch.setattr(
+        convert, "_write_records", lambda shard, *rest: copied.append(shard) or write_records(shard, *rest)
+    )
+    for name, counts in [
+        ("expected", {split: manifest.splits[split].shard_slots for split in SPLITS}),
+        ("unexpected", {split: 1 for split in SPLITS}),  # every split has more: no file holds a whole shard
+    ]:
+        monkeypatch.setattr(
+            convert, "_expected_shard_counts", lambda found, stored_sizes, dataset, counts=counts: counts
+        )
+        copied.clear()
+        convert.convert(dataset, seed=7, raw_dir=raw, shards_dir=workdir / name)
+        assert _tree_digest(workdir / name) == _tree_digest(workdir / "first")
+        assert [path.name for path in (workdir / name).iterdir() if path.name.startswith(".")] == []
+        assert len(copied) == (0 if name == "expected" else len(manifest.shards())), name
+    assert min(manifest.splits[split].shard_slots for split in SPLITS) > 1 and len(manifest.shards()) >= 8
+
+
 def test_a_corrupted_shard_is_named(raw, workdir):
     convert.convert(_dataset(), seed=7, raw_dir=raw, shards_dir=workdir / "shards")
     shard = workdir / "shards" / "test-00000-of-00001.tfrecord"

@@ -105,17 +105,18 @@ def test_convert_stops_before_writing_a_shard_when_its_estimate_does_not_fit(pro
 FULL_DEVICE = pathlib.Path("/dev/full")  # Linux: every write to it fails with ENOSPC
 
 
-def _write_to_a_full_disk(stream, record: bytes) -> None:
-    """tfrecords.write_record on a full disk: the shard file is made, and its writes go to /dev/full, whose kernel
-    error is the one a full disk gives a write (it names no file)."""
+def _framed_on_a_full_disk(record: bytes) -> bytes:
+    """tfrecords.frame, as convert frames each record it writes, on a full disk: the record's write goes to
+    /dev/full, whose kernel error is the one a full disk gives a write (it names no file)."""
     with FULL_DEVICE.open("wb", buffering=0) as full:
         full.write(record)
+    return record
 
 
 def test_a_disk_that_fills_up_while_convert_writes_names_the_folder_and_the_space_free(project, monkeypatch, capsys):
     if not FULL_DEVICE.exists():
         pytest.skip("no /dev/full here")
-    monkeypatch.setattr(tfrecords, "write_record", _write_to_a_full_disk)
+    monkeypatch.setattr(tfrecords, "frame", _framed_on_a_full_disk)
     code = errors.run_main(convert.main, [])
     line = _one_line(capsys.readouterr().err, "tasks.convert")
 

@@ -65,10 +65,13 @@ def parse(serialized: bytes) -> tuple[bytes, int, str]:
 
 def write_record(stream: BinaryIO, record: bytes) -> None:
     """Appends one record to an open TFRecord file, framed."""
+    stream.write(frame(record))
+
+
+def frame(record: bytes) -> bytes:
+    """One record as a TFRecord file holds it: its length and that length's CRC, the record, the record's CRC."""
     length = struct.pack("<Q", len(record))
-    stream.write(length + struct.pack("<I", _masked_crc(length)))
-    stream.write(record)
-    stream.write(struct.pack("<I", _masked_crc(record)))
+    return b"".join((length, struct.pack("<I", _masked_crc(length)), record, struct.pack("<I", _masked_crc(record))))
 
 
 def iterate_records(data: bytes, path: pathlib.Path) -> Iterator[tuple[int, bytes, str, bytes]]:
