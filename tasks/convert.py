@@ -93,10 +93,12 @@ class _Image:
     split: str
     place: float  # splits.position: the split's order in its shards, too
     label: int
-    offset: int  # of its bytes in the spool file, or in `origin`
+    offset: int  # of its bytes in the spool file, or of its record in `origin`
     length: int
     size: int = 0  # of the encoded image: what the shards are sized by
-    origin: pathlib.Path | None = None  # the previous shard that holds its whole record; None: the spool
+    # The file that holds its whole record: a previous shard, or the spool's file of the images decoded now
+    # (_Spool); None: its encoded bytes are in the spool file.
+    origin: pathlib.Path | None = None
     as_is: bool = False  # that record is this file's, under its label: written unchanged
     sha256: str = ""  # of the source file
     difference_hash: str = ""
