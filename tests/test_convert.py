@@ -128,7 +128,7 @@ def test_shards_are_the_same_bytes_whether_or_not_their_layout_was_the_one_expec
         ("unexpected", {split: 1 for split in SPLITS}),  # every split has more: no file holds a whole shard
     ]:
         monkeypatch.setattr(
-            convert, "_expected_shard_counts", lambda found, stored_sizes, dataset, counts=counts: counts
+            convert, "_expected_shard_counts", lambda found, stored_sizes, dataset, earlier, counts=counts: counts
         )
         copied.clear()
         convert.convert(dataset, seed=7, raw_dir=raw, shards_dir=workdir / name)
