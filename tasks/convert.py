@@ -235,14 +235,10 @@ def _convert(
     class_names = _class_names(found, raw_dir)
     known, stored_sizes = [item.recorded for item in found], _stored_sizes(found, dataset.image_size, earlier)
     disk.require(space_needed(found, stored_sizes, dataset, shards_dir, _stored_digests(found, earlier, dataset)))
+    shard_counts = _expected_shard_counts(found, stored_sizes, dataset, earlier)
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
-        spool = _Spool(
-            staging / ".encoded.spool",
-            staging / ".decoded",
-            _expected_shard_counts(found, stored_sizes, dataset, earlier),
-            {},
-        )
+        spool = _Spool(staging / ".encoded.spool", staging / ".decoded", shard_counts, {})
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
         trusted = _trusted_shards(earlier, shards_dir, digests_file)
         prepare = functools.partial(
