@@ -134,12 +134,12 @@ class _Spool:
     """Where the accepted images wait, in the staging folder, until the shards are written.
 
     The images decoded now are written as they come back from the workers, as whole records, into files laid out
-    as the shards are expected to be (`shard_counts`: _expected_shard_counts): sent to the
-    workers in that order, each expected shard's images come back one after another, in place order, and go into
-    the file of its name in `folder`. Where the shards' real layout (known once every image's size is) is the one
-    expected, such a file is its shard, moved into place: no second write of every image at the end, when the
-    workers would wait. Else its records are copied from there. Encoded images taken from other files' records in
-    the previous shards wait in `file`."""
+    as the shards are expected to be (`shard_counts`: _expected_shard_counts): sent to the workers in that order,
+    each expected shard's images come back one after another, in place order, and go into the file of its name in
+    `folder`. Where the shards' real layout (known once every image's size is) is the one expected, such a file is
+    its shard, moved into place: no second write of every image at the end, when the workers would wait (2 GB at
+    100,000 photos). Else its records are copied from there. Encoded images taken from other files' records in the
+    previous shards wait in `file`."""
 
     file: pathlib.Path
     folder: pathlib.Path
@@ -324,8 +324,8 @@ def _stored_sizes(
     otherwise), the second for resized ones (0 otherwise). From the previous shards when they store images as this
     run would (their images' bytes over the files found now, or over their records: a nightly run adds few
     images); else from SIZE_SAMPLE files spread evenly over the sorted list (every class), prepared as convert
-    stores them: 24 photos decoded one after another, 60 ms of a nightly run of 50,000; (1, 0) when none is an
-    image."""
+    stores them (24 photos of 384 pixels prepared one after another: 20 ms of CPU kept at their size, 46 ms
+    resized to 224x224); (1, 0) when none is an image."""
     previous = earlier[0].shards() if earlier is not None and reuse.stored_alike(earlier[0], image_size) else []
     if previous and all(shard.image_bytes is not None for shard in previous):
         stored = sum(shard.image_bytes for shard in previous)
@@ -689,7 +689,8 @@ def _decoding_order(
 ) -> tuple[list[int], list[tuple[str, int, int]]]:
     """The positions `to_decode` of `found` shard after shard of those expected (`shard_counts`), each shard's in
     place order; and each one's shard (split, shard, number of shards: one tuple a shard). Sorted a shard at a time:
-    sorted at once, by a key an image (two tuples, about 160 bytes), the keys would take 16 MB at 100,000 photos."""
+    sorted at once, by a key an image (two tuples, about 160 bytes), the keys would take about 16 MB at 100,000
+    photos."""
     by_shard = collections.defaultdict(list)
     for position in to_decode:
         item = found[position]
