@@ -113,7 +113,7 @@ def test_conversion_is_deterministic(raw, workdir):
 
 def test_shards_are_the_same_bytes_whether_or_not_their_layout_was_the_one_expected(raw, workdir, monkeypatch):
     """Decoded images are written as they come into files laid out as the shards are expected to be (their number
-    estimated from a sample): each such file is moved into place as its shard when the layout holds, and the shards
+    estimated before decoding): each such file is moved into place as its shard when the layout holds, and the shards
     are copied from them when it does not."""
     dataset = _dataset(shard_size_mb=0.001)
     convert.convert(dataset, seed=7, raw_dir=raw, shards_dir=workdir / "first")  # as estimated, right or not
