@@ -549,7 +549,11 @@ def _prepare_all(
     with disk.writing({"paths.shards": shards_dir}), spool.file.open("wb") as spool_file:
         reused = _reused(found, digests, labels, image_size, placer, earlier, shards_dir, spool_file, trusted)
         accepted, to_decode, kept = reused
-        decoded, rejected = _decode_to_files(found, to_decode, digests, image_size, labels, spool, pool)
+        # Images taken from the previous shards share their shards with those decoded now, which are then written
+        # by copying anyway: the decoded records wait in one file (a nightly run's hundred new images land in about
+        # a hundred shards, and a file each cost more in creating files than it saved).
+        by_shard = not accepted and not kept.places
+        decoded, rejected = _decode_to_files(found, to_decode, digests, image_size, labels, spool, pool, by_shard)
     return accepted + decoded, rejected, len(to_decode), kept
 
 
@@ -601,7 +605,9 @@ def _reused(
     for entry in earlier[1]:  # in the previous index's order: by split, then place
         if entry.path in kept_places:
             kept_rows[entry.split].append(entry)
-    return accepted, to_decode, _Kept({shards_dir / file for file in reads.kept.values()}, kept_rows, kept_places)
+    # A path made a shard, not an image: the kept images' shard names are one string a shard already (reuse.plan).
+    kept_shards = {shards_dir / file for file in set(reads.kept.values())}
+    return accepted, to_decode, _Kept(kept_shards, kept_rows, kept_places)
 
 
 def _where(stored: reuse.Stored) -> tuple[pathlib.Path | None, int, int, int]:
@@ -646,15 +652,17 @@ def _decode_to_files(
     labels: dict[str, int],
     spool: _Spool,
     pool: concurrent.futures.Executor | None,
+    by_shard: bool,
 ) -> tuple[list[_Image], list[tuple[str, str]]]:
     """The files at positions `to_decode` of `found` decoded on all cores, in the order of the shards expected
-    (_Spool), their records written to the spool's files as they come: (accepted images, rejected files with the
-    reason). Each file's sha256 goes to `digests` (None: unreadable)."""
+    (_Spool), their records written to the spool's files as they come (a file an expected shard when `by_shard`,
+    else one for all): (accepted images, rejected files with the reason). Each file's sha256 goes to `digests`
+    (None: unreadable)."""
     order, expected = _decoding_order(found, to_decode, spool.shard_counts)
     accepted, rejected = [], []
     jobs = ((found[position].path, digests[position]) for position in order)  # made as the workers need them
     results = _decode_all(jobs, len(order), image_size, pool)
-    with _RecordFiles(spool) as record_files:
+    with _RecordFiles(spool, by_shard) as record_files:
         for position, shard, result in zip(order, expected, results, strict=True):
             item = found[position]
             # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
@@ -705,15 +713,17 @@ def _decoding_order(
 
 
 class _RecordFiles:
-    """Appends records, framed, to the spool's files of the expected shards, one file open at a time (the records
-    come shard after shard), each hashed as it is written: where it becomes its shard, it is not read again."""
+    """Appends records, framed, to the spool's files of the expected shards (`by_shard`; else to one file), one file
+    open at a time (the records come shard after shard), each hashed as it is written: where it becomes its shard,
+    it is not read again."""
 
-    def __init__(self, spool: _Spool):
-        self._spool = spool
+    def __init__(self, spool: _Spool, by_shard: bool):
+        self._spool, self._by_shard = spool, by_shard
         self._shard: tuple[str, int, int] | None = None
         self._path: pathlib.Path | None = None
         self._stream: Any = None
         self._hash: Any = None
+        self._end = 0  # the file's size so far: tell() would ask the system each time
 
     def __enter__(self) -> _RecordFiles:
         return self
@@ -723,14 +733,18 @@ class _RecordFiles:
 
     def append(self, shard: tuple[str, int, int], record: bytes) -> tuple[pathlib.Path, int]:
         """(The file, the offset in it) of `record`, appended to the file of `shard`."""
-        if shard != self._shard:
+        if self._stream is None or (self._by_shard and shard != self._shard):
             self._close()
-            self._shard, self._path = shard, self._spool.folder / f"{tfrecords.shard_name(*shard)}.decoded"
-            self._stream, self._hash = self._path.open("wb"), hashlib.sha256()
+            self._shard = shard
+            self._path = self._spool.folder / (
+                f"{tfrecords.shard_name(*shard)}.decoded" if self._by_shard else "images.decoded"
+            )
+            self._stream, self._hash, self._end = self._path.open("wb"), hashlib.sha256(), 0
         framed = tfrecords.frame(record)
-        offset = self._stream.tell() + tfrecords.FRAME_HEAD
+        offset = self._end + tfrecords.FRAME_HEAD
         self._stream.write(framed)
         self._hash.update(framed)
+        self._end += len(framed)
         return self._path, offset
 
     def _close(self) -> None:
