@@ -11,8 +11,8 @@ Split folders recorded by the download stage (layout.json) are kept; a split the
 carved from its train images. An image's split follows from a hash of its class and name alone
 (tasks/data/splits.py), so a growing folder never moves an image between splits. Files whose bytes
 the previous shards hold are copied from there (tasks/data/reuse.py); only new or changed files are
-decoded, on all cores. Writing stays in this process, in a fixed order, so the same input always
-gives byte-identical shards, however much was reused. index.csv lists every accepted image; the
+decoded, on all cores. Writing stays in this process, in a fixed order (tasks/data/shard_writing.py), so the
+same input always gives byte-identical shards, however much was reused. index.csv lists every accepted image; the
 data-change report (tasks/data/changes.py) goes to <paths.data_report>, and its guard stops the
 stage before any shard is replaced when a class vanished or lost too many images.
 """
@@ -27,10 +27,8 @@ import csv
 import dataclasses
 import functools
 import gc
-import hashlib
 import io
 import itertools
-import math
 import multiprocessing
 import operator
 import os
@@ -44,7 +42,7 @@ from typing import Any
 import tqdm
 
 from tasks.common import config, contracts, disk, errors, files, machine
-from tasks.data import changes, images, listing, reuse, splits, tfrecords
+from tasks.data import changes, images, listing, reuse, shard_writing, splits, tfrecords
 
 # fork: workers start in milliseconds and do not re-import the parent's main module (which may be
 # the Prefect flow, importing TensorFlow again in every worker). They only run Pillow code.
@@ -70,7 +68,8 @@ class ConvertResult:
 
 
 # One per file: no __dict__ each (slots); not frozen, whose __init__ sets each field through object.__setattr__
-# (2.1 instead of 0.8 us for _Image's 13 fields: 0.1 s of a nightly run of 50,000 photos for the two classes).
+# (2.1 instead of 0.8 us for 13 fields: 0.1 s of a nightly run of 50,000 photos for this class and
+# shard_writing.Image).
 @dataclasses.dataclass(slots=True)
 class _File:
     root: str  # the raw folder, one string for all files: each file's whole path is made when it is read
@@ -85,66 +84,6 @@ class _File:
     @property
     def path(self) -> str:
         return os.path.join(self.root, self.source)
-
-
-@dataclasses.dataclass(slots=True)  # one per image (not frozen: as _File)
-class _Image:
-    source: str
-    split: str
-    place: float  # splits.position: the split's order in its shards, too
-    label: int
-    offset: int  # of its bytes in the spool file, or of its record in `origin`
-    length: int
-    size: int = 0  # of the encoded image: what the shards are sized by
-    # The file that holds its whole record: a previous shard, or the spool's file of the images decoded now
-    # (_Spool); None: its encoded bytes are in the spool file.
-    origin: pathlib.Path | None = None
-    as_is: bool = False  # that record is this file's, under its label: written unchanged
-    sha256: str = ""  # of the source file
-    difference_hash: str = ""
-    encoding: str = ""
-    entry: contracts.IndexEntry | None = None  # its row of the previous index, when its record is written unchanged
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kept:
-    """The previous shards kept whole, unread, where nothing in them changes (reuse.plan): their images get no
-    object each here (a nightly run keeps all but a hundred shards of 1,400: 50,000 images)."""
-
-    shards: set[pathlib.Path]
-    rows: dict[str, list[contracts.IndexEntry]]  # their rows of the previous index by split, in its order
-    places: dict[str, float]  # each of their images' place (splits.position), by path: the index's order
-
-
-_NOTHING_KEPT = _Kept(set(), {}, {})
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shard:
-    """A shard of the new conversion: the images written into it, in place order; or, `kept`, the previous shard
-    of its name, whose records stay as they are."""
-
-    name: str
-    images: list[_Image]
-    kept: pathlib.Path | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spool:
-    """Where the accepted images wait, in the staging folder, until the shards are written.
-
-    The images decoded now are written as they come back from the workers, as whole records, into files laid out
-    as the shards are expected to be (`shard_counts`: _expected_shard_counts): sent to the workers in that order,
-    each expected shard's images come back one after another, in place order, and go into the file of its name in
-    `folder`. Where the shards' real layout (known once every image's size is) is the one expected, such a file is
-    its shard, moved into place: no second write of every image at the end, when the workers would wait (2 GB at
-    100,000 photos). Else its records are copied from there. Encoded images taken from other files' records in the
-    previous shards wait in `file`."""
-
-    file: pathlib.Path
-    folder: pathlib.Path
-    shard_counts: dict[str, int]  # each split's expected number of shards
-    digests: dict[pathlib.Path, str]  # the sha256 of each file of `folder`, once written: a moved file's is known
 
 
 def arguments(params: config.Params) -> dict[str, Any]:
@@ -238,7 +177,7 @@ def _convert(
     shard_counts = _expected_shard_counts(found, stored_sizes, dataset, earlier)
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
-        spool = _Spool(staging / ".encoded.spool", staging / ".decoded", shard_counts, {})
+        spool = shard_writing.Spool(staging / ".encoded.spool", staging / ".decoded", shard_counts, {})
         digests = _digests(found, known, listing_file, [source for source, _ in outside], earlier is not None)
         trusted = _trusted_shards(earlier, shards_dir, digests_file)
         prepare = functools.partial(
@@ -261,7 +200,7 @@ def _convert(
         entries = [entry for rows in split_entries.values() for entry in rows]  # the index: by split, in place order
         report = _report_changes(baseline, entries, class_names, dataset, conversion, report_dir)
         _require_every_split(split_entries, accepted, dataset)
-        written = _write_shards(staging, spool, layout, split_entries, class_names, earlier, shards_dir)
+        written = shard_writing.write_shards(staging, spool, layout, split_entries, class_names, earlier, shards_dir)
         manifest = _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, entries, written)
         _write_rejected(staging / contracts.REJECTED_FILE, rejected)
         contracts.write_index(staging, entries)
@@ -288,7 +227,7 @@ def space_needed(
     """What convert writes beside the shards folder at most, estimated before anything is decoded.
 
     The new shards are written beside the previous ones, which stay until the end, and the images decoded
-    now wait in the spool there until the shards are written (_Spool: when the layout is the one expected,
+    now wait in the spool there until the shards are written (shard_writing.Spool: when the layout is the one expected,
     the spool's files are the shards); then the spool goes and the index comes. The spool holds all but the
     files whose records the previous shards hold (`keepable`: path -> sha256 of the records that can be kept,
     which a file the record of digests knows with that sha256 keeps). Each image's stored bytes come from
@@ -532,10 +471,10 @@ def _prepare_all(
     placer: _Placer,
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shards_dir: pathlib.Path,
-    spool: _Spool,
+    spool: shard_writing.Spool,
     pool: concurrent.futures.Executor | None,
     trusted: set[str],
-) -> tuple[list[_Image], list[tuple[str, str]], int, _Kept]:
+) -> tuple[list[shard_writing.Image], list[tuple[str, str]], int, shard_writing.Kept]:
     """Every accepted image in the spool: taken from the previous shards by content, else decoded on all cores;
     (accepted images, rejected files with the reason, files decoded, the previous shards kept whole). The previous
     shards `trusted` need not be read where nothing in them changes (reuse.plan): those are kept as they are, and
@@ -567,11 +506,11 @@ def _reused(
     shards_dir: pathlib.Path,
     spool,
     trusted: set[str],
-) -> tuple[list[_Image], list[int], _Kept]:
+) -> tuple[list[shard_writing.Image], list[int], shard_writing.Kept]:
     """(The images the previous shards hold, the positions in `found` of the files to decode, the previous shards
     kept whole and unread: reuse.plan)."""
     if earlier is None:
-        return [], list(range(len(found))), _NOTHING_KEPT
+        return [], list(range(len(found))), shard_writing.NOTHING_KEPT
     now = ((item.source, digest, item.assigned_split, item.place) for item, digest in zip(found, digests, strict=True))
     reads = reuse.plan(earlier, image_size, placer.seed, placer.given_splits, tuple(labels), now, trusted)
     wanted = {
@@ -607,7 +546,7 @@ def _reused(
             kept_rows[entry.split].append(entry)
     # A path made a shard, not an image: the kept images' shard names are one string a shard already (reuse.plan).
     kept_shards = {shards_dir / file for file in set(reads.kept.values())}
-    return accepted, to_decode, _Kept(kept_shards, kept_rows, kept_places)
+    return accepted, to_decode, shard_writing.Kept(kept_shards, kept_rows, kept_places)
 
 
 def _where(stored: reuse.Stored) -> tuple[pathlib.Path | None, int, int, int]:
@@ -624,10 +563,10 @@ def _image(
     length: int,
     size: int,
     as_is: bool,
-) -> _Image:
+) -> shard_writing.Image:
     """The image of `item` whose encoded bytes the previous shards hold (`entry`: its row there): its whole record
     when `as_is`, at `offset` in `origin` (None: the spool)."""
-    return _Image(
+    return shard_writing.Image(
         item.source,
         item.assigned_split,
         item.place,
@@ -650,19 +589,19 @@ def _decode_to_files(
     digests: list[str | None],
     image_size: tuple[int, int] | None,
     labels: dict[str, int],
-    spool: _Spool,
+    spool: shard_writing.Spool,
     pool: concurrent.futures.Executor | None,
     by_shard: bool,
-) -> tuple[list[_Image], list[tuple[str, str]]]:
+) -> tuple[list[shard_writing.Image], list[tuple[str, str]]]:
     """The files at positions `to_decode` of `found` decoded on all cores, in the order of the shards expected
-    (_Spool), their records written to the spool's files as they come (a file an expected shard when `by_shard`,
-    else one for all): (accepted images, rejected files with the reason). Each file's sha256 goes to `digests`
-    (None: unreadable)."""
+    (shard_writing.Spool), their records written to the spool's files as they come (a file an expected shard when
+    `by_shard`, else one for all): (accepted images, rejected files with the reason). Each file's sha256 goes to
+    `digests` (None: unreadable)."""
     order, expected = _decoding_order(found, to_decode, spool.shard_counts)
     accepted, rejected = [], []
     jobs = ((found[position].path, digests[position]) for position in order)  # made as the workers need them
     results = _decode_all(jobs, len(order), image_size, pool)
-    with _RecordFiles(spool, by_shard) as record_files:
+    with shard_writing.RecordFiles(spool, by_shard) as record_files:
         for position, shard, result in zip(order, expected, results, strict=True):
             item = found[position]
             # The digest this process holds already, when known, rather than the worker's copy of it: one string a file.
@@ -674,7 +613,7 @@ def _decode_to_files(
             record = tfrecords.serialize(result.encoded, label, item.source)
             origin, offset = record_files.append(shard, record)
             accepted.append(
-                _Image(
+                shard_writing.Image(
                     item.source,
                     item.assigned_split,
                     item.place,
@@ -710,48 +649,6 @@ def _decoding_order(
         order += positions
         expected += [shard] * len(positions)
     return order, expected
-
-
-class _RecordFiles:
-    """Appends records, framed, to the spool's files of the expected shards (`by_shard`; else to one file), one file
-    open at a time (the records come shard after shard), each hashed as it is written: where it becomes its shard,
-    it is not read again."""
-
-    def __init__(self, spool: _Spool, by_shard: bool):
-        self._spool, self._by_shard = spool, by_shard
-        self._shard: tuple[str, int, int] | None = None
-        self._path: pathlib.Path | None = None
-        self._stream: Any = None
-        self._hash: Any = None
-        self._end = 0  # the file's size so far: tell() would ask the system each time
-
-    def __enter__(self) -> _RecordFiles:
-        return self
-
-    def __exit__(self, *exception) -> None:
-        self._close()
-
-    def append(self, shard: tuple[str, int, int], record: bytes) -> tuple[pathlib.Path, int]:
-        """(The file, the offset in it) of `record`, appended to the file of `shard`."""
-        if self._stream is None or (self._by_shard and shard != self._shard):
-            self._close()
-            self._shard = shard
-            self._path = self._spool.folder / (
-                f"{tfrecords.shard_name(*shard)}.decoded" if self._by_shard else "images.decoded"
-            )
-            self._stream, self._hash, self._end = self._path.open("wb"), hashlib.sha256(), 0
-        framed = tfrecords.frame(record)
-        offset = self._end + tfrecords.FRAME_HEAD
-        self._stream.write(framed)
-        self._hash.update(framed)
-        self._end += len(framed)
-        return self._path, offset
-
-    def _close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._spool.digests[self._path] = self._hash.hexdigest()
-            self._stream = None
 
 
 def _digests(
@@ -859,10 +756,10 @@ def _prepare_chunk(
     return [images.prepare(path, image_size, source_sha256) for path, source_sha256 in jobs]
 
 
-def _group_splits(accepted: list[_Image]) -> dict[str, list[_Image]]:
+def _group_splits(accepted: list[shard_writing.Image]) -> dict[str, list[shard_writing.Image]]:
     """The images of each split in their place order: shards mix classes, and the order is the same for the
     same images however they were found (decoded now or taken from the previous shards)."""
-    grouped: dict[str, list[_Image]] = {split: [] for split in contracts.SPLITS}
+    grouped: dict[str, list[shard_writing.Image]] = {split: [] for split in contracts.SPLITS}
     for image in accepted:
         grouped[image.split].append(image)
     for split_images in grouped.values():
@@ -882,7 +779,7 @@ def _require_every_split(
             )
 
 
-def _entry(image: _Image, class_names: tuple[str, ...]) -> contracts.IndexEntry:
+def _entry(image: shard_writing.Image, class_names: tuple[str, ...]) -> contracts.IndexEntry:
     if image.entry is not None and image.entry.split == image.split:
         return image.entry  # the same file, bytes, class and split: its previous row, not a new one an image
     return contracts.IndexEntry(
@@ -915,108 +812,8 @@ def _manifest(dataset, seed, class_names, given_splits, files_seen, rejected, en
     )
 
 
-def _write_shards(
-    staging: pathlib.Path,
-    spool: _Spool,
-    layout: dict[str, list[_Shard]],
-    split_entries: dict[str, list[contracts.IndexEntry]],
-    class_names: tuple[str, ...],
-    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
-    shards_dir: pathlib.Path,
-) -> dict[str, contracts.Split]:
-    """Every split's shards, from the spool and the previous shards; then the spool goes."""
-    previous = {shard.file: shard for shard in earlier[0].shards()} if earlier else {}
-    with spool.file.open("rb") as spool_file, disk.writing({"paths.shards": shards_dir}):
-        written = {
-            split: contracts.Split(
-                count=len(split_entries[split]),
-                per_class=_per_class(split_entries[split], class_names),
-                shards=_write_split(staging, spool_file, spool.digests, shards, previous),
-                shard_slots=len(shards),
-            )
-            for split, shards in layout.items()
-        }
-    spool.file.unlink()
-    shutil.rmtree(spool.folder)
-    return written
-
-
-def _write_split(
-    folder: pathlib.Path,
-    spool,
-    decoded: dict[pathlib.Path, str],
-    shards: list[_Shard],
-    previous: dict[str, contracts.Shard],
-) -> list[contracts.Shard]:
-    """The split's shards in `folder`, as _layout laid them out. A shard whose images the previous shard of its
-    name (`previous`: the last manifest's, by file) holds, and only those, as they are, is that file again (a hard
-    link): a nightly run that added a few images writes a few shards, and DVC caches only those. A shard whose
-    images are those of one of the spool's files of decoded images (`decoded`: file -> sha256), all in order, is
-    that file, moved."""
-    origins: dict[pathlib.Path, Any] = {}
-    # Each shard is hashed on a thread while the next one is written.
-    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(1) as hashing:
-        written = []
-        for shard in shards:
-            kept = shard.kept or (_unchanged_shard(shard.images, previous.get(shard.name)) if shard.images else None)
-            if kept is not None:
-                files.link_or_copy(kept, folder / shard.name)
-                if previous[shard.name].image_bytes is None:  # a manifest of an earlier release: every record was read
-                    previous[shard.name] = previous[shard.name].model_copy(
-                        update={"image_bytes": _stored_bytes(shard.images)}
-                    )
-                written.append(previous[shard.name])  # the same images, so the same bytes of them
-                continue
-            if not shard.images:
-                continue  # no file for a shard without images: the manifest lists the shards there are
-            image_bytes = _stored_bytes(shard.images)
-            whole = _whole_file(shard.images, decoded)
-            if whole is not None:
-                os.replace(whole, folder / shard.name)
-                written.append(
-                    contracts.Shard(
-                        file=shard.name, records=len(shard.images), sha256=decoded[whole], image_bytes=image_bytes
-                    )
-                )
-                continue
-            with (folder / shard.name).open("wb") as stream:
-                _write_records(stream, shard.images, spool, origins, stack)
-            written.append(hashing.submit(_shard_entry, folder / shard.name, len(shard.images), image_bytes))
-        return [shard if isinstance(shard, contracts.Shard) else shard.result() for shard in written]
-
-
-def _layout(
-    grouped: dict[str, list[_Image]],
-    kept: _Kept,
-    shard_size_mb: float,
-    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
-) -> dict[str, list[_Shard]] | None:
-    """Each split's shards: each image in the shard its place gives (splits.shard_of), in place order, and the
-    previous shards `kept` whole in their places. None when a kept shard has no place as it is: its split gets
-    another number of shards now that every image's size is known, or an image lands in it (reuse.plan rules
-    that out); every shard is then read and written again."""
-    kept_names = {path.name: path for path in kept.shards}
-    layout = {}
-    for split, split_images in grouped.items():
-        split_kept = (
-            [shard for shard in earlier[0].splits[split].shards if shard.file in kept_names] if kept_names else []
-        )
-        shard_count = _shard_count(split_images, split_kept, shard_size_mb)
-        members: list[list[_Image]] = [[] for _ in range(shard_count)]
-        for image in split_images:
-            members[splits.shard_of(image.place, shard_count)].append(image)
-        layout[split] = []
-        for index, shard_images in enumerate(members):
-            name = tfrecords.shard_name(split, index, shard_count)
-            path = kept_names.pop(name, None)
-            if path is not None and shard_images:
-                return None
-            layout[split].append(_Shard(name, shard_images, path))
-    return None if kept_names else layout
-
-
 def _split_entries(
-    split: str, images: list[_Image], kept: _Kept, class_names: tuple[str, ...]
+    split: str, images: list[shard_writing.Image], kept: shard_writing.Kept, class_names: tuple[str, ...]
 ) -> list[contracts.IndexEntry]:
     """The split's index rows, in place order: its images' (in that order) merged into the rows of the shards
     kept whole (in the previous index's order: the same). Each image's place among those rows is found by
@@ -1034,36 +831,17 @@ def _split_entries(
     return rows + kept_rows[start:]
 
 
-def _stored_bytes(images: list[_Image]) -> int:
-    """The sum of these images' encoded sizes."""
-    return sum(map(operator.attrgetter("size"), images))
-
-
-def _shard_count(split_images: list[_Image], kept: list[contracts.Shard], shard_size_mb: float) -> int:
-    """The smallest power of two of shards that holds the split's encoded images (those written, and those of the
-    previous shards `kept`) in shards of at most about dataset.shard_size_mb on average, and no more than there
-    are images. A power of two, so that the count (and every shard with it) changes only when the split's size
-    doubles or halves."""
-    total_bytes = _stored_bytes(split_images) + sum(shard.image_bytes for shard in kept)
-    return _shards_for(total_bytes, len(split_images) + sum(shard.records for shard in kept), shard_size_mb)
-
-
-def _shards_for(total_bytes: float, images: int, shard_size_mb: float) -> int:
-    wanted = max(1, math.ceil(total_bytes / (shard_size_mb * 1e6)))
-    return max(1, min(1 << (wanted - 1).bit_length(), 1 << max(0, images.bit_length() - 1)))  # 1 for none
-
-
 def _expected_shard_counts(
     found: list[_File],
     stored_sizes: tuple[float, float],
     dataset: config.DatasetParams,
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
 ) -> dict[str, int]:
-    """Each split's number of shards as _shard_count is expected to find it once every image is stored. After a
-    conversion that stored images as this one does, its own: a nightly run's few new images join shards whose number
-    changes only when a split doubles or halves (and there each shard that changes mixes kept and new records, all
-    copied). Else every file of the split found stored as _stored_sizes says (broken files counted too: unknown
-    yet)."""
+    """Each split's number of shards as shard_writing.layout is expected to find it once every image is stored.
+    After a conversion that stored images as this one does, its own: a nightly run's few new images join shards
+    whose number changes only when a split doubles or halves (and there each shard that changes mixes kept and new
+    records, all copied). Else every file of the split found stored as _stored_sizes says (broken files counted
+    too: unknown yet)."""
     if earlier is not None and reuse.stored_alike(earlier[0], dataset.image_size):
         return {split: earlier[0].splits[split].shard_slots or 1 for split in contracts.SPLITS}
     per_byte, per_image = stored_sizes
@@ -1076,38 +854,10 @@ def _expected_shard_counts(
         split: per_image * files[split] if dataset.image_size else per_byte * source_bytes[split]
         for split in contracts.SPLITS
     }
-    return {split: _shards_for(stored[split], files[split], dataset.shard_size_mb) for split in contracts.SPLITS}
-
-
-def _unchanged_shard(shard_images: list[_Image], previous: contracts.Shard | None) -> pathlib.Path | None:
-    """The previous shard's file when it holds these images' records, as they are, and no others (its sha256
-    was checked when its records were found: tasks/data/reuse.py)."""
-    origin = shard_images[0].origin
-    if previous is None or previous.records != len(shard_images) or origin is None or origin.name != previous.file:
-        return None
-    # `is` first: the images of one previous shard share its Path object (reuse.find_previous).
-    return (
-        origin
-        if all(image.as_is and (image.origin is origin or image.origin == origin) for image in shard_images)
-        else None
-    )
-
-
-def _whole_file(shard_images: list[_Image], decoded: dict[pathlib.Path, str]) -> pathlib.Path | None:
-    """The spool's file of decoded images (`decoded`) that holds these images' records, one after another in
-    their order, and nothing else; None when no file does."""
-    origin, end = shard_images[0].origin, 0
-    if origin not in decoded:
-        return None
-    for image in shard_images:
-        if image.origin is not origin or image.offset != end + tfrecords.FRAME_HEAD:
-            return None
-        end = image.offset + image.length + tfrecords.FRAME_TAIL
-    return origin if end == origin.stat().st_size else None
-
-
-def _shard_entry(path: pathlib.Path, records: int, image_bytes: int) -> contracts.Shard:
-    return contracts.Shard(file=path.name, records=records, sha256=files.sha256_of(path), image_bytes=image_bytes)
+    return {
+        split: shard_writing.shards_for(stored[split], files[split], dataset.shard_size_mb)
+        for split in contracts.SPLITS
+    }
 
 
 def _trusted_shards(earlier, shards_dir: pathlib.Path, digests_file: pathlib.Path | None) -> set[str]:
@@ -1128,69 +878,19 @@ def _prepared(
     trusted: set[str],
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
     shard_size_mb: float,
-) -> tuple[dict[str, list[_Image]], _Kept, dict[str, list[_Shard]], list, int]:
+) -> tuple[dict[str, list[shard_writing.Image]], shard_writing.Kept, dict[str, list[shard_writing.Shard]], list, int]:
     """`prepare`'s images of each split in place order (_group_splits), the previous shards kept whole, and all
-    laid out in shards (_layout), with the rejected files and how many were decoded; with the previous shards
-    `trusted` kept whole where nothing in them changes, and every shard read when one of those has no place as
+    laid out in shards (shard_writing.layout), with the rejected files and how many were decoded; with the previous
+    shards `trusted` kept whole where nothing in them changes, and every shard read when one of those has no place as
     it is in the new layout."""
     accepted, rejected, decoded, kept = prepare(trusted)
     grouped = _group_splits(accepted)
-    layout = _layout(grouped, kept, shard_size_mb, earlier)
+    layout = shard_writing.layout(grouped, kept, shard_size_mb, earlier)
     if layout is None:
         accepted, rejected, decoded, kept = prepare(set())  # every shard is written again: all are read
         grouped = _group_splits(accepted)
-        layout = _layout(grouped, kept, shard_size_mb, earlier)
+        layout = shard_writing.layout(grouped, kept, shard_size_mb, earlier)
     return grouped, kept, layout, rejected, decoded
-
-
-def _write_records(shard, shard_images: list[_Image], spool, origins: dict, stack: contextlib.ExitStack) -> None:
-    """The images' records, framed, into `shard`. Records kept as they are that lie one after another in their
-    previous shard (in a shard that changed, all but its new images) are copied as one block, framing and all
-    (_copy_block), rather than read, framed and written a record at a time (a read, three writes and two CRCs
-    each: 3,500 records in a nightly run's ~100 changed shards of 50,000 photos)."""
-    block: list = []  # [origin, start, end] of the records to copy next
-    for image in shard_images:
-        if image.as_is and image.origin is not None:
-            start = image.offset - tfrecords.FRAME_HEAD
-            if block and start == block[2] and (image.origin is block[0] or image.origin == block[0]):
-                block[2] = image.offset + image.length + tfrecords.FRAME_TAIL
-                continue
-            _copy_block(shard, block, origins, stack)
-            block = [image.origin, start, image.offset + image.length + tfrecords.FRAME_TAIL]
-            continue
-        _copy_block(shard, block, origins, stack)
-        block = []
-        tfrecords.write_record(shard, _record(image, spool, origins, stack))
-    _copy_block(shard, block, origins, stack)
-
-
-def _copy_block(shard, block: list, origins: dict, stack: contextlib.ExitStack) -> None:
-    if block:
-        origin, start, end = block
-        files.append_range(_opened(origin, origins, stack), shard, start, end - start)
-
-
-def _opened(origin: pathlib.Path, origins: dict, stack: contextlib.ExitStack):
-    """The previous shard `origin`, open for reading until the split is written (`origins`: those opened)."""
-    if origin not in origins:
-        origins[origin] = stack.enter_context(origin.open("rb"))
-    return origins[origin]
-
-
-def _record(image: _Image, spool, origins: dict, stack: contextlib.ExitStack) -> bytes:
-    """The image's serialized record, built from its encoded image: in the spool, or in another file's record in a
-    previous shard. (Records kept as they are never come here: _write_records copies them.)"""
-    source = spool if image.origin is None else _opened(image.origin, origins, stack)
-    source.seek(image.offset)
-    data = source.read(image.length)
-    if image.origin is not None:  # another file's record holds the same bytes
-        data = tfrecords.parse(data)[0]
-    return tfrecords.serialize(data, image.label, image.source)
-
-
-def _per_class(rows: list[contracts.IndexEntry], class_names: tuple[str, ...]) -> dict[str, int]:
-    counts = collections.Counter(map(operator.attrgetter("class_name"), rows))
-    return {name: counts[name] for name in class_names}
 
 
 def _imbalance(counts: dict[str, int]) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from tasks import convert
 from tasks.common import config, contracts
 from tasks.common.contracts import SPLITS
-from tasks.data import listing, records, splits
+from tasks.data import listing, records, shard_writing, splits
 from tests.conftest import REPOSITORY, make_image_folder
 
 
@@ -119,9 +119,9 @@ def test_shards_are_the_same_bytes_whether_or_not_their_layout_was_the_one_expec
     convert.convert(dataset, seed=7, raw_dir=raw, shards_dir=workdir / "first")  # as estimated, right or not
     manifest = contracts.Manifest.read(workdir / "first")
     copied = []
-    write_records = convert._write_records
+    write_records = shard_writing._write_records
     monkeypatch.setattr(
-        convert, "_write_records", lambda shard, *rest: copied.append(shard) or write_records(shard, *rest)
+        shard_writing, "_write_records", lambda shard, *rest: copied.append(shard) or write_records(shard, *rest)
     )
     for name, counts in [
         ("expected", {split: manifest.splits[split].shard_slots for split in SPLITS}),
