@@ -410,7 +410,7 @@ def _callbacks(params, backup_dir, work, devices, raw_score, data) -> list[keras
         monitoring.MlflowMetrics(),
         # Step summaries every log_every_steps calls of the training function: every call costs too much
         # (docs/benchmarks-history.md).
-        keras.callbacks.TensorBoard(
+        monitoring.TensorBoard(
             str(work / contracts.TENSORBOARD_DIR),
             histogram_freq=params.histogram_freq,
             write_graph=False,

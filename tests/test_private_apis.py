@@ -12,14 +12,14 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.modeling import checkpoints
+from tasks.modeling import checkpoints, monitoring
 
 FEATURES = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
 TARGETS = np.random.default_rng(1).normal(size=(8, 1)).astype("float32")
 
 
-def _keras_changed(where: str) -> str:
-    return f"Keras {keras.__version__} changed it: read keras/src/callbacks/backup_and_restore.py and adapt {where}"
+def _keras_changed(where: str, source: str = "backup_and_restore.py") -> str:
+    return f"Keras {keras.__version__} changed it: read keras/src/callbacks/{source} and adapt {where}"
 
 
 def _tiny_model() -> keras.Model:
@@ -138,6 +138,39 @@ def test_a_restored_backup_sets_model_initial_epoch_and_forget_resumed_epoch_cle
     assert len(asked.history["loss"]) == 2, (
         f"after forget_resumed_epoch, fit still does not train the epochs asked for (3 and 4). {_keras_changed(where)}"
     )
+
+
+# --- keras.callbacks.TensorBoard._global_train_batch: tasks/modeling/monitoring.py, TensorBoard
+
+
+def _step_summaries(callback: keras.callbacks.TensorBoard, folder: pathlib.Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every summary that `callback` wrote in the training logs of a small fit."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
+    features = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    targets = np.random.default_rng(1).normal(size=(64, 1)).astype("float32")
+    model.fit(features, targets, batch_size=4, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    written = []
+    for events in sorted((folder / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                written.append((value.tag, event.step, round(float(tf.make_ndarray(value.tensor)), 5)))
+    return sorted(written)
+
+
+def test_tensorboard_step_summaries_are_those_keras_writes(tmp_path):
+    where = (
+        "monitoring.TensorBoard (tasks/modeling/monitoring.py), which skips the calls whose step summaries Keras "
+        "would not record by its _global_train_batch"
+    )
+    options = dict(update_freq=3, histogram_freq=0, write_graph=False)
+    ours = _step_summaries(monitoring.TensorBoard(str(tmp_path / "ours"), **options), tmp_path / "ours")
+    keras_own = _step_summaries(keras.callbacks.TensorBoard(str(tmp_path / "keras"), **options), tmp_path / "keras")
+    assert ours == keras_own, f"other step summaries than Keras' own. {_keras_changed(where, 'tensorboard.py')}"
+    assert [step for tag, step, _ in ours if tag == "batch_loss"] == [3, 6, 9, 12, 15], "every third call of 16"
 
 
 # --- dvc.repo.Repo._reset: flows/dvc_stages.py, _repo()

@@ -3,7 +3,7 @@
 Keras ships TensorBoard, CSVLogger, ModelCheckpoint and BackupAndRestore; these are the few things it
 does not: the tutorial's progress line with throughput, per-epoch metrics to MLflow by epoch number
 (so a resumed run continues its curves), a grid of input images, and the score of the raw weights
-beside the moving averages.
+beside the moving averages; and Keras' TensorBoard without the step summaries it would not record.
 """
 
 from __future__ import annotations
@@ -70,6 +70,19 @@ class ProgressLogger(keras.callbacks.Callback):
     def _speed(self, elapsed: float, steps: int) -> str:
         steps = max(steps, 1)
         return f"({steps * self.batch_size / elapsed:.1f} examples/sec; {elapsed / steps:.3f} sec/batch)"
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, whose step summaries (an integer `update_freq`) are recorded once in
+    `update_freq` calls of the training function but go through tf.summary at every call: 0.6 ms a call, about
+    1.4% of a `keras_cnn` epoch of 32x32 images on 2 cores (44 calls of 2 steps). Here the calls whose summaries
+    would not be recorded skip that; those recorded are written as Keras writes them."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras counts the calls in _global_train_batch (on_train_batch_begin) and records a call's step summaries
+        # when it is a multiple of update_freq (_push_writer).
+        if self.update_freq == "epoch" or self._global_train_batch % self.update_freq == 0:
+            super().on_train_batch_end(batch, logs)
 
 
 class MlflowMetrics(keras.callbacks.Callback):
