@@ -134,7 +134,7 @@ class RecordFiles:
 def write_shards(
     staging: pathlib.Path,
     spool: Spool,
-    layout: dict[str, list[Shard]],
+    laid_out: dict[str, list[Shard]],
     split_entries: dict[str, list[contracts.IndexEntry]],
     class_names: tuple[str, ...],
     earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
@@ -150,7 +150,7 @@ def write_shards(
                 shards=_write_split(staging, spool_file, spool.digests, shards, previous),
                 shard_slots=len(shards),
             )
-            for split, shards in layout.items()
+            for split, shards in laid_out.items()
         }
     spool.file.unlink()
     shutil.rmtree(spool.folder)
@@ -212,7 +212,7 @@ def layout(
     another number of shards now that every image's size is known, or an image lands in it (reuse.plan rules
     that out); every shard is then read and written again."""
     kept_names = {path.name: path for path in kept.shards}
-    layout = {}
+    laid_out = {}
     for split, split_images in grouped.items():
         split_kept = (
             [shard for shard in earlier[0].splits[split].shards if shard.file in kept_names] if kept_names else []
@@ -221,14 +221,14 @@ def layout(
         members: list[list[Image]] = [[] for _ in range(shard_count)]
         for image in split_images:
             members[splits.shard_of(image.place, shard_count)].append(image)
-        layout[split] = []
+        laid_out[split] = []
         for index, shard_images in enumerate(members):
             name = tfrecords.shard_name(split, index, shard_count)
             path = kept_names.pop(name, None)
             if path is not None and shard_images:
                 return None
-            layout[split].append(Shard(name, shard_images, path))
-    return None if kept_names else layout
+            laid_out[split].append(Shard(name, shard_images, path))
+    return None if kept_names else laid_out
 
 
 def stored_bytes(images: list[Image]) -> int:
