@@ -11,6 +11,7 @@ import dvc.repo
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tasks.modeling import checkpoints, monitoring
 
@@ -145,8 +146,6 @@ def test_a_restored_backup_sets_model_initial_epoch_and_forget_resumed_epoch_cle
 
 def _step_summaries(callback: keras.callbacks.TensorBoard, folder: pathlib.Path) -> list[tuple[str, int, float]]:
     """(tag, step, value) of every summary that `callback` wrote in the training logs of a small fit."""
-    import tensorflow as tf
-
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
