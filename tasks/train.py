@@ -101,7 +101,7 @@ def train(
     if start.warm:  # it starts near the answer: fewer epochs, and a schedule over those
         params = params.model_copy(update={"epochs": params.warm_start_epochs})
     print(start.describe(params.epochs))
-    model, summary = _model(params, devices, data)
+    model, summary = _model(params, devices, data, seed)
     if start.warm:
         with devices.strategy.scope():
             warm_start.copy_weights(start, model, data.manifest.classes, params)
@@ -265,9 +265,9 @@ def _check_replicas(batch_size: int, replicas: int) -> None:
         )
 
 
-def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[keras.Model, list[str]]:
-    """The network, built and compiled inside the strategy's scope so that its variables are mirrored; and its
-    summary."""
+def _model(params: config.TrainParams, devices: Devices, data: Data, seed: int) -> tuple[keras.Model, list[str]]:
+    """The network, built from `seed` and compiled inside the strategy's scope so that its variables are mirrored;
+    and its summary."""
     network = networks.NETWORKS[params.model]
     channel_mean = (
         inputs.channel_mean(data.pipeline["shards_dir"], params.image_size) if network.subtracts_channel_mean else None
@@ -285,6 +285,7 @@ def _model(params: config.TrainParams, devices: Devices, data: Data) -> tuple[ke
                 resnet_n=params.resnet_n,
                 channel_mean=channel_mean,
                 pretrained_weights=_weights(params.pretrained_weights),
+                seed=seed,
             )
             _compile(
                 model, params, optimizers.make_optimizer(params, data.steps_per_epoch * params.epochs), devices, data

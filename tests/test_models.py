@@ -1,6 +1,8 @@
 """Every network of the seeds: its shape, its parameter count, one training step, a safe reload."""
 
 import gc
+import random
+import threading
 
 import keras
 import numpy as np
@@ -108,3 +110,30 @@ def test_fine_tuning_unfreezes_only_the_top_inception_blocks():
 def test_an_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'alexnet'; known: mnist_cnn, cifar10_tutorial"):
         architectures.build_model("alexnet", (8, 8, 3), 2)
+
+
+def test_a_seeded_model_is_the_same_whatever_other_threads_draw_from_random():
+    """Keras draws its layers' seeds from Python's global `random`; a thread drawing from it meanwhile (as a
+    client's retry jitter may) must not change the weights built from a seed."""
+    drawing = threading.Event()
+    drawing.set()
+
+    def draw():
+        while drawing.is_set():
+            random.random()
+
+    def weights(seed):
+        model = architectures.build_model("keras_cnn", (32, 32, 3), 10, seed=seed)
+        return [variable.numpy() for variable in model.weights]
+
+    quiet = weights(3)
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        busy = [weights(3) for _ in range(2)]
+    finally:
+        drawing.clear()
+        thread.join()
+    for built in busy:
+        assert all(np.array_equal(a, b) for a, b in zip(quiet, built, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(quiet, weights(4), strict=True)), "another seed, other weights"

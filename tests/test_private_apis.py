@@ -5,6 +5,7 @@ upgrade of Keras, TensorFlow or DVC.
 
 import json
 import pathlib
+import random
 import subprocess
 
 import dvc.repo
@@ -12,8 +13,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras.src.random import seed_generator
 
-from tasks.modeling import checkpoints, monitoring
+from tasks.modeling import architectures, checkpoints, monitoring
 
 FEATURES = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
 TARGETS = np.random.default_rng(1).normal(size=(8, 1)).astype("float32")
@@ -202,3 +204,19 @@ def test_dvc_repo_reset_makes_a_held_repository_read_its_files_again(tmp_path, m
         pathlib.Path("out.txt").write_text("changed\n")
         repo._reset()
         assert repo.status(targets=["make"]), f"a changed output is not seen after _reset. {fix}"
+
+
+# --- keras.src.random.seed_generator.python_random: tasks/modeling/architectures.py, _seeds_drawn_from
+
+
+def test_keras_draws_layer_seeds_from_its_seed_generator_modules_random():
+    """build_model swaps this module's reference to `random` to give a model's layers seeds of their own."""
+    changed = _keras_changed("architectures._seeds_drawn_from", "../random/seed_generator.py")
+    assert seed_generator.python_random is random, changed
+    with architectures._seeds_drawn_from(11):
+        dropout = keras.layers.Dropout(0.5)
+        drawn = [seed_generator.make_default_seed(), keras.initializers.GlorotUniform().seed]
+    drawn.insert(0, int(dropout.seed_generator.state.numpy()[0]))
+    expected = random.Random(11)
+    assert drawn == [expected.randint(1, int(1e9)) for _ in range(3)], changed
+    assert seed_generator.python_random is random, "the shared generator is back"

@@ -9,9 +9,13 @@ this repository beyond the small layers below.
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from typing import Any
 
 import keras
+from keras.src.random import seed_generator  # private: see _seeds_drawn_from
 
 from tasks.common import errors
 from tasks.modeling import networks
@@ -291,13 +295,15 @@ def build_model(
     resnet_n: int = 5,
     channel_mean: list[float] | None = None,
     pretrained_weights: str = "none",
+    seed: int | None = None,
 ) -> keras.Model:
     """The network `name` for uint8 images of `input_shape`; `weight_decay` puts an L2 penalty on its kernels.
 
     `channel_mean` (per-channel mean of the training images, in [0, 1]) is subtracted by the networks
     that say so; `pretrained_weights` (imagenet, none, a file) initialises a pretrained network's base.
     The model scales the pixels itself and ends in one float32 softmax, so that mixed precision never
-    computes the probabilities in float16.
+    computes the probabilities in float16. With a `seed`, the initial weights and the dropout layers' seeds follow
+    from it alone, whatever else the process draws from Python's `random` meanwhile.
     """
     if name not in networks.NETWORKS:
         raise errors.BadInput(f"unknown model {name!r}; known: {', '.join(networks.NETWORKS)}")
@@ -309,11 +315,29 @@ def build_model(
         "channel_mean": channel_mean,
         "pretrained_weights": pretrained_weights,
     }
-    inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
-    scaled = keras.layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
-    logits = builder(scaled, num_classes, **options)
-    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-    return keras.Model(inputs, outputs, name=name)
+    with _seeds_drawn_from(seed) if seed is not None else contextlib.nullcontext():
+        inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
+        scaled = keras.layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
+        logits = builder(scaled, num_classes, **options)
+        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+        return keras.Model(inputs, outputs, name=name)
+
+
+@contextlib.contextmanager
+def _seeds_drawn_from(seed: int) -> Iterator[None]:
+    """Keras gives every initializer and dropout layer built without a seed one drawn from Python's global `random`
+    (keras.src.random.seed_generator.make_default_seed, its only source of them); keras.utils.set_random_seed
+    seeds that generator, but any other thread of the process may draw from it while the model is built (a
+    client's retry jitter, a background service of an in-process flow: a thread drawing every millisecond gave
+    another first epoch's loss in each of two trainings). Keras has no public way to give a model its own
+    generator, so its module's reference to `random` is swapped for one of `seed` while the model is built
+    (tests/test_private_apis.py pins it)."""
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 def fine_tuned_layers(model: keras.Model, name: str) -> list[str]:
