@@ -4,6 +4,7 @@ The benchmark itself runs the whole pipeline on 10,000 photos (docs/benchmarks.m
 a few files, so that a figure it reports is known to mean what it says.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -13,10 +14,11 @@ import PIL.Image
 import pytest
 
 from bench import cifar10_sized, scale
+from bench import convert as bench_convert
 from bench import report as bench_report
 from tasks import download
 from tasks.common import config, files
-from tasks.data import images
+from tasks.data import images, tfrecords
 from tests.conftest import REPOSITORY
 
 
@@ -129,3 +131,25 @@ def test_peak_memory_is_checked_against_a_run_at_least_ten_times_smaller(monkeyp
     smaller = scale.smaller_report(100_000, "photos")
     assert scale.check(_report(100_000, 100.0, 0.5, train_memory=129.0), smaller)
     assert not scale.check(_report(100_000, 100.0, 0.5, train_memory=131.0), smaller)
+
+
+def test_the_convert_anchor_stores_every_photo_like_the_stage_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    folder = scale.make_photos(tmp_path / "photos", 40)
+    stored, pillow = [], bench_convert.pillow
+
+    def anchor(raw_dir, output, image_size, all_cores):
+        timing = pillow(raw_dir, output, image_size, all_cores)
+        sizes = [
+            PIL.Image.open(io.BytesIO(image)).size
+            for *_, image in tfrecords.iterate_records(output.read_bytes(), output)
+        ]
+        stored.append((len(sizes), set(sizes), all_cores))
+        return timing
+
+    monkeypatch.setattr(scale.bench_convert, "pillow", anchor)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    writing, without_writing = scale.pillow_rates(folder, scratch)
+    assert stored == [(40, {(224, 224)}, True)], "a record of every photo (none broken in 40), 224x224, on every core"
+    assert list(scratch.iterdir()) == [], "its file is removed"
+    assert writing > 0 and without_writing > 0
