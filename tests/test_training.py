@@ -152,8 +152,9 @@ def test_the_same_params_and_seed_train_the_same_model(workdir):
     assert histories[0] == histories[1]
 
 
-def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_steps(workdir):
+def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_steps(workdir, monkeypatch):
     # One iterator serves the whole run, and Keras runs whole calls of steps: none may run into the next epoch.
+    # fit is given those steps and no more: nothing is read ahead past the last one (a shuffle buffer's worth).
     params = _prepare(workdir, {**FAST, "train.epochs": 3, "train.batch_size": 8, "train.log_every_steps": 4})
     train_count = contracts.Manifest.read(workdir / params.shards_dir).count("train")
     steps_per_epoch = math.ceil(train_count / 8)
@@ -165,9 +166,17 @@ def test_every_epoch_is_one_pass_over_the_training_split_whatever_log_every_step
         def on_train_end(self, logs=None):
             self.count = int(self.model.optimizer.iterations)
 
+    given, fit = [], keras.Model.fit
+
+    def counting_fit(model, data, *args, **kwargs):
+        given.append(int(data.cardinality()))
+        return fit(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", counting_fit)
     optimizer_steps = OptimizerSteps()
     train.train(params.train, 7, workdir / params.shards_dir, workdir / "models", callbacks=[optimizer_steps])
     assert optimizer_steps.count == 3 * steps_per_epoch
+    assert given == [3 * steps_per_epoch]
     assert [row["epoch"] for row in _history(workdir)] == ["0", "1", "2"]
 
 
