@@ -149,7 +149,6 @@ def test_the_convert_anchor_stores_every_photo_like_the_stage_and_leaves_nothing
     monkeypatch.setattr(scale.bench_convert, "pillow", anchor)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    writing, without_writing = scale.pillow_rates(folder, scratch)
+    scale.pillow_rates(folder, scratch)
     assert stored == [(40, {(224, 224)}, True)], "a record of every photo (none broken in 40), 224x224, on every core"
     assert list(scratch.iterdir()) == [], "its file is removed"
-    assert writing > 0 and without_writing > 0
