@@ -5,11 +5,12 @@
 
 32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
 in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
-in this process, `--runs` times each (2 by default, of `--epochs` 7), alternating: this machine runs
-the same work faster or slower from one minute to the next, and alternating gives both sides their
-share of each; each run also costs a model build, tracing and (for the stage) a saved model, so two
-long runs time more epochs (ten per side) in the same three minutes than three short ones (six)
-(docs/benchmarks-history.md, train_throughput):
+in this process, `--runs` times (2 by default, of `--epochs` 7 each side), both sides at once on two
+threads taking their epochs in turns, one epoch of each after the other (bench/turns.py): this machine
+runs the same work faster or slower from one minute to the next, and turns give both sides the same
+minutes (run after run, as before, the ratio moved 0.888x-1.130x the same day); each run also costs a
+model build, tracing and (for the stage) a saved model, so two long runs time more epochs (ten per side)
+in the same three minutes than three short ones (six) (docs/benchmarks-history.md, train_throughput):
 - bare fit: the same network (`tasks.modeling.architectures.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on the training split held in memory (decoded once, centre-cropped to the
   input size, no distortion) as one repeated, shuffled, prefetched tf.data dataset, with the stage's steps
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -65,6 +67,7 @@ import tensorflow as tf
 from bench import input_pipeline
 from bench import report as bench_report
 from bench.accelerator import forward_flops
+from bench.turns import Turns
 from tasks import train
 from tasks.common import config, contracts
 from tasks.data import inputs
@@ -124,19 +127,26 @@ class MatmulRate:
 
 class EpochEnds(keras.callbacks.Callback):
     """Each epoch's wall-clock and CPU seconds, from the end of the one before to its end after every callback
-    before this one; then the matmul rate, timed outside the epochs."""
+    before this one; then the matmul rate, timed outside the epochs. With `turns`, this fit is `side` of two
+    taking epochs in turns (bench/turns.py): the clock stops while the other side trains."""
 
-    def __init__(self, matmul: MatmulRate):
+    def __init__(self, matmul: MatmulRate, turns: Turns | None = None, side: int = 0):
         super().__init__()
         self.matmul = matmul
+        self.turns = turns
+        self.side = side
         self.epochs: list[Epoch] = []
 
     def on_train_begin(self, logs=None):
+        if self.turns:
+            self.turns.begin(self.side)
         self.resumed = clocks()
 
     def on_epoch_end(self, epoch, logs=None):
         end = clocks()
         self.epochs.append((end[0] - self.resumed[0], end[1] - self.resumed[1], *self.matmul.measure()))
+        if self.turns:
+            self.turns.hand_over(self.side)
         self.resumed = clocks()
 
     def steady_epochs(self) -> list[Epoch]:
@@ -152,6 +162,7 @@ class Result:
     bare_epochs: list[Epoch]  # the steady ones
     stage_epochs: list[Epoch]
     forward_flops_per_image: float
+    epochs_in_turns: list[str]  # the side that ended each epoch, in order: the sides alternate
 
     def _column(self, side: str, index: int) -> list[float]:
         """One figure (0 wall seconds, 1 CPU seconds) of each of the side's steady epochs."""
@@ -195,10 +206,8 @@ def in_memory(
     return np.concatenate(images), keras.utils.to_categorical(np.concatenate(labels), class_count)
 
 
-def bare_fit(
-    params: config.TrainParams, shards_dir: pathlib.Path, seed: int, matmul: MatmulRate
-) -> tuple[list[Epoch], float]:
-    """Steady epochs of model.fit on in-memory arrays (`EpochEnds.epochs`), and the model's forward FLOPs per image."""
+def bare_fit(params: config.TrainParams, shards_dir: pathlib.Path, seed: int, epoch_ends: EpochEnds) -> float:
+    """model.fit on the split from memory, its epochs timed by `epoch_ends`; the model's forward FLOPs per image."""
     class_names = contracts.Manifest.read(shards_dir).classes
     x_train, y_train = in_memory(shards_dir, "train", params, len(class_names))
     validation = in_memory(shards_dir, "validation", params, len(class_names))
@@ -224,7 +233,6 @@ def bare_fit(
         jit_compile=False,
         steps_per_execution=math.gcd(params.log_every_steps, steps),
     )
-    epoch_ends = EpochEnds(matmul)
     model.fit(
         train_data,
         steps_per_epoch=steps,
@@ -234,24 +242,24 @@ def bare_fit(
         shuffle=False,  # the dataset shuffles
         verbose=0,
     )
-    return epoch_ends.steady_epochs(), forward_flops(model)
+    return forward_flops(model)
 
 
 def train_stage(
-    params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, matmul: MatmulRate
-) -> list[Epoch]:
-    """Steady epochs of the train stage, everything on (the MLflow store and outputs in `folder`)."""
-    epoch_ends = EpochEnds(matmul)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress lines
-        train.train(
-            params,
-            seed,
-            shards_dir,
-            folder / "models",
-            checkpoints_dir=folder / "checkpoints",
-            callbacks=[epoch_ends],
-        )
-    return epoch_ends.steady_epochs()
+    params: config.TrainParams, shards_dir: pathlib.Path, folder: pathlib.Path, seed: int, epoch_ends: EpochEnds
+) -> None:
+    """The train stage, everything on (the MLflow store and outputs in `folder`), its epochs timed by `epoch_ends`."""
+    train.train(
+        params, seed, shards_dir, folder / "models", checkpoints_dir=folder / "checkpoints", callbacks=[epoch_ends]
+    )
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """The stages' progress lines go nowhere. Around both sides of a `Turns.run`: redirect_stdout replaces
+    sys.stdout for the whole process, and two threads entering and leaving it would leave it redirected."""
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        yield
 
 
 def measure(
@@ -267,13 +275,21 @@ def measure(
     if batch_size:
         overrides["train.batch_size"] = batch_size
     params = config.load_params(PARAMS, overrides)
-    bare_epochs, stage_epochs = [], []
-    for run in range(runs):  # alternating, so that a burst of other work on the machine hits both alike
-        epochs_timed, flops = bare_fit(params.train, shards_dir, params.base.seed, matmul)
-        bare_epochs += epochs_timed
-        stage_epochs += train_stage(params.train, shards_dir, folder / f"{model}-{run}", params.base.seed, matmul)
+    bare_epochs, stage_epochs, turns_taken = [], [], []
+    for run in range(runs):
+        turns = Turns(("bare", "stage"))  # epochs in turns, so that a burst of other work on the host hits both alike
+        bare, stage = EpochEnds(matmul, turns, side=0), EpochEnds(matmul, turns, side=1)
+        seed, outputs = params.base.seed, folder / f"{model}-{run}"
+        with quiet_stdout():
+            flops, _ = turns.run(
+                functools.partial(bare_fit, params.train, shards_dir, seed, bare),
+                functools.partial(train_stage, params.train, shards_dir, outputs, seed, stage),
+            )
+        bare_epochs += bare.steady_epochs()
+        stage_epochs += stage.steady_epochs()
+        turns_taken += turns.epochs
     train_images = contracts.Manifest.read(shards_dir).count("train")
-    return Result(model, params.train.batch_size, train_images, bare_epochs, stage_epochs, flops)
+    return Result(model, params.train.batch_size, train_images, bare_epochs, stage_epochs, flops, turns_taken)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         default=7,
         help="per run; the first and last are not timed, at least 3 (default: %(default)s)",
     )
-    parser.add_argument("--runs", type=int, default=2, help="of each side, alternating (default: %(default)s)")
+    parser.add_argument(
+        "--runs", type=int, default=2, help="of each side, each with its epochs in turns (default: %(default)s)"
+    )
     parser.add_argument(
         "--batch-size", type=int, default=None, help="for every model (default: each seed's own, 32 or 128)"
     )
@@ -376,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_flop_fraction": round(cpu_fraction, 4),
             "bare_epochs_wall_cpu_matmul": result.bare_epochs,
             "stage_epochs_wall_cpu_matmul": result.stage_epochs,
+            "epochs_in_turns": result.epochs_in_turns,
         }
     bench_report.print_table(
         [

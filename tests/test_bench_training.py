@@ -45,6 +45,7 @@ def test_train_throughput_benchmark_reports_ratio_and_flop_fraction(workdir):
     assert figures["training_flops_per_image"] == 3 * figures["forward_flops_per_image"]
     stage, bare = figures["stage_epochs_wall_cpu_matmul"], figures["bare_epochs_wall_cpu_matmul"]
     assert len(stage) == len(bare) == 2, "of 4 epochs, the first and the last are not timed"
+    assert figures["epochs_in_turns"] == ["bare", "stage"] * 4, "one epoch of each side after the other"
     # The median epoch of each side, not the fastest one: about 70 of the 100 images form the training split.
     assert 55 <= report["train_images"] <= 85
     assert figures["stage_images_per_second"] == pytest.approx(
@@ -66,6 +67,7 @@ def test_streaming_benchmark_compares_the_stage_with_and_without_its_cache(workd
     assert report["benchmark"] == "streaming" and 55 <= report["train_images"] <= 85
     epochs = report["epochs_wall_cpu_matmul"]
     assert [len(epochs["cached"]), len(epochs["streaming"])] == [1, 1], "of 3 epochs, the first and last are not timed"
+    assert report["epochs_in_turns"] == ["cached", "streaming"] * 3, "one epoch of each side after the other"
     assert report["streaming_images_per_second"] == pytest.approx(
         report["train_images"] / epochs["streaming"][0][0], rel=1e-3
     )
