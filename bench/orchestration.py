@@ -11,8 +11,8 @@ dvc.lock after), and nothing is skipped. Each run is a fresh process, as a user 
 - plain: download, convert, train, evaluate and register called one after another with the
   arguments the flow's tasks pass, and the same DVC bookkeeping (dvc_stages.up_to_date and commit);
 - flow: `python -m flows.pipeline`, as a user starts it, on Prefect's temporary local API (no server
-  configured), whose start-up the run pays like every such run (flows/local_api.py starts it while
-  the flow's heavy modules import).
+  configured), whose start-up the run pays like every such run (flows/local_api.py starts it on
+  another core while the flow's heavy modules import).
 Before them, Prefect's API is started once alone, which creates its database in the benchmark's own
 PREFECT_HOME (once per machine for a user; timed and shown, not counted), and once more after them:
 its start-up alone, shown. Plain and flow runs alternate, --repeats times each; the fastest of each
@@ -131,16 +131,17 @@ def run_plain() -> dict:
 
 
 def run_startup() -> dict:
-    """Prefect's temporary local API started alone, as a flow run starts it: the server's import, its launch
-    and its first answer to /health (SubprocessASGIServer, what Prefect's client starts)."""
+    """Prefect's temporary local API started alone, as a flow run starts it (flows/local_api.py): Prefect's
+    settings read, the server's process launched, its first answer to /health."""
     start = time.perf_counter()
-    from prefect.server.api.server import SubprocessASGIServer
+    from flows import local_api
 
     imported = time.perf_counter()
-    server = SubprocessASGIServer()
-    server.start()
+    api = local_api.start()
+    if api is None or not api.wait_until_answering(timeout_seconds=120):
+        raise RuntimeError("Prefect's temporary local API did not start (configured: PREFECT_API_URL?)")
     started = time.perf_counter()
-    server.stop()
+    api.stop()
     return {"import": imported - start, "startup": started - imported}
 
 
@@ -311,7 +312,7 @@ def print_report(report: dict) -> None:
             None,
             None,
             None,
-            "server import, launch, first /health; in the flow while it imports",
+            "launch, first /health; in the flow while it imports",
         ],
         [
             "Prefect API first start, new database",

@@ -166,11 +166,11 @@ def main(arguments: list[str] | None = None) -> None:
     if not options.verbose and not errors.verbose():
         _console_without_tracebacks()
     logging.getLogger("dvc").propagate = False  # DVC prints its lines itself; Prefect's console printed them again
-    api = local_api.start_in_background()  # without a configured server, Prefect's local API starts meanwhile:
+    api = local_api.start()  # without a configured server, Prefect's local API starts on another core meanwhile
     from flows import reports  # noqa: F401 - the run's heavy modules (TensorFlow, Keras, MLflow)
 
-    local_api.wait(api)
-    print(pipeline(options.params, overrides))
+    with local_api.serving(api):
+        print(pipeline(options.params, overrides))
 
 
 class _WithoutTraceback(logging.Formatter):
