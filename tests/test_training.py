@@ -17,11 +17,13 @@ import sys
 
 import keras
 import mlflow
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from tasks import convert, evaluate, train
 from tasks.common import config, contracts, tracking
-from tasks.modeling import checkpoints
+from tasks.modeling import checkpoints, distributed
 from tests.conftest import FAST, REPOSITORY, make_image_folder, write_params
 
 # Small and free of randomness inside the model (no dropout, no batch norm): replicas must agree.
@@ -284,3 +286,27 @@ def test_backups_wait_for_their_interval(tmp_path):
         )
         model.fit(features, targets, epochs=2, callbacks=[backup, watch], verbose=0)
     assert written == [True, True, False, False]
+
+
+@pytest.mark.parametrize("backed_up_epochs", [0, 1])
+def test_the_cluster_loop_reads_no_batch_past_its_last_step(tmp_path, monkeypatch, backed_up_epochs):
+    # Its twin of model.fit's cut (above): the data it iterates holds the steps of the epochs it runs, from the
+    # epoch its backups resume at. On the repeated data, the prefetch after the last step began another epoch.
+    strategy = tf.distribute.get_strategy()  # the loop's calls, without a cluster
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    images, labels = np.random.default_rng(0).random((4, 4), "float32"), np.eye(3, dtype="float32")[[0, 1, 2, 0]]
+    repeated = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2).repeat()
+    backup_dir = tmp_path / "backup"
+    if backed_up_epochs:
+        distributed.backup_epoch(model, backup_dir, backed_up_epochs)
+    given, distribute = [], strategy.experimental_distribute_dataset
+
+    def recording_distribute(data):
+        given.append(data)
+        return distribute(data)
+
+    monkeypatch.setattr(strategy, "experimental_distribute_dataset", recording_distribute)
+    distributed.fit_multi_worker(model, strategy, repeated, repeated.take(1), 3, 2, 0.0, [], backup_dir)
+    assert [int(data.cardinality()) for data in given] == [2 * (3 - backed_up_epochs)]
+    assert int(model.optimizer.iterations) == 2 * (3 - backed_up_epochs)

@@ -69,14 +69,17 @@ def fit_multi_worker(
     ({class index: weight}) weighs each image's loss as fit's class_weight does.
     """
     optimizer = model.optimizer
-    # Every worker reads all shards and keeps its share of each global batch: works with any shard count.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    batches = iter(strategy.experimental_distribute_dataset(train_data.with_options(options)))
     train_step = _train_step(model, strategy, label_smoothing, class_weight)
     with strategy.scope():
         optimizer.build(model.trainable_variables)
     initial_epoch = resume_epoch(model, strategy, backup_dir)
+    # Every worker reads all shards and keeps its share of each global batch: works with any shard count. Cut to
+    # the steps this loop takes, as train cuts model.fit's data: on the repeated data, the prefetch after the last
+    # step would begin another epoch, which from the shards first fills the shuffle buffer.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    steps = train_data.take(steps_per_epoch * (epochs - initial_epoch))
+    batches = iter(strategy.experimental_distribute_dataset(steps.with_options(options)))
     history = keras.callbacks.History()
     callback_list = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=epochs)
     model.stop_training = False
