@@ -47,6 +47,7 @@ class LocalApi:
     def wait_until_answering(self, timeout_seconds: float) -> bool:
         """True once /health answers; False if the process ended or `timeout_seconds` passed first."""
         deadline = time.monotonic() + timeout_seconds
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
         while time.monotonic() < deadline:
             if self.process.poll() == PORT_IN_USE:
                 self.process, self.port = _launch()
@@ -54,7 +55,7 @@ class LocalApi:
                 return False
             with (
                 contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=1) as response,
+                opener.open(f"{self.url}/health", timeout=1) as response,
             ):
                 if response.status == 200:
                     return True
