@@ -30,7 +30,10 @@ import urllib.request
 from collections.abc import Iterator
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]  # uvicorn imports this module's create_app from here
-PORT_IN_USE = 3  # uvicorn's exit code when its port was taken between choosing and binding it
+# uvicorn's exit code when it could not start: its port taken between choosing and binding it (launched again on
+# another, at most LAUNCHES times in all), or any other failure to start.
+STARTUP_FAILURE = 3
+LAUNCHES = 3
 
 
 class LocalApi:
@@ -48,9 +51,11 @@ class LocalApi:
         """True once /health answers; False if the process ended or `timeout_seconds` passed first."""
         deadline = time.monotonic() + timeout_seconds
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
+        launches = 1
         while time.monotonic() < deadline:
-            if self.process.poll() == PORT_IN_USE:
+            if self.process.poll() == STARTUP_FAILURE and launches < LAUNCHES:
                 self.process, self.port = _launch()
+                launches += 1
             elif self.process.poll() is not None:
                 return False
             with (

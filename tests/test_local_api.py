@@ -17,10 +17,18 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
 FLOW = textwrap.dedent(
     """
-    import json, sys
+    import json, socket, sys
     import prefect
     from flows import local_api
 
+    taken = None
+    if sys.argv[1] == "taken":  # the first port chosen is taken before the API binds it
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken, choose = holder.getsockname()[1], local_api._free_port
+        chosen = iter([taken])
+        local_api._free_port = lambda: next(chosen, None) or choose()
     api = local_api.start()
     if sys.argv[1] == "dead":  # the process ends before it answers: Prefect is left to start its own
         api.process.kill()
@@ -32,7 +40,7 @@ FLOW = textwrap.dedent(
 
     with local_api.serving(api):
         used = check()
-    print(json.dumps({"used": used, "ours": api.url, "pid": api.process.pid}))
+    print(json.dumps({"used": used, "ours": api.url, "pid": api.process.pid, "port": api.port, "taken": taken}))
     """
 )
 
@@ -76,3 +84,9 @@ def test_an_api_that_cannot_start_leaves_the_run_to_prefects_own(tmp_path):
     assert "Starting temporary server" in output
     assert "a line for the API" in _logged(tmp_path / "prefect")
     assert _gone(result["pid"])
+
+
+def test_a_port_taken_before_the_api_binds_it_makes_it_start_on_another(tmp_path):
+    result, _ = _run_flow(tmp_path, "taken")
+    assert result["port"] != result["taken"] and result["used"] == result["ours"]
+    assert "a line for the API" in _logged(tmp_path / "prefect")
