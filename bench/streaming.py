@@ -1,7 +1,7 @@
 """Training from data larger than memory: the train stage streaming its split from the shards against the same
 stage with the split cached in memory.
 
-    python -m bench.streaming                  # keras_cnn at 32x32, 4,000 images, 2 runs of 7 epochs each side
+    python -m bench.streaming                  # keras_cnn at 32x32, 4,000 images, 2 runs of 12 epochs each side
     python -m bench.streaming --images 600 --epochs 3 --runs 1    # quicker, noisier
 
 The shards are bench/input_pipeline.py's CIFAR-like 32x32 PNGs (70% form the training split). Both sides
@@ -74,7 +74,9 @@ def measure(shards_dir: pathlib.Path, folder: pathlib.Path, epochs: int, runs: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000, help="32x32 images to convert (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=7, help="per run, at least 3 (default: %(default)s)")
+    parser.add_argument(
+        "--epochs", type=int, default=12, help="per run, at least 3: ten steady epochs (default: %(default)s)"
+    )
     parser.add_argument(
         "--runs", type=int, default=2, help="of each side, each with its epochs in turns (default: %(default)s)"
     )

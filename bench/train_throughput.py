@@ -5,12 +5,15 @@
 
 32x32 RGB images (bench/input_pipeline.py's CIFAR-like PNGs) go through the convert stage into shards
 in a temporary folder (70% of them, 2,800 by default, form the training split). Then, for each model,
-in this process, `--runs` times (2 by default, of `--epochs` 7 each side), both sides at once on two
+in this process, `--runs` times (2 by default, of `--epochs` 12 each side), both sides at once on two
 threads taking their epochs in turns, one epoch of each after the other (bench/turns.py): this machine
 runs the same work faster or slower from one minute to the next, and turns give both sides the same
-minutes (run after run, as before, the ratio moved 0.888x-1.130x the same day); each run also costs a
-model build, tracing and (for the stage) a saved model, so two long runs time more epochs (ten per side)
-in the same three minutes than three short ones (six) (docs/benchmarks-history.md, train_throughput):
+minutes (run after run, as before, the ratio moved 0.888x-1.130x the same day). Even in turns, one epoch
+of a side against the next of the other moves by up to a quarter, and the median of seven steady epochs a
+side moved 0.924x-0.998x between two identical stages: ten a run, twenty a side in all, about halve what
+reaches the ratio of that. Each run also costs a model build, tracing and (for the stage) a saved
+model, so two long runs time more epochs than several short ones (docs/benchmarks-history.md,
+train_throughput):
 - bare fit: the same network (`tasks.modeling.architectures.build_model`), loss, optimizer (with its moving averages)
   and batch size, `model.fit` on the training split held in memory (decoded once, centre-cropped to the
   input size, no distortion) as one repeated, shuffled, prefetched tf.data dataset, with the stage's steps
@@ -24,7 +27,7 @@ in the same three minutes than three short ones (six) (docs/benchmarks-history.m
 Both are timed by the same Keras callback, the last in the list: an epoch lasts from the end of the
 one before to its own end (the training steps, the validation pass and every callback of the
 epoch). The first epoch (tracing, filling the cache) and the last (the stage then also scores the
-raw weights) are left out. A side's images/s is that of its median timed epoch (of ten by
+raw weights) are left out. A side's images/s is that of its median timed epoch (of twenty by
 default). Both keep one input iterator for the whole fit: given NumPy arrays, Keras makes a new one
 every epoch, and on this machine four or five epochs in ten then left one core idle much of the time
 (an earlier anchor that flattered the stage). The median is not moved by a few slow epochs, where
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs",
         type=int,
-        default=7,
+        default=12,
         help="per run; the first and last are not timed, at least 3 (default: %(default)s)",
     )
     parser.add_argument(
