@@ -13,6 +13,7 @@ def _side(turns: Turns, side: int, epochs: int, log: list[str], fail_at: int | N
     def train():
         log.append(f"{turns.names[side]} set up")
         time.sleep(0.05)  # a set-up that takes a while: the other side must not start its own meanwhile
+        log.append(f"{turns.names[side]} ready")
         turns.begin(side)
         for epoch in range(epochs):
             if epoch == fail_at:
@@ -27,14 +28,15 @@ def _side(turns: Turns, side: int, epochs: int, log: list[str], fail_at: int | N
 def test_sides_set_up_one_after_the_other_then_alternate_epochs():
     turns, log = Turns(("bare", "stage")), []
     assert turns.run(_side(turns, 0, 3, log), _side(turns, 1, 3, log)) == ("bare", "stage")
-    assert log == ["bare set up", "stage set up", "bare 0", "stage 0", "bare 1", "stage 1", "bare 2", "stage 2"]
+    assert log[:4] == ["bare set up", "bare ready", "stage set up", "stage ready"], "set-ups one after the other"
+    assert log[4:] == ["bare 0", "stage 0", "bare 1", "stage 1", "bare 2", "stage 2"]
     assert turns.epochs == ["bare", "stage"] * 3
 
 
 def test_a_side_with_more_epochs_goes_on_alone_once_the_other_has_ended():
     turns, log = Turns(("a", "b")), []
     turns.run(_side(turns, 0, 1, log), _side(turns, 1, 3, log))
-    assert log[2:] == ["a 0", "b 0", "b 1", "b 2"]
+    assert log[4:] == ["a 0", "b 0", "b 1", "b 2"]
 
 
 @pytest.mark.parametrize("failing", [0, 1])
