@@ -10,7 +10,7 @@ and longer when both import at once), and only then launches the process: the fl
 
 `start` launches the same process as Prefect does, with nothing of the server imported here, as soon as the
 settings are read; `serving` waits until it answers and points this process's Prefect at it for the run
-(PREFECT_API_URL, as a configured server is), then stops it. If it cannot start (its output shows why),
+(PREFECT_API_URL, as a configured server is); it stops at exit. If it cannot start (its output shows why),
 `serving` stops it and leaves the run to Prefect, which starts its own and reports any failure itself. With a
 configured server there is nothing to start, which is the way to pay no start-up at all (README, With Prefect).
 """
@@ -21,13 +21,13 @@ import atexit
 import contextlib
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
+
+from tasks.common import local_http
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]  # uvicorn imports this module's create_app from here
 # uvicorn's exit code when it could not start: its port taken between choosing and binding it (launched again on
@@ -50,7 +50,7 @@ class LocalApi:
     def wait_until_answering(self, timeout_seconds: float) -> bool:
         """True once /health answers; False if the process ended or `timeout_seconds` passed first."""
         deadline = time.monotonic() + timeout_seconds
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
+        opener = local_http.direct_opener()
         launches = 1
         while time.monotonic() < deadline:
             if self.process.poll() == STARTUP_FAILURE and launches < LAUNCHES:
@@ -122,7 +122,7 @@ def _launch() -> tuple[subprocess.Popen, int]:
     launches its temporary API (its output passes through: errors only)."""
     from prefect.settings import get_current_settings
 
-    port = _free_port()
+    port = local_http.free_port()
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(REPOSITORY), "--factory", f"{__name__}:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
     variables = {
@@ -131,9 +131,3 @@ def _launch() -> tuple[subprocess.Popen, int]:
         "PREFECT_UI_ENABLED": "0",
     }
     return subprocess.Popen(command, env=variables), port
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -20,15 +20,16 @@ FLOW = textwrap.dedent(
     import json, socket, sys
     import prefect
     from flows import local_api
+    from tasks.common import local_http
 
     taken = None
     if sys.argv[1] == "taken":  # the first port chosen is taken before the API binds it
         holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        taken, choose = holder.getsockname()[1], local_api._free_port
+        taken, choose = holder.getsockname()[1], local_http.free_port
         chosen = iter([taken])
-        local_api._free_port = lambda: next(chosen, None) or choose()
+        local_http.free_port = lambda: next(chosen, None) or choose()
     api = local_api.start()
     if sys.argv[1] == "dead":  # the process ends before it answers: Prefect is left to start its own
         api.process.kill()

@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import urllib.request
 import mlflow
 import numpy as np
 
-from tasks.common import errors, tracking
+from tasks.common import errors, local_http, tracking
 
 # Largest |served - expected| probability. JSON carries each float32 exactly; what remains is the rounding
 # of a batch computed in another process (measured: 0 on the tiny test model).
@@ -58,7 +57,7 @@ def check_served(
 ) -> ServedCheck:
     """Serves `model_uri` with `mlflow models serve` and checks that its answer to `images` (uint8, a few:
     they travel as JSON) is `expected`; the server must answer within `timeout_seconds` of starting."""
-    port = _free_port()
+    port = local_http.free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     command += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # one worker: one copy of the model
@@ -91,21 +90,10 @@ def _environment() -> dict[str, str]:
     return environment
 
 
-def _free_port() -> int:
-    # The port is free now; another program could take it before the server binds it, which then fails.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
-
-
 def _wait_until_ready(
     server: subprocess.Popen, url: str, deadline: float, model_uri: str, log_path: pathlib.Path
 ) -> None:
-    opener = _opener()
+    opener = local_http.direct_opener()
     while True:
         try:
             with opener.open(f"{url}/ping", timeout=POLL_SECONDS * 4):
@@ -135,7 +123,7 @@ def _ask(
         headers={"Content-Type": "application/json"},
     )
     try:
-        with _opener().open(request, timeout=max(deadline - time.monotonic(), 1.0)) as response:
+        with local_http.direct_opener().open(request, timeout=max(deadline - time.monotonic(), 1.0)) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as error:
         body = error.read().decode(errors="replace")[:1000]
