@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from tasks import evaluate
-from tasks.common import contracts
-from tests.test_training import TINY, _finish, _free_port, _history, _prepare, _start
+from tasks.common import contracts, local_http
+from tests.test_training import TINY, _finish, _history, _prepare, _start
 
 SETTINGS = {**TINY, "train.epochs": 4, "train.batch_size": 8, "train.strategy": "multi_worker"}
 
@@ -34,7 +34,7 @@ train.main()
 
 def _cluster(folders: list[pathlib.Path], code: str | None = None) -> list[tuple[int, str]]:
     """Runs one worker in each folder (the first is the chief): each one's (exit code, output)."""
-    workers = [f"127.0.0.1:{_free_port()}" for _ in folders]
+    workers = [f"127.0.0.1:{local_http.free_port()}" for _ in folders]
     processes = [
         _start(
             folder,

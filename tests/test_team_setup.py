@@ -14,7 +14,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import uuid
 
 import pytest
 
-from tasks.common import errors
+from tasks.common import errors, local_http
 from tests.conftest import FAST, stop, write_params
 
 BIN = pathlib.Path(sys.executable).parent  # the environment's commands: prefect, mlflow, dvc
@@ -47,12 +46,6 @@ def _environment(**extra: str) -> dict[str, str]:
     the environment's commands first on PATH, and `extra`."""
     kept = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "MLFLOW_", "GIT_"))}
     return {**kept, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _run(command: list[str], cwd: pathlib.Path, environment: dict[str, str] | None = None) -> str:
@@ -139,7 +132,7 @@ def _refused(url: str, body: dict | None = None) -> int:
 
 
 def _start_prefect_server(processes: _Processes, home: pathlib.Path) -> tuple[str, subprocess.Popen]:
-    port = _free_port()
+    port = local_http.free_port()
     server = processes.start(
         "prefect-server",
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -157,7 +150,7 @@ def _start_prefect_server(processes: _Processes, home: pathlib.Path) -> tuple[st
 
 
 def _start_mlflow_server(processes: _Processes, folder: pathlib.Path) -> tuple[str, subprocess.Popen]:
-    port = _free_port()
+    port = local_http.free_port()
     # The users' database: a file beside the runs' database (the default is ./basic_auth.db).
     (folder / "basic_auth.ini").write_text(
         "[mlflow]\n"

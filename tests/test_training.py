@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -72,12 +71,6 @@ def _losses(output: str) -> list[float]:
 
 def _history(folder: pathlib.Path) -> list[dict[str, str]]:
     return list(csv.DictReader((folder / "models" / "history.csv").open()))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # Runs the stage and kills its own process, as a power cut would, right after epoch 2's backup is written.
