@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from bench import workspace
+from tasks.common import local_http
 
 REPOSITORY = workspace.REPOSITORY
 # The slowest test files, slowest first (from `pytest --durations`): the test command hands whole files to
@@ -137,15 +138,12 @@ def _restore_mlflow_tracking_uri(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder: its URI."""
-    import socket
     import sys
     import time
     import urllib.request
 
     folder = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = local_http.free_port()
     command = [
         str(pathlib.Path(sys.executable).parent / "mlflow"),
         "server",

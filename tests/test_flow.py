@@ -11,6 +11,7 @@ import urllib.request
 import mlflow
 import pytest
 
+from tasks.common import local_http
 from tests.conftest import FAST, assert_cache_intact, stop, write_params
 from tests.test_pipeline import _dvc
 
@@ -138,12 +139,8 @@ def _wait_for(check, timeout: float, what: str, processes=()):
 
 
 def test_the_served_deployment_runs_on_a_prefect_server(repository_copy, tmp_path):
-    import socket
-
     write_params(repository_copy / "params.yaml", {**FAST, "register.min_precision": 0.0})
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = local_http.free_port()
     api = f"http://127.0.0.1:{port}/api"
     bin_dir = pathlib.Path(sys.executable).parent
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")} | {

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows import deploy, watch  # at import, not in a test: see tests/test_bad_input.py
-from tasks.common import errors
+from tasks.common import errors, local_http
 from tasks.data.sources import imagefolder
 from tests.conftest import REPOSITORY, write_params
 
@@ -98,13 +98,9 @@ def test_a_burst_of_copies_starts_the_deployment_once(prefect_server, tmp_path):
 
 
 def test_a_change_the_server_did_not_get_is_announced_later(tmp_path):
-    import socket
-
     images, state = tmp_path / "images", tmp_path / "watch.json"
     _copy(images, 0, 3)
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        unreachable = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    unreachable = f"http://127.0.0.1:{local_http.free_port()}/api"  # a port nobody listens on
     command = [sys.executable, "-m", "flows.watch", "--folder", str(images), "--state", str(state), "--once"]
     command += ["--interval", "0.1", "--quiet-seconds", "0"]
     environment = os.environ | {"PREFECT_API_URL": unreachable}
