@@ -216,7 +216,7 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devic
         crop_padding=params.crop_padding,
         augment=params.augment,
         batch_size=params.batch_size,
-        shuffle_buffer=params.shuffle_buffer,
+        shuffle_buffer=_shuffle_buffer(params, manifest),
         cache_mb=params.cache_mb,
         seed=seed,
     )
@@ -252,6 +252,20 @@ def _data(params: config.TrainParams, seed: int, shards_dir: pathlib.Path, devic
         pipeline=pipeline,
         class_weight=class_weights.compute(params.class_weight, manifest),
     )
+
+
+def _shuffle_buffer(params: config.TrainParams, manifest: contracts.Manifest) -> int:
+    """train.shuffle_buffer, bounded by train.shuffle_mb, said when the split is streamed and the bound cuts it."""
+    bounded = inputs.bounded_shuffle_buffer(manifest, params.shuffle_buffer, params.shuffle_mb)
+    streamed = not inputs.fits_in_memory(manifest.count("train"), params.image_size, params.cache_mb)
+    if streamed and bounded < min(params.shuffle_buffer, manifest.count("train")):
+        print(
+            f"train: shuffling through {bounded:,} stored images at a time, not train.shuffle_buffer's "
+            f"{params.shuffle_buffer:,}: the training split's images are stored at "
+            f"{inputs.mean_stored_bytes(manifest, 'train') / 2**10:,.0f} KiB each on average, and "
+            f"train.shuffle_mb bounds the buffer to {params.shuffle_mb:,} MiB"
+        )
+    return bounded
 
 
 def _check_replicas(batch_size: int, replicas: int) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks import convert
+from tasks import convert, train
 from tasks.common import config, contracts
 from tasks.data import inputs, records
 from tasks.modeling import optimizers
@@ -99,6 +99,42 @@ def test_padded_crops_shift_whole_images_by_at_most_the_padding(shards):
     assert shifted.shape == original.shape
     assert (shifted == 0).any() and not (original == 0).all(), "zero padding shows at the borders of shifted images"
     assert not np.array_equal(shifted, original)
+
+
+def _stored_at(manifest: contracts.Manifest, bytes_per_image: int | None) -> contracts.Manifest:
+    """The manifest with its training shards' images recorded as `bytes_per_image` each."""
+    train = manifest.splits["train"]
+    shards = [
+        shard.model_copy(update={"image_bytes": None if bytes_per_image is None else bytes_per_image * shard.records})
+        for shard in train.shards
+    ]
+    return manifest.model_copy(
+        update={"splits": {**manifest.splits, "train": train.model_copy(update={"shards": shards})}}
+    )
+
+
+def test_the_shuffle_buffer_holds_at_most_shuffle_mb_of_stored_images(shards, capsys):
+    manifest = contracts.Manifest.read(shards)
+    stored = sum(shard.image_bytes for shard in manifest.splits["train"].shards)
+    assert inputs.mean_stored_bytes(manifest, "train") == stored / manifest.count("train")
+    # Phone photos kept at their own size, 4 MiB each: 512 MiB hold 128 of them, not the tutorial's 20,000.
+    photos = _stored_at(manifest, 4 * 2**20)
+    assert inputs.bounded_shuffle_buffer(photos, 20_000, 512) == 128
+    assert inputs.bounded_shuffle_buffer(photos, 100, 512) == 100, "never more than train.shuffle_buffer"
+    assert inputs.bounded_shuffle_buffer(photos, 20_000, 1) == 1, "one image larger than the bound: a buffer of one"
+    assert inputs.bounded_shuffle_buffer(_stored_at(manifest, None), 20_000, 1) == 20_000, "sizes not recorded"
+
+    # The train stage says so when it streams the split through a buffer the bound cut (64 KiB an image: 16 in 1 MiB).
+    count = manifest.count("train")
+    assert count > 16
+    streamed = _train_params(cache_mb=0, shuffle_mb=1)
+    assert train._shuffle_buffer(streamed, _stored_at(manifest, 64 * 2**10)) == 16
+    said = capsys.readouterr().out
+    assert "shuffling through 16 stored images at a time, not train.shuffle_buffer's 20,000" in said
+    assert "64 KiB each on average" in said and "train.shuffle_mb bounds the buffer to 1 MiB" in said
+    cached = _train_params(shuffle_mb=1)  # the split held in memory: no buffer to speak of
+    assert train._shuffle_buffer(cached, _stored_at(manifest, 64 * 2**10)) == 16
+    assert capsys.readouterr().out == ""
 
 
 def test_evaluation_takes_the_centre_and_keeps_the_stored_order(shards):

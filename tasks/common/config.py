@@ -149,6 +149,7 @@ class TrainParams(_Section):
     crop_padding: int = pydantic.Field(ge=0)
     augment: tuple[Literal[AUGMENTATIONS], ...]  # type: ignore[valid-type]
     shuffle_buffer: int = pydantic.Field(ge=1)
+    shuffle_mb: int = pydantic.Field(ge=1)
     cache_mb: int = pydantic.Field(ge=0)
     resnet_n: int = pydantic.Field(ge=1)
     pretrained_weights: str = pydantic.Field(min_length=1)

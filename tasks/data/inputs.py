@@ -141,6 +141,26 @@ def fits_in_memory(count: int, image_size: tuple[int, int], cache_mb: int) -> bo
     return count * image_size[0] * image_size[1] * 3 <= cache_mb * 2**20
 
 
+def bounded_shuffle_buffer(manifest: contracts.Manifest, shuffle_buffer: int, shuffle_mb: int) -> int:
+    """train.shuffle_buffer images of the training split, or fewer when their stored images would take more than
+    train.shuffle_mb MiB: the buffer holds records as stored (compressed), and 20,000 photos kept at their own size
+    (a few MB each from a phone) would not fit in memory. Sized by the split's mean stored image; a manifest without
+    those sizes (an earlier release's) leaves the count as it is."""
+    mean_bytes = mean_stored_bytes(manifest, "train")
+    if mean_bytes is None:
+        return shuffle_buffer
+    return max(1, min(shuffle_buffer, int(shuffle_mb * 2**20 // max(1.0, mean_bytes))))
+
+
+def mean_stored_bytes(manifest: contracts.Manifest, split: str) -> float | None:
+    """The mean size of a split's encoded images in its shards, as the manifest records them; None when it does
+    not (an earlier release's manifest) or the split is empty."""
+    shards = manifest.splits[split].shards
+    if not shards or any(shard.image_bytes is None for shard in shards):
+        return None
+    return sum(shard.image_bytes for shard in shards) / max(1, manifest.count(split))
+
+
 def batches_per_epoch(count: int, batch_size: int, replicas: int = 1, drop_remainder: bool = False) -> int:
     """How many batches training_data makes of `count` images an epoch."""
     whole, rest = divmod(count, batch_size)
