@@ -172,9 +172,12 @@ def _convert(
     placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
     found, outside, earlier = _files_and_previous(raw_dir, placer, digests_file, pool, shards_dir)
     class_names = _class_names(found, raw_dir)
-    known, stored_sizes = [item.recorded for item in found], _stored_sizes(found, dataset.image_size, earlier)
-    disk.require(space_needed(found, stored_sizes, dataset, shards_dir, _stored_digests(found, earlier, dataset)))
-    shard_counts = _expected_shard_counts(found, stored_sizes, dataset, earlier)
+    # The previous conversion when it stored images as this one will (same size, same perceptual hashes): its
+    # sizes, records and layout are this run's to keep.
+    alike = earlier if earlier is not None and reuse.stored_alike(earlier[0], dataset.image_size) else None
+    known, stored_sizes = [item.recorded for item in found], _stored_sizes(found, dataset.image_size, alike)
+    disk.require(space_needed(found, stored_sizes, dataset, shards_dir, _stored_digests(found, alike)))
+    shard_counts = _expected_shard_counts(found, stored_sizes, dataset, alike)
     baseline = changes.baseline(model_name, earlier[1] if earlier else None, shards_dir)
     with files.staged_directory(shards_dir) as staging:
         spool = shard_writing.Spool(staging / ".encoded.spool", staging / ".decoded", shard_counts, {})
@@ -257,15 +260,15 @@ def space_needed(
 def _stored_sizes(
     found: list[_File],
     image_size: tuple[int, int] | None,
-    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
+    alike: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
 ) -> tuple[float, float]:
     """(Bytes stored per source byte, mean bytes stored per image), the first for images kept at their size (and 1
     otherwise), the second for resized ones (0 otherwise). From the previous shards when they store images as this
-    run would (their images' bytes over the files found now, or over their records: a nightly run adds few
+    run would (`alike`; their images' bytes over the files found now, or over their records: a nightly run adds few
     images); else from SIZE_SAMPLE files spread evenly over the sorted list (every class), prepared as convert
     stores them (24 photos of 384 pixels prepared one after another: 20 ms of CPU kept at their size, 46 ms
     resized to 224x224); (1, 0) when none is an image."""
-    previous = earlier[0].shards() if earlier is not None and reuse.stored_alike(earlier[0], image_size) else []
+    previous = alike[0].shards() if alike is not None else []
     if previous and all(shard.image_bytes is not None for shard in previous):
         stored = sum(shard.image_bytes for shard in previous)
         if image_size is None:
@@ -287,14 +290,14 @@ def _file_size(item: _File) -> int:
     return listing.size_of(item.identity) if item.identity else 0
 
 
-def _stored_digests(found: list[_File], earlier, dataset: config.DatasetParams) -> dict[str, str]:
+def _stored_digests(
+    found: list[_File], alike: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None
+) -> dict[str, str]:
     """Path -> sha256 of the records the previous shards hold that this run can keep as they are: all, when they
-    were written with the same classes and image size (tasks/data/reuse.py); else none."""
-    if earlier is None or not reuse.stored_alike(earlier[0], dataset.image_size):
-        return {}
-    if earlier[0].classes != sorted({item.class_name for item in found}):
-        return {}  # other labels: every record is written again
-    return {entry.path: entry.sha256 for entry in earlier[1]}
+    store images as this run would (`alike`) and were written with the same classes; else none."""
+    if alike is None or alike[0].classes != sorted({item.class_name for item in found}):
+        return {}  # none, or other labels: every record is written again
+    return {entry.path: entry.sha256 for entry in alike[1]}
 
 
 def _class_names(found: list[_File], raw_dir: pathlib.Path) -> tuple[str, ...]:
@@ -835,15 +838,15 @@ def _expected_shard_counts(
     found: list[_File],
     stored_sizes: tuple[float, float],
     dataset: config.DatasetParams,
-    earlier: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
+    alike: tuple[contracts.Manifest, list[contracts.IndexEntry]] | None,
 ) -> dict[str, int]:
     """Each split's number of shards as shard_writing.layout is expected to find it once every image is stored.
-    After a conversion that stored images as this one does, its own: a nightly run's few new images join shards
-    whose number changes only when a split doubles or halves (and there each shard that changes mixes kept and new
-    records, all copied). Else every file of the split found stored as _stored_sizes says (broken files counted
-    too: unknown yet)."""
-    if earlier is not None and reuse.stored_alike(earlier[0], dataset.image_size):
-        return {split: earlier[0].splits[split].shard_slots or 1 for split in contracts.SPLITS}
+    After a conversion that stored images as this one does (`alike`), its own: a nightly run's few new images join
+    shards whose number changes only when a split doubles or halves (and there each shard that changes mixes kept
+    and new records, all copied). Else every file of the split found stored as _stored_sizes says (broken files
+    counted too: unknown yet)."""
+    if alike is not None:
+        return {split: alike[0].splits[split].shard_slots or 1 for split in contracts.SPLITS}
     per_byte, per_image = stored_sizes
     files, source_bytes = collections.Counter(), collections.Counter()
     for item in found:
