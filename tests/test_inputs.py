@@ -103,13 +103,13 @@ def test_padded_crops_shift_whole_images_by_at_most_the_padding(shards):
 
 def _stored_at(manifest: contracts.Manifest, bytes_per_image: int | None) -> contracts.Manifest:
     """The manifest with its training shards' images recorded as `bytes_per_image` each."""
-    train = manifest.splits["train"]
+    split = manifest.splits["train"]
     shards = [
         shard.model_copy(update={"image_bytes": None if bytes_per_image is None else bytes_per_image * shard.records})
-        for shard in train.shards
+        for shard in split.shards
     ]
     return manifest.model_copy(
-        update={"splits": {**manifest.splits, "train": train.model_copy(update={"shards": shards})}}
+        update={"splits": {**manifest.splits, "train": split.model_copy(update={"shards": shards})}}
     )
 
 
