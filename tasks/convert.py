@@ -172,8 +172,7 @@ def _convert(
     placer = _Placer(seed, _carved_fractions(given_splits, dataset), given_splits)
     found, outside, earlier = _files_and_previous(raw_dir, placer, digests_file, pool, shards_dir)
     class_names = _class_names(found, raw_dir)
-    # The previous conversion when it stored images as this one will (same size, same perceptual hashes): its
-    # sizes, records and layout are this run's to keep.
+    # The previous conversion when it stored images as this one will: its sizes, records and layout can be kept.
     alike = earlier if earlier is not None and reuse.stored_alike(earlier[0], dataset.image_size) else None
     known, stored_sizes = [item.recorded for item in found], _stored_sizes(found, dataset.image_size, alike)
     disk.require(space_needed(found, stored_sizes, dataset, shards_dir, _stored_digests(found, alike)))
